@@ -1,0 +1,220 @@
+//! The only place that knows tonic: gRPC services over the core, the mTLS
+//! listener, health and reflection.
+
+pub(crate) mod convert;
+pub mod proto;
+mod service;
+pub mod tls;
+
+use crate::broker::Broker;
+use crate::config::Settings;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tls::{PeerInfo, TlsConn, TlsServer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tonic_health::ServingStatus;
+
+/// Largest gRPC message accepted: the plaintext limit's ceiling plus room
+/// for the envelope and context.
+const MAX_MESSAGE_BYTES: usize = crate::broker::MAX_PLAINTEXT_LIMIT + 64 * 1024;
+
+/// Failure to start or run the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Listen socket.
+    #[error("cannot listen on {addr}: {err}")]
+    Bind {
+        /// address
+        addr: String,
+        /// cause
+        err: std::io::Error,
+    },
+    /// gRPC transport.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection descriptor.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A running server; dropping it does not stop it, call [`shutdown`](Self::shutdown).
+pub struct RunningServer {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Reflection(format!("server task failed: {e}"))),
+        }
+    }
+
+    /// Waits until the server stops by itself (error) or `signal` fires.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+/// Binds the listener and starts serving `broker` with mTLS.
+pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningServer, ServeError> {
+    let tls = Arc::new(TlsServer::new(&settings.tls)?);
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|err| ServeError::Bind {
+            addr: settings.listen.clone(),
+            err,
+        })?;
+    let local_addr = listener.local_addr().map_err(|err| ServeError::Bind {
+        addr: settings.listen.clone(),
+        err,
+    })?;
+    let (stop, stop_rx) = watch::channel(false);
+    let incoming = accept_loop(listener, tls, stop_rx.clone());
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    tokio::spawn(health_monitor(Arc::clone(&broker), health, stop_rx.clone()));
+    tokio::spawn(destroy_sweeper(Arc::clone(&broker), stop_rx.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            proto::key_service_server::KeyServiceServer::new(service::Api::new(Arc::clone(&broker)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            proto::crypto_service_server::CryptoServiceServer::new(service::Api::new(Arc::clone(&broker)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(proto::broker_service_server::BrokerServiceServer::new(service::Api::new(broker)));
+    let mut stop_wait = stop_rx;
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move {
+                stopped(&mut stop_wait).await;
+            })
+            .await?;
+        Ok(())
+    });
+    Ok(RunningServer {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so a
+/// slow or hostile client cannot hold up others.
+fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<TlsServer>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stopped(&mut stop) => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = Arc::clone(&tls);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let caller = tls.identify(&stream);
+                        if let Err(why) = &caller {
+                            tracing::warn!(%remote, reason = %why, "client certificate carries no usable identity");
+                        }
+                        let conn = TlsConn {
+                            stream,
+                            info: PeerInfo { remote, caller },
+                        };
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%remote, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::warn!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Reports NOT_SERVING while the root of trust is unhealthy.
+async fn health_monitor(broker: Arc<Broker>, health: tonic_health::server::HealthReporter, mut stop: watch::Receiver<bool>) {
+    let services = ["", "sovkms.v1.CryptoService", "sovkms.v1.KeyService"];
+    let mut last = None;
+    loop {
+        let b = Arc::clone(&broker);
+        let ok = tokio::task::spawn_blocking(move || b.health().is_ok()).await.unwrap_or(false);
+        if last != Some(ok) {
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            for s in services {
+                health.set_service_status(s, status).await;
+            }
+            if !ok {
+                tracing::error!("root of trust unhealthy: reporting NOT_SERVING");
+            }
+            last = Some(ok);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Completes destructions whose window has passed (also done lazily on access).
+async fn destroy_sweeper(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let b = Arc::clone(&broker);
+        match tokio::task::spawn_blocking(move || b.sweep_destroyed()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(count = n, "scheduled destructions completed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "destroy sweep failed; will retry"),
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once a stop is requested (or the sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

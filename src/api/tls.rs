@@ -1,0 +1,188 @@
+//! mTLS at the socket: TLS 1.3 only, client certificate mandatory, and the
+//! caller's identity parsed once per connection.
+//!
+//! Each client CA is bound to the regions it may vouch for. A certificate
+//! that chains to the `us-east` CA but claims `eu-central` is refused: a
+//! region's CA cannot mint identities of another region.
+
+use crate::config::TlsSettings;
+use crate::region::{Caller, Region};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+/// A TLS setup problem, with the file it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup: {0}")]
+pub struct TlsError(pub String);
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError(format!("cannot read certificates from {}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError(format!("{}: bad PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!("{} holds no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+struct CaBinding {
+    verifier: Arc<dyn ClientCertVerifier>,
+    regions: Vec<Region>,
+}
+
+/// Everything the accept loop needs.
+pub struct TlsServer {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    cas: Arc<Vec<CaBinding>>,
+}
+
+fn verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError(format!("client verifier: {e}")))
+}
+
+impl TlsServer {
+    /// Builds the server side from settings.
+    pub fn new(s: &TlsSettings) -> Result<Self, TlsError> {
+        let chain = read_certs(&s.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&s.key)
+            .map_err(|e| TlsError(format!("cannot read private key {}: {e}", s.key.display())))?;
+        let mut all = RootCertStore::empty();
+        let mut cas = Vec::new();
+        for ca in &s.client_cas {
+            let mut one = RootCertStore::empty();
+            for c in read_certs(&ca.cert)? {
+                all.add(c.clone())
+                    .and_then(|_| one.add(c))
+                    .map_err(|e| TlsError(format!("{}: not a usable CA certificate: {e}", ca.cert.display())))?;
+            }
+            cas.push(CaBinding {
+                verifier: verifier(one)?,
+                regions: ca.regions.clone(),
+            });
+        }
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError(e.to_string()))?
+            .with_client_cert_verifier(verifier(all)?)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError(format!("broker certificate/key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            cas: Arc::new(cas),
+        })
+    }
+
+    /// The caller behind a completed handshake, or why there is none.
+    pub(crate) fn identify(&self, tls: &TlsStream<TcpStream>) -> Result<Caller, String> {
+        let (_, conn) = tls.get_ref();
+        let certs = conn.peer_certificates().ok_or("no client certificate")?;
+        let (ee, intermediates) = certs.split_first().ok_or("no client certificate")?;
+        let caller = caller_from_cert(ee)?;
+        let now = UnixTime::now();
+        let vouched = self.cas.iter().any(|ca| {
+            ca.regions.contains(&caller.region)
+                && ca.verifier.verify_client_cert(ee, intermediates, now).is_ok()
+        });
+        if !vouched {
+            return Err(format!(
+                "the certificate of {caller} was not issued by a CA trusted for region {}",
+                caller.region
+            ));
+        }
+        Ok(caller)
+    }
+}
+
+/// Extracts the one sovkms SPIFFE id from a certificate's URI SANs.
+pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| "client certificate cannot be parsed".to_string())?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| "client certificate has a malformed subjectAltName".to_string())?
+        .ok_or("client certificate has no URI SAN with a SPIFFE id")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => Caller::parse_spiffe(one),
+        [] => Err("client certificate has no URI SAN with a SPIFFE id".into()),
+        _ => Err("client certificate has more than one SPIFFE id".into()),
+    }
+}
+
+/// Per-connection facts, put into every request's extensions by tonic.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// Client address.
+    pub remote: SocketAddr,
+    /// The identity, or why the certificate carries none usable.
+    pub caller: Result<Caller, String>,
+}
+
+/// A server-side TLS connection with its peer's identity.
+pub struct TlsConn {
+    pub(crate) stream: TlsStream<TcpStream>,
+    pub(crate) info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

@@ -1,0 +1,422 @@
+//! The core: request → identity → region rule → policy → crypto → store.
+//!
+//! Knows nothing of gRPC or of any particular root of trust. Every public
+//! method takes the authenticated [`Caller`] first and checks, in this order:
+//! trust domain, role, the region rule, the key's grants, the key's state.
+//! Methods block (store flushes, root-of-trust calls); the API layer runs
+//! them off the async runtime.
+
+mod lifecycle;
+
+pub use lifecycle::{CreateKey, GrantRequest, LocateFilter};
+
+use crate::clock::Clock;
+use crate::envelope::{self, EncryptionContext, Envelope};
+use crate::error::{Error, Result};
+use crate::keys::{CacheStats, KekCache, KeyId, KeyRecord, KeyState};
+use crate::policy::{self, CryptoOp};
+use crate::region::{check_residency, Caller, Refusal, Region};
+use crate::root::{RootError, RootErrorKind, RootInfo, RootOfTrust};
+use crate::secret::{KeyMaterial, Plaintext, KEY_LEN};
+use crate::store::{Store, StoreError};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Hard upper bound for `max_plaintext_bytes` (the gRPC message limit is set above it).
+pub const MAX_PLAINTEXT_LIMIT: usize = 1024 * 1024;
+
+/// The broker's own settings (already validated).
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// This broker's region.
+    pub region: Region,
+    /// Name of this broker instance.
+    pub broker_id: String,
+    /// SPIFFE trust domain callers must belong to.
+    pub trust_domain: String,
+    /// Largest plaintext accepted by Encrypt.
+    pub max_plaintext_bytes: usize,
+    /// KEK cache bound.
+    pub cache_max_entries: usize,
+    /// KEK cache lifetime.
+    pub cache_ttl: Duration,
+    /// Destroy window when the request gives none.
+    pub default_destroy_days: u32,
+}
+
+/// Result of Encrypt.
+pub struct Sealed {
+    /// The envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key used.
+    pub key_id: KeyId,
+    /// Version used.
+    pub key_version: u32,
+}
+
+/// Result of Decrypt.
+pub struct Opened {
+    /// The plaintext.
+    pub plaintext: Plaintext,
+    /// Key used.
+    pub key_id: KeyId,
+    /// Version used.
+    pub key_version: u32,
+}
+
+/// Result of GenerateDataKey.
+pub struct DataKey {
+    /// The data key in the clear (absent for the without-plaintext variant).
+    pub plaintext: Option<KeyMaterial>,
+    /// The data key as an envelope under the key.
+    pub wrapped: Vec<u8>,
+    /// Key used.
+    pub key_id: KeyId,
+    /// Version used.
+    pub key_version: u32,
+}
+
+/// Result of ReEncrypt.
+pub struct ReEncrypted {
+    /// New envelope.
+    pub ciphertext: Vec<u8>,
+    /// Key and version that opened the source.
+    pub source: (KeyId, u32),
+    /// Key and version that sealed the result.
+    pub destination: (KeyId, u32),
+}
+
+/// Broker facts for `GetInfo`.
+#[derive(Clone, Debug)]
+pub struct BrokerStatus {
+    /// Region.
+    pub region: Region,
+    /// Instance name.
+    pub broker_id: String,
+    /// Root of trust.
+    pub root: RootInfo,
+    /// KEK cache counters.
+    pub cache: CacheStats,
+    /// Calls made to the root of trust since start.
+    pub root_calls: u64,
+}
+
+/// The broker core.
+pub struct Broker {
+    settings: BrokerSettings,
+    root: Arc<dyn RootOfTrust>,
+    store: Arc<dyn Store>,
+    cache: KekCache,
+    clock: Arc<dyn Clock>,
+    rng: SystemRandom,
+    /// Serializes read-modify-write of key records on this node.
+    lifecycle: Mutex<()>,
+    root_calls: AtomicU64,
+}
+
+fn store_err(e: StoreError) -> Error {
+    match e {
+        StoreError::Unavailable(m) => {
+            tracing::error!(error = %m, "store unavailable");
+            Error::Unavailable("the key store is unavailable; retry later".into())
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn root_err(e: RootError) -> Error {
+    match e.kind {
+        RootErrorKind::Unavailable | RootErrorKind::Auth | RootErrorKind::Config => {
+            Error::Unavailable(format!("the root of trust is unavailable: {}", e.message))
+        }
+        RootErrorKind::Integrity | RootErrorKind::UnknownRootKey => Error::Internal(e.message),
+    }
+}
+
+fn rng_err() -> Error {
+    Error::Unavailable("the random number generator failed".into())
+}
+
+impl Broker {
+    /// Assembles a broker.
+    pub fn new(
+        settings: BrokerSettings,
+        root: Arc<dyn RootOfTrust>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let cache = KekCache::new(settings.cache_max_entries, settings.cache_ttl);
+        Self {
+            settings,
+            root,
+            store,
+            cache,
+            clock,
+            rng: SystemRandom::new(),
+            lifecycle: Mutex::new(()),
+            root_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// This broker's region.
+    pub fn region(&self) -> &Region {
+        &self.settings.region
+    }
+
+    /// Status for `GetInfo` and benchmarks.
+    pub fn status(&self) -> BrokerStatus {
+        BrokerStatus {
+            region: self.settings.region.clone(),
+            broker_id: self.settings.broker_id.clone(),
+            root: self.root.info(),
+            cache: self.cache.stats(),
+            root_calls: self.root_calls.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Health of what requests depend on (root of trust).
+    pub fn health(&self) -> Result<()> {
+        self.root.health().map_err(root_err)
+    }
+
+    fn admit(&self, caller: &Caller) -> Result<()> {
+        if caller.trust_domain != self.settings.trust_domain {
+            return Err(Refusal::TrustDomain {
+                caller: caller.trust_domain.clone(),
+                broker: self.settings.trust_domain.clone(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn with_root<T>(&self, f: impl FnOnce(&dyn RootOfTrust) -> std::result::Result<T, RootError>) -> Result<T> {
+        self.root_calls.fetch_add(1, Ordering::Relaxed);
+        f(self.root.as_ref()).map_err(root_err)
+    }
+
+    /// Reads a key, completing its destruction if the window has passed.
+    fn load(&self, id: &KeyId) -> Result<KeyRecord> {
+        let rec = self.get_record(id)?;
+        match rec.destroy_after {
+            Some(t) if rec.state != KeyState::Destroyed && self.clock.now_unix() >= t => {
+                self.finish_destroy(id)
+            }
+            _ => Ok(rec),
+        }
+    }
+
+    fn get_record(&self, id: &KeyId) -> Result<KeyRecord> {
+        self.store.get(id).map_err(store_err)?.ok_or_else(|| {
+            Error::NotFound(format!("key {id} not found in region {}", self.settings.region))
+        })
+    }
+
+    /// The unwrapped material of one version, from the cache or the root.
+    fn kek(&self, rec: &KeyRecord, version: u32) -> Result<Arc<KeyMaterial>> {
+        let epoch = match self.cache.get(&rec.id, version) {
+            Ok(k) => return Ok(k),
+            Err(epoch) => epoch,
+        };
+        let wrapped = rec
+            .version(version)
+            .and_then(|v| v.wrapped.as_ref())
+            .ok_or_else(|| {
+                Error::precondition(format!(
+                    "version {version} of key {} has no key material (destroyed)",
+                    rec.id
+                ))
+            })?;
+        let material = Arc::new(self.with_root(|r| r.unwrap(wrapped))?);
+        self.cache.insert(&rec.id, version, Arc::clone(&material), epoch);
+        Ok(material)
+    }
+
+    fn check_state(&self, rec: &KeyRecord, op: CryptoOp, as_source: bool) -> Result<()> {
+        if let Some(t) = rec.destroy_after {
+            if rec.state != KeyState::Destroyed {
+                return Err(Error::precondition(format!(
+                    "key {} is scheduled for destruction at unix time {t} and cannot be used; an operator can cancel the destruction",
+                    rec.id
+                )));
+            }
+        }
+        let ok = match rec.state {
+            KeyState::Active => true,
+            KeyState::Deactivated => as_source,
+            KeyState::Compromised => as_source && op == CryptoOp::ReEncrypt,
+            KeyState::PreActive | KeyState::Destroyed => false,
+        };
+        if ok {
+            return Ok(());
+        }
+        let hint = match rec.state {
+            KeyState::PreActive => "; an operator must activate it first",
+            KeyState::Compromised => "; use ReEncrypt to move data under another key",
+            KeyState::Deactivated => "; it can only decrypt",
+            _ => "",
+        };
+        Err(Error::precondition(format!(
+            "key {} is {} and cannot {}{hint}",
+            rec.id,
+            rec.state.as_str(),
+            op.verb().trim_end_matches(" of"),
+        )))
+    }
+
+    fn check_plaintext_len(&self, n: usize) -> Result<()> {
+        if n > self.settings.max_plaintext_bytes {
+            return Err(Error::ResourceExhausted(format!(
+                "plaintext is {n} bytes; this broker accepts at most {} per request (use GenerateDataKey for larger data)",
+                self.settings.max_plaintext_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn parse_ciphertext(&self, bytes: &[u8]) -> Result<Envelope> {
+        if bytes.is_empty() {
+            return Err(Error::invalid("ciphertext is empty"));
+        }
+        let env = Envelope::parse(bytes).map_err(|e| Error::invalid(e.to_string()))?;
+        if env.header.region != self.settings.region {
+            return Err(Error::precondition(format!(
+                "ciphertext belongs to region {}; this broker serves region {} (send it to the {} broker)",
+                env.header.region, self.settings.region, env.header.region
+            )));
+        }
+        Ok(env)
+    }
+
+    fn seal(&self, rec: &KeyRecord, ctx: &EncryptionContext, pt: &Plaintext) -> Result<Sealed> {
+        let version = rec.primary_version;
+        let kek = self.kek(rec, version)?;
+        let ciphertext = envelope::seal(&self.rng, &kek, &self.settings.region, &rec.id, version, ctx, pt)
+            .map_err(|e| match e {
+                envelope::SealError::Random => rng_err(),
+                envelope::SealError::TooLarge => Error::ResourceExhausted(e.to_string()),
+            })?;
+        Ok(Sealed {
+            ciphertext,
+            key_id: rec.id.clone(),
+            key_version: version,
+        })
+    }
+
+    /// Opens an envelope whose region, key grant and state were checked.
+    fn open_checked(&self, rec: &KeyRecord, env: &Envelope, ctx: &EncryptionContext) -> Result<Plaintext> {
+        let v = env.header.key_version;
+        if rec.version(v).is_none() {
+            return Err(Error::invalid(format!(
+                "ciphertext names version {v} of key {}, which does not exist",
+                rec.id
+            )));
+        }
+        let kek = self.kek(rec, v)?;
+        envelope::open(&kek, env, ctx).map_err(|e| Error::invalid(e.to_string()))
+    }
+
+    /// Encrypt: any region's service, where the key's grants name it.
+    pub fn encrypt(&self, caller: &Caller, key_id: &KeyId, plaintext: Plaintext, ctx: &EncryptionContext) -> Result<Sealed> {
+        self.admit(caller)?;
+        policy::require_service(caller, CryptoOp::Encrypt)?;
+        self.check_plaintext_len(plaintext.len())?;
+        let rec = self.load(key_id)?;
+        policy::check_grant(&rec.grants, caller, CryptoOp::Encrypt, &rec.id)?;
+        self.check_state(&rec, CryptoOp::Encrypt, false)?;
+        self.seal(&rec, ctx, &plaintext)
+    }
+
+    /// Decrypt: in-region services with a grant only.
+    pub fn decrypt(&self, caller: &Caller, ciphertext: &[u8], ctx: &EncryptionContext) -> Result<Opened> {
+        self.admit(caller)?;
+        policy::require_service(caller, CryptoOp::Decrypt)?;
+        let here = &self.settings.region;
+        // The residency rule comes before the ciphertext is even parsed.
+        check_residency(&caller.region, here, here, CryptoOp::Decrypt.verb())?;
+        let env = self.parse_ciphertext(ciphertext)?;
+        let rec = self.load(&env.header.key_id)?;
+        check_residency(&caller.region, here, &rec.home_region, CryptoOp::Decrypt.verb())?;
+        policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
+        self.check_state(&rec, CryptoOp::Decrypt, true)?;
+        let plaintext = self.open_checked(&rec, &env, ctx)?;
+        Ok(Opened {
+            plaintext,
+            key_id: rec.id,
+            key_version: env.header.key_version,
+        })
+    }
+
+    /// GenerateDataKey: with plaintext, in-region only; without, like Encrypt.
+    pub fn generate_data_key(&self, caller: &Caller, key_id: &KeyId, ctx: &EncryptionContext, with_plaintext: bool) -> Result<DataKey> {
+        let op = if with_plaintext {
+            CryptoOp::GenerateDataKey
+        } else {
+            CryptoOp::GenerateDataKeyWithoutPlaintext
+        };
+        self.admit(caller)?;
+        policy::require_service(caller, op)?;
+        let here = &self.settings.region;
+        if with_plaintext {
+            check_residency(&caller.region, here, here, op.verb())?;
+        }
+        let rec = self.load(key_id)?;
+        if with_plaintext {
+            check_residency(&caller.region, here, &rec.home_region, op.verb())?;
+        }
+        policy::check_grant(&rec.grants, caller, op, &rec.id)?;
+        self.check_state(&rec, op, false)?;
+        let mut raw = [0u8; KEY_LEN];
+        self.rng.fill(&mut raw).map_err(|_| rng_err())?;
+        let dk = KeyMaterial::from_array(&mut raw);
+        let sealed = self.seal(&rec, ctx, &Plaintext::new(dk.expose_secret().to_vec()))?;
+        Ok(DataKey {
+            plaintext: with_plaintext.then_some(dk),
+            wrapped: sealed.ciphertext,
+            key_id: sealed.key_id,
+            key_version: sealed.key_version,
+        })
+    }
+
+    /// ReEncrypt: in-region only; the plaintext never leaves the broker.
+    pub fn re_encrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        source_ctx: &EncryptionContext,
+        destination: Option<&KeyId>,
+        destination_ctx: &EncryptionContext,
+    ) -> Result<ReEncrypted> {
+        let op = CryptoOp::ReEncrypt;
+        self.admit(caller)?;
+        policy::require_service(caller, op)?;
+        let here = &self.settings.region;
+        check_residency(&caller.region, here, here, op.verb())?;
+        let env = self.parse_ciphertext(ciphertext)?;
+        let src = self.load(&env.header.key_id)?;
+        check_residency(&caller.region, here, &src.home_region, op.verb())?;
+        policy::check_grant(&src.grants, caller, op, &src.id)?;
+        self.check_state(&src, op, true)?;
+        let dst = match destination {
+            Some(d) if *d != src.id => {
+                let dst = self.load(d)?;
+                policy::check_grant(&dst.grants, caller, op, &dst.id)?;
+                dst
+            }
+            _ => src.clone(),
+        };
+        self.check_state(&dst, CryptoOp::Encrypt, false)?;
+        let plaintext = self.open_checked(&src, &env, source_ctx)?;
+        let sealed = self.seal(&dst, destination_ctx, &plaintext)?;
+        Ok(ReEncrypted {
+            ciphertext: sealed.ciphertext,
+            source: (src.id, env.header.key_version),
+            destination: (sealed.key_id, sealed.key_version),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+//! Broker configuration: a TOML file parsed into validated [`Settings`].
+//! Every key is documented in `deploy/broker.example.toml`.
+
+use crate::broker::{BrokerSettings, MAX_PLAINTEXT_LIMIT};
+use crate::region::Region;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A config file that cannot be used, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {msg}")]
+pub struct ConfigError {
+    path: String,
+    msg: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    region: String,
+    trust_domain: String,
+    broker_id: Option<String>,
+    listen: String,
+    data_dir: PathBuf,
+    #[serde(default = "default_max_plaintext")]
+    max_plaintext_bytes: usize,
+    #[serde(default = "default_destroy_days")]
+    default_destroy_days: u32,
+    tls: RawTls,
+    root: RawRoot,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+fn default_max_plaintext() -> usize {
+    64 * 1024
+}
+fn default_destroy_days() -> u32 {
+    30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Vec<RawClientCa>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientCa {
+    cert: PathBuf,
+    regions: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoot {
+    kind: String,
+    #[serde(default)]
+    danger_development_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "default_cache_entries")]
+    max_entries: usize,
+    #[serde(default = "default_cache_ttl")]
+    ttl_seconds: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            max_entries: default_cache_entries(),
+            ttl_seconds: default_cache_ttl(),
+        }
+    }
+}
+
+fn default_cache_entries() -> usize {
+    10_000
+}
+fn default_cache_ttl() -> u64 {
+    300
+}
+
+/// A client CA and the regions it may vouch for.
+#[derive(Clone, Debug)]
+pub struct ClientCa {
+    /// PEM file.
+    pub cert: PathBuf,
+    /// Regions whose identities this CA may issue.
+    pub regions: Vec<Region>,
+}
+
+/// TLS material.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    /// Broker certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Broker private key (PEM). The path only; the key is read at start.
+    pub key: PathBuf,
+    /// Trusted client CAs.
+    pub client_cas: Vec<ClientCa>,
+}
+
+/// Which root of trust.
+#[derive(Clone, Debug)]
+pub enum RootSettings {
+    /// Plain-file root, development only.
+    Software {
+        /// Where the root file lives.
+        path: PathBuf,
+    },
+}
+
+/// Validated settings of `sovkms serve`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Core settings.
+    pub broker: BrokerSettings,
+    /// Listen address.
+    pub listen: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// TLS.
+    pub tls: TlsSettings,
+    /// Root of trust.
+    pub root: RootSettings,
+}
+
+impl Settings {
+    /// Reads and validates a config file. Relative paths are relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |msg: String| ConfigError {
+            path: path.display().to_string(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_raw(raw, base).map_err(err)
+    }
+
+    fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, String> {
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let region = Region::parse(&raw.region).map_err(|e| format!("region: {e}"))?;
+        let td = raw.trust_domain;
+        if td.is_empty() || td.contains('/') || td.contains(':') {
+            return Err(format!("trust_domain {td:?} is not a SPIFFE trust domain name"));
+        }
+        if !(1..=MAX_PLAINTEXT_LIMIT).contains(&raw.max_plaintext_bytes) {
+            return Err(format!(
+                "max_plaintext_bytes = {} must be between 1 and {MAX_PLAINTEXT_LIMIT}",
+                raw.max_plaintext_bytes
+            ));
+        }
+        if !(1..=3650).contains(&raw.default_destroy_days) {
+            return Err("default_destroy_days must be between 1 and 3650".into());
+        }
+        if raw.cache.max_entries == 0 || raw.cache.ttl_seconds == 0 {
+            return Err("cache.max_entries and cache.ttl_seconds must be at least 1".into());
+        }
+        if raw.tls.client_ca.is_empty() {
+            return Err("tls.client_ca: at least one client CA is required (mTLS is mandatory)".into());
+        }
+        let mut client_cas = Vec::new();
+        for ca in raw.tls.client_ca {
+            if ca.regions.is_empty() {
+                return Err(format!(
+                    "tls.client_ca {}: list the regions this CA may issue identities for",
+                    ca.cert.display()
+                ));
+            }
+            let regions = ca
+                .regions
+                .iter()
+                .map(|r| Region::parse(r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("tls.client_ca regions: {e}"))?;
+            client_cas.push(ClientCa {
+                cert: abs(ca.cert),
+                regions,
+            });
+        }
+        let data_dir = abs(raw.data_dir);
+        let root = match raw.root.kind.as_str() {
+            "software" if raw.root.danger_development_only => RootSettings::Software {
+                path: data_dir.join("software-root.key"),
+            },
+            "software" => {
+                return Err("root.kind = \"software\" keeps the root key in a plain file and is for development only; \
+                     set root.danger_development_only = true to use it anyway, or use an HSM root"
+                    .into())
+            }
+            other => return Err(format!("root.kind {other:?} is not known; use \"software\" (development only)")),
+        };
+        Ok(Self {
+            broker: BrokerSettings {
+                broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
+                region,
+                trust_domain: td,
+                max_plaintext_bytes: raw.max_plaintext_bytes,
+                cache_max_entries: raw.cache.max_entries,
+                cache_ttl: Duration::from_secs(raw.cache.ttl_seconds),
+                default_destroy_days: raw.default_destroy_days,
+            },
+            listen: raw.listen,
+            data_dir,
+            tls: TlsSettings {
+                cert: abs(raw.tls.cert),
+                key: abs(raw.tls.key),
+                client_cas,
+            },
+            root,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+region = "eu-central"
+trust_domain = "sovkms.example"
+listen = "127.0.0.1:0"
+data_dir = "data"
+[tls]
+cert = "b.pem"
+key = "b.key"
+[[tls.client_ca]]
+cert = "ca.pem"
+regions = ["eu-central"]
+[root]
+kind = "software"
+danger_development_only = true
+"#;
+
+    fn parse(s: &str) -> Result<Settings, String> {
+        let raw: RawConfig = toml::from_str(s).map_err(|e| e.to_string())?;
+        Settings::from_raw(raw, Path::new("/etc/sovkms"))
+    }
+
+    #[test]
+    fn valid_config() {
+        let s = parse(OK).unwrap();
+        assert_eq!(s.broker.region.as_str(), "eu-central");
+        assert_eq!(s.data_dir, PathBuf::from("/etc/sovkms/data"));
+        assert_eq!(s.broker.max_plaintext_bytes, 65536);
+    }
+
+    #[test]
+    fn software_root_needs_explicit_danger_flag() {
+        let e = parse(&OK.replace("danger_development_only = true", "")).unwrap_err();
+        assert!(e.contains("development only"), "{e}");
+    }
+
+    #[test]
+    fn bad_configs_say_why() {
+        for (from, to, want) in [
+            ("\"eu-central\"\ntrust", "\"EU\"\ntrust", "region"),
+            ("regions = [\"eu-central\"]", "regions = []", "list the regions"),
+            ("kind = \"software\"", "kind = \"magic\"", "not known"),
+            ("listen", "lisen", "unknown field"),
+        ] {
+            let e = parse(&OK.replace(from, to)).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}

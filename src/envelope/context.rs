@@ -1,0 +1,55 @@
+//! Encryption context: caller-chosen string pairs bound to a ciphertext as
+//! associated data. Not secret (it is logged as a digest later), but it must
+//! match exactly to decrypt.
+
+use std::collections::BTreeMap;
+
+/// Most pairs in one context.
+pub const MAX_ENTRIES: usize = 64;
+/// Most bytes in all keys and values together.
+pub const MAX_TOTAL_BYTES: usize = 8 * 1024;
+
+/// A validated encryption context, kept sorted so its encoding is canonical.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// Validates a context: at most 64 pairs, 8 KiB in all, no empty key.
+    pub fn new<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Result<Self, String> {
+        let map: BTreeMap<String, String> = pairs.into_iter().collect();
+        if map.len() > MAX_ENTRIES {
+            return Err(format!(
+                "encryption context has {} entries; the limit is {MAX_ENTRIES}",
+                map.len()
+            ));
+        }
+        if map.keys().any(String::is_empty) {
+            return Err("encryption context keys must not be empty".into());
+        }
+        let total: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total > MAX_TOTAL_BYTES {
+            return Err(format!(
+                "encryption context is {total} bytes; the limit is {MAX_TOTAL_BYTES}"
+            ));
+        }
+        Ok(Self(map))
+    }
+
+    /// The pairs, sorted by key.
+    pub fn pairs(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Canonical encoding: u32 count, then per pair (sorted by key bytes)
+    /// u32 key length, key, u32 value length, value; integers big-endian.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Bounded by MAX_ENTRIES and MAX_TOTAL_BYTES, so the casts are exact.
+        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
+        for (k, v) in &self.0 {
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+    }
+}

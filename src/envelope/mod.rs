@@ -1,0 +1,339 @@
+//! The ciphertext envelope (format v1) and AES-256-GCM seal/open.
+//!
+//! Byte layout, all integers big-endian (documented in docs/ENVELOPE.md):
+//!
+//! ```text
+//! off  len  field
+//! 0    4    magic "SKMS"
+//! 4    1    format version (1)
+//! 5    1    algorithm (1 = AES-256-GCM, per-message key by HKDF-SHA256)
+//! 6    1    R = region length (1..=32)
+//! 7    R    home region (ASCII)
+//! ..   1    K = key id length (1..=64)
+//! ..   K    key id (ASCII)
+//! ..   4    key version (>= 1)
+//! ..   32   salt
+//! ..   12   nonce
+//! ..   4    L = length of ciphertext+tag (>= 16)
+//! ..   L    ciphertext || 16-byte GCM tag
+//! ```
+//!
+//! Per-message key: `HKDF-SHA256(ikm = version material, salt, info =
+//! "sovkms/v1/message-key" || header)`. AES-GCM associated data:
+//! `header || canonical(context)`, where `header` is every byte before the
+//! ciphertext (including L). Any change to a header byte or to the context
+//! therefore fails authentication.
+
+mod context;
+
+pub use context::EncryptionContext;
+
+use crate::keys::KeyId;
+use crate::region::Region;
+use crate::secret::{KeyMaterial, Plaintext};
+use ring::{aead, hkdf, rand::SecureRandom};
+
+/// First four bytes of every sovkms ciphertext.
+pub const MAGIC: [u8; 4] = *b"SKMS";
+/// The only format version this build reads and writes.
+pub const FORMAT_V1: u8 = 1;
+/// Algorithm id: AES-256-GCM under an HKDF-SHA256 per-message key.
+pub const ALG_AES256GCM_HKDF_SHA256: u8 = 1;
+/// Salt length.
+pub const SALT_LEN: usize = 32;
+/// GCM nonce length.
+pub const NONCE_LEN: usize = 12;
+/// GCM tag length.
+pub const TAG_LEN: usize = 16;
+/// HKDF info label, followed by the header bytes.
+pub const HKDF_LABEL: &[u8] = b"sovkms/v1/message-key";
+/// Largest header the format allows.
+pub const MAX_HEADER_LEN: usize = 4 + 1 + 1 + 1 + 32 + 1 + 64 + 4 + SALT_LEN + NONCE_LEN + 4;
+
+/// Why a byte string is not a valid envelope. Messages name the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Input ended inside a field.
+    #[error("ciphertext is truncated: {0} is incomplete")]
+    Truncated(&'static str),
+    /// Not an sovkms ciphertext at all.
+    #[error("not a sovkms ciphertext (bad magic bytes)")]
+    BadMagic,
+    /// A version this build does not know.
+    #[error("unsupported ciphertext format version {0} (this broker reads version 1)")]
+    UnknownVersion(u8),
+    /// An algorithm id this build does not know.
+    #[error("unsupported ciphertext algorithm id {0}")]
+    UnknownAlgorithm(u8),
+    /// A field with an invalid value.
+    #[error("invalid ciphertext field {field}: {why}")]
+    BadField {
+        /// field name
+        field: &'static str,
+        /// what is wrong
+        why: String,
+    },
+    /// Bytes after the declared ciphertext.
+    #[error("ciphertext has {0} trailing bytes after the declared length")]
+    TrailingBytes(usize),
+}
+
+/// The parsed, typed header of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Region whose broker holds the key.
+    pub region: Region,
+    /// Key id.
+    pub key_id: KeyId,
+    /// Key version (>= 1).
+    pub key_version: u32,
+    /// HKDF salt.
+    pub salt: [u8; SALT_LEN],
+    /// GCM nonce.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Header {
+    /// Serializes the header followed by the ciphertext length `ct_len`.
+    fn encode(&self, ct_len: u32) -> Vec<u8> {
+        let region = self.region.as_str().as_bytes();
+        let kid = self.key_id.as_str().as_bytes();
+        let mut out = Vec::with_capacity(MAX_HEADER_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.push(FORMAT_V1);
+        out.push(ALG_AES256GCM_HKDF_SHA256);
+        // Lengths are bounded by the Region and KeyId types (<= 32, <= 64).
+        out.push(region.len() as u8);
+        out.extend_from_slice(region);
+        out.push(kid.len() as u8);
+        out.extend_from_slice(kid);
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        out.extend_from_slice(&self.salt);
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(&ct_len.to_be_bytes());
+        out
+    }
+}
+
+/// A parsed envelope: header, the exact header bytes, and ciphertext+tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Typed header.
+    pub header: Header,
+    header_bytes: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FormatError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(FormatError::Truncated(field))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn byte(&mut self, field: &'static str) -> Result<u8, FormatError> {
+        Ok(self.take(1, field)?[0])
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FormatError> {
+        let s = self.take(N, field)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+}
+
+impl Envelope {
+    /// Strictly parses `bytes`. Never panics; every defect is a `FormatError`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        if r.array::<4>("magic")? != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = r.byte("format version")?;
+        if version != FORMAT_V1 {
+            return Err(FormatError::UnknownVersion(version));
+        }
+        let alg = r.byte("algorithm")?;
+        if alg != ALG_AES256GCM_HKDF_SHA256 {
+            return Err(FormatError::UnknownAlgorithm(alg));
+        }
+        let rlen = r.byte("region length")? as usize;
+        let region_bytes = r.take(rlen, "region")?;
+        let region = std::str::from_utf8(region_bytes)
+            .map_err(|_| bad("region", "not ASCII".into()))
+            .and_then(|s| Region::parse(s).map_err(|e| bad("region", e)))?;
+        let klen = r.byte("key id length")? as usize;
+        let kid_bytes = r.take(klen, "key id")?;
+        let key_id = std::str::from_utf8(kid_bytes)
+            .map_err(|_| bad("key id", "not ASCII".into()))
+            .and_then(|s| KeyId::parse(s).map_err(|e| bad("key id", e)))?;
+        let key_version = u32::from_be_bytes(r.array::<4>("key version")?);
+        if key_version == 0 {
+            return Err(bad("key version", "must be at least 1".into()));
+        }
+        let salt = r.array::<SALT_LEN>("salt")?;
+        let nonce = r.array::<NONCE_LEN>("nonce")?;
+        let ct_len = u32::from_be_bytes(r.array::<4>("ciphertext length")?) as usize;
+        if ct_len < TAG_LEN {
+            return Err(bad(
+                "ciphertext length",
+                format!("{ct_len} is shorter than the {TAG_LEN}-byte tag"),
+            ));
+        }
+        let header_end = r.pos;
+        let sealed = r.take(ct_len, "ciphertext")?;
+        let trailing = bytes.len() - r.pos;
+        if trailing != 0 {
+            return Err(FormatError::TrailingBytes(trailing));
+        }
+        Ok(Self {
+            header: Header {
+                region,
+                key_id,
+                key_version,
+                salt,
+                nonce,
+            },
+            header_bytes: bytes[..header_end].to_vec(),
+            sealed: sealed.to_vec(),
+        })
+    }
+
+    /// The serialized envelope.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.header_bytes.len() + self.sealed.len());
+        out.extend_from_slice(&self.header_bytes);
+        out.extend_from_slice(&self.sealed);
+        out
+    }
+
+    /// Length of ciphertext+tag.
+    pub fn sealed_len(&self) -> usize {
+        self.sealed.len()
+    }
+}
+
+fn bad(field: &'static str, why: String) -> FormatError {
+    FormatError::BadField { field, why }
+}
+
+/// Opening failed: wrong key, wrong context, or altered bytes. Deliberately
+/// says no more than that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("ciphertext failed authentication: it was altered, or the encryption context differs from the one used to encrypt")]
+pub struct OpenError;
+
+fn message_key(
+    kek: &KeyMaterial,
+    salt: &[u8; SALT_LEN],
+    header_bytes: &[u8],
+) -> Result<aead::LessSafeKey, OpenError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.expose_secret());
+    let info = [HKDF_LABEL, header_bytes];
+    let okm = prk.expand(&info, &aead::AES_256_GCM).map_err(|_| OpenError)?;
+    Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
+}
+
+fn aad(header_bytes: &[u8], context: &EncryptionContext) -> Vec<u8> {
+    let mut a = header_bytes.to_vec();
+    context.encode_into(&mut a);
+    a
+}
+
+/// Sealing failed: the random generator failed, or the input is too large
+/// for one envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// Salts and nonces could not be drawn.
+    #[error("the system random number generator failed")]
+    Random,
+    /// Larger than one envelope holds (4 GiB); the broker's limit is far lower.
+    #[error("plaintext too large for one envelope")]
+    TooLarge,
+}
+
+/// Seals `plaintext` under `kek` for key `key_id` version `key_version`.
+pub fn seal(
+    rng: &dyn SecureRandom,
+    kek: &KeyMaterial,
+    region: &Region,
+    key_id: &KeyId,
+    key_version: u32,
+    context: &EncryptionContext,
+    plaintext: &Plaintext,
+) -> Result<Vec<u8>, SealError> {
+    let mut salt = [0u8; SALT_LEN];
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill(&mut salt).map_err(|_| SealError::Random)?;
+    rng.fill(&mut nonce).map_err(|_| SealError::Random)?;
+    let header = Header {
+        region: region.clone(),
+        key_id: key_id.clone(),
+        key_version,
+        salt,
+        nonce,
+    };
+    seal_with_header(kek, &header, context, plaintext.expose_secret())
+}
+
+/// Seals with a caller-chosen salt and nonce. Only for known-answer tests:
+/// production code calls [`seal`], which draws both at random.
+#[doc(hidden)]
+pub fn seal_with_header(
+    kek: &KeyMaterial,
+    header: &Header,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let ct_len = u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| SealError::TooLarge)?;
+    let header_bytes = header.encode(ct_len);
+    let mut out = Vec::with_capacity(header_bytes.len() + plaintext.len() + TAG_LEN);
+    out.extend_from_slice(&header_bytes);
+    out.extend_from_slice(plaintext);
+    let aad = aad(&header_bytes, context);
+    let key = message_key(kek, &header.salt, &header_bytes).map_err(|_| SealError::TooLarge)?;
+    let tag = key
+        .seal_in_place_separate_tag(
+            aead::Nonce::assume_unique_for_key(header.nonce),
+            aead::Aad::from(&aad),
+            &mut out[header_bytes.len()..],
+        )
+        .map_err(|_| SealError::TooLarge)?;
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Opens a parsed envelope with `kek` and the caller's `context`.
+pub fn open(
+    kek: &KeyMaterial,
+    env: &Envelope,
+    context: &EncryptionContext,
+) -> Result<Plaintext, OpenError> {
+    let key = message_key(kek, &env.header.salt, &env.header_bytes)?;
+    let aad = aad(&env.header_bytes, context);
+    let mut buf = zeroize::Zeroizing::new(env.sealed.clone());
+    let n = key
+        .open_in_place(
+            aead::Nonce::assume_unique_for_key(env.header.nonce),
+            aead::Aad::from(&aad),
+            &mut buf,
+        )
+        .map_err(|_| OpenError)?
+        .len();
+    buf.truncate(n);
+    Ok(Plaintext::new(std::mem::take(&mut *buf)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,59 @@
+//! Wiring: validated settings → store, root of trust, broker core, API.
+
+use crate::api::{self, RunningServer, ServeError};
+use crate::broker::Broker;
+use crate::clock::Clock;
+use crate::config::{RootSettings, Settings};
+use crate::root::{software::SoftwareRoot, RootOfTrust};
+use crate::store::{SledStore, Store};
+use std::sync::Arc;
+
+/// Start-up failure, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Root of trust.
+    #[error("root of trust: {0}")]
+    Root(#[from] crate::root::RootError),
+    /// Store.
+    #[error("store at {path}: {err}")]
+    Store {
+        /// data dir
+        path: String,
+        /// cause
+        err: crate::store::StoreError,
+    },
+    /// Server.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Opens the store and the root of trust and builds the core.
+pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
+    let keys_dir = settings.data_dir.join("keys.sled");
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
+        path: keys_dir.display().to_string(),
+        err,
+    })?);
+    let root: Arc<dyn RootOfTrust> = match &settings.root {
+        RootSettings::Software { path } => {
+            let r = SoftwareRoot::open_or_create(path)?;
+            tracing::warn!(
+                file = %path.display(),
+                "DEVELOPMENT ONLY: the software root of trust keeps the root key in a plain file; \
+                 a copy of the data directory is a copy of every key. Never use it in production."
+            );
+            Arc::new(r)
+        }
+    };
+    let info = root.info();
+    tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
+    Ok(Arc::new(Broker::new(settings.broker.clone(), root, store, clock)))
+}
+
+/// Opens everything and starts serving.
+pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<(Arc<Broker>, RunningServer), StartError> {
+    let broker = open_broker(settings, clock)?;
+    let server = api::start(settings, Arc::clone(&broker)).await?;
+    tracing::info!(addr = %server.local_addr, region = %settings.broker.region, "sovkms broker listening (mTLS, TLS 1.3)");
+    Ok((broker, server))
+}

@@ -1,0 +1,66 @@
+//! The store of key records. Records hold wrapped material only.
+//!
+//! Contract: a write method returns only after the write is durable (on
+//! disk, fsynced). If it fails, the write may or may not have happened; the
+//! broker then reports an error and does not acknowledge, and a retry of a
+//! lifecycle call is safe because each reads the current record first.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use crate::keys::{KeyId, KeyRecord};
+use std::io::Write;
+use std::path::Path;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An id that must be new already exists.
+    #[error("key {0} already exists")]
+    AlreadyExists(KeyId),
+    /// I/O or database failure; the store may be unavailable.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record cannot be decoded.
+    #[error("stored record {0} is corrupt: {1}")]
+    Corrupt(String, String),
+}
+
+/// Persistent key records.
+pub trait Store: Send + Sync {
+    /// Reads one key.
+    fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Adds a new key; `AlreadyExists` if the id is taken. Durable on return.
+    fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError>;
+    /// Replaces an existing key's record. Durable on return.
+    fn update(&self, rec: &KeyRecord) -> Result<(), StoreError>;
+    /// Up to `limit` records with ids greater than `after`, in id order,
+    /// that satisfy `filter`; and whether more may follow.
+    fn scan(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+        filter: &dyn Fn(&KeyRecord) -> bool,
+    ) -> Result<(Vec<KeyRecord>, bool), StoreError>;
+}
+
+/// Writes a file atomically and durably: temp file, fsync, rename, fsync dir.
+pub fn write_file_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}

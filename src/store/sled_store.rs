@@ -1,0 +1,92 @@
+//! The embedded store on sled. One tree of key records, JSON-encoded, keyed
+//! by key id. Every write is followed by a flush (fsync) before returning.
+
+use super::{Store, StoreError};
+use crate::keys::{KeyId, KeyRecord};
+use std::path::Path;
+
+/// sled-backed store.
+pub struct SledStore {
+    keys: sled::Tree,
+    db: sled::Db,
+}
+
+fn unavailable(e: sled::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(unavailable)?;
+        let keys = db.open_tree("keys").map_err(unavailable)?;
+        Ok(Self { keys, db })
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn decode(k: &[u8], v: &[u8]) -> Result<KeyRecord, StoreError> {
+        serde_json::from_slice(v)
+            .map_err(|e| StoreError::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string()))
+    }
+
+    fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(rec.id.to_string(), e.to_string()))
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        match self.keys.get(id.as_str()).map_err(unavailable)? {
+            Some(v) => Ok(Some(Self::decode(id.as_str().as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError> {
+        let v = Self::encode(rec)?;
+        self.keys
+            .compare_and_swap(rec.id.as_str(), None::<&[u8]>, Some(v))
+            .map_err(unavailable)?
+            .map_err(|_| StoreError::AlreadyExists(rec.id.clone()))?;
+        self.flush()
+    }
+
+    fn update(&self, rec: &KeyRecord) -> Result<(), StoreError> {
+        let v = Self::encode(rec)?;
+        self.keys.insert(rec.id.as_str(), v).map_err(unavailable)?;
+        self.flush()
+    }
+
+    fn scan(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+        filter: &dyn Fn(&KeyRecord) -> bool,
+    ) -> Result<(Vec<KeyRecord>, bool), StoreError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_str().as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.keys.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, v) = item.map_err(unavailable)?;
+            let rec = Self::decode(&k, &v)?;
+            if filter(&rec) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(rec);
+            }
+        }
+        Ok((out, false))
+    }
+}
