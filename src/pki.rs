@@ -169,3 +169,29 @@ pub fn dev_pki(out: &Path, trust_domain: &str, regions: &[Region], days: u32) ->
     }
     Ok(())
 }
+
+/// A broker config for the development PKI made by [`dev_pki`]: the broker
+/// of `region` trusts each region's CA for that region only.
+pub fn dev_broker_config(pki_dir: &Path, data_dir: &Path, region: &Region, trust_domain: &str, all_regions: &[Region]) -> String {
+    let mut s = format!(
+        "# Development broker for region {region} (generated).\n\
+         region = \"{region}\"\n\
+         trust_domain = \"{trust_domain}\"\n\
+         broker_id = \"{region}-dev\"\n\
+         listen = \"127.0.0.1:0\"\n\
+         data_dir = \"{data}\"\n\n\
+         [tls]\n\
+         cert = \"{pki}/{region}/broker.pem\"\n\
+         key = \"{pki}/{region}/broker.key\"\n",
+        data = data_dir.display(),
+        pki = pki_dir.display(),
+    );
+    for r in all_regions {
+        s.push_str(&format!(
+            "\n[[tls.client_ca]]\ncert = \"{pki}/{r}/ca.pem\"\nregions = [\"{r}\"]\n",
+            pki = pki_dir.display()
+        ));
+    }
+    s.push_str("\n[root]\nkind = \"software\"\ndanger_development_only = true\n");
+    s
+}

@@ -1,5 +1,206 @@
-//! CLI.
-/// Entry point.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `sovkms` command line: one file per command family.
+
+mod crypto;
+mod demo;
+mod key;
+mod pki;
+mod serve;
+
+use crate::client::{self, Client, ClientTls};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// sovkms: a sovereign key-management and HSM broker.
+#[derive(Parser)]
+#[command(name = "sovkms", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker.
+    Serve(serve::ServeArgs),
+    /// Mint a development PKI (real deployments bring their own CA).
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
+    /// Manage keys (operators; auditors may list and show).
+    #[command(subcommand)]
+    Key(key::KeyCmd),
+    /// Encrypt a file or stdin under a key.
+    Encrypt(crypto::EncryptArgs),
+    /// Decrypt a sovkms ciphertext (in-region services only).
+    Decrypt(crypto::DecryptArgs),
+    /// Generate a data key (plaintext + wrapped, or wrapped only).
+    GenerateDataKey(crypto::DataKeyArgs),
+    /// Ask a broker whether it is serving (gRPC health check).
+    Health(ConnArgs),
+    /// Show what a broker is (region, root of trust, cache figures).
+    Info(ConnArgs),
+    /// Run the two-region demonstration: PKI, two brokers, a scenario.
+    Demo(demo::DemoArgs),
+}
+
+/// How to reach a broker; every flag also reads an environment variable.
+#[derive(Args, Clone)]
+pub struct ConnArgs {
+    /// Broker address, host:port.
+    #[arg(long, env = "SOVKMS_ADDR")]
+    addr: String,
+    /// CA certificate that issued the broker's certificate (PEM).
+    #[arg(long, env = "SOVKMS_CA")]
+    ca: PathBuf,
+    /// Your client certificate (PEM).
+    #[arg(long, env = "SOVKMS_CERT")]
+    cert: PathBuf,
+    /// Your client private key (PEM).
+    #[arg(long, env = "SOVKMS_KEY")]
+    key: PathBuf,
+    /// Name to check in the broker's certificate.
+    #[arg(long, env = "SOVKMS_SERVER_NAME", default_value = "localhost")]
+    server_name: String,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ConnArgs {
+    async fn connect(&self) -> Result<Client, CliError> {
+        let tls = ClientTls::from_files(&self.ca, &self.cert, &self.key, &self.server_name)
+            .map_err(|e| CliError::new(e.to_string(), "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)"))?;
+        client::connect(&self.addr, &tls).await.map_err(|e| {
+            CliError::new(
+                e.to_string(),
+                "is the broker running at that address, and was your certificate issued by a CA it trusts?",
+            )
+        })
+    }
+}
+
+/// An error for humans: what went wrong and what to do.
+pub struct CliError {
+    what: String,
+    hint: String,
+}
+
+impl CliError {
+    fn new(what: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let hint = match s.code() {
+            Code::PermissionDenied => "the broker refused this identity; the reason above says which rule",
+            Code::NotFound => "check the key id with `sovkms key list`",
+            Code::InvalidArgument => "the request or ciphertext is malformed, or the encryption context differs",
+            Code::FailedPrecondition => "the key's state or the ciphertext's region does not allow this",
+            Code::Unavailable => "the broker, its store or its root of trust is unavailable; retry, or check `sovkms health`",
+            Code::ResourceExhausted => "a size or count limit was exceeded",
+            _ => "see the broker's log",
+        };
+        let code = format!("{:?}", s.code()).to_uppercase();
+        Self::new(format!("{code}: {}", s.message()), hint)
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| CliError::new(e.to_string(), ""))?;
+    println!("{s}");
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOVKMS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Command::Serve(a) => serve::run(a).await,
+            Command::Pki(c) => pki::run(c),
+            Command::Key(c) => key::run(c).await,
+            Command::Encrypt(a) => crypto::encrypt(a).await,
+            Command::Decrypt(a) => crypto::decrypt(a).await,
+            Command::GenerateDataKey(a) => crypto::data_key(a).await,
+            Command::Health(a) => health(a).await,
+            Command::Info(a) => info(a).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.what);
+            if !e.hint.is_empty() {
+                eprintln!("hint: {}", e.hint);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One gRPC health check of the whole server ("").
+pub async fn check_health(c: &Client) -> Result<bool, tonic::Status> {
+    use tonic_health::pb::{health_client::HealthClient, health_check_response::ServingStatus, HealthCheckRequest};
+    let r = HealthClient::new(c.channel.clone())
+        .check(HealthCheckRequest { service: String::new() })
+        .await?;
+    Ok(r.into_inner().status == ServingStatus::Serving as i32)
+}
+
+async fn health(a: ConnArgs) -> Result<(), CliError> {
+    let c = a.connect().await?;
+    let serving = check_health(&c).await?;
+    if a.json {
+        print_json(&serde_json::json!({ "serving": serving }))?;
+    } else {
+        println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+    }
+    if serving {
+        Ok(())
+    } else {
+        Err(CliError::new("broker is not serving", "its root of trust is unavailable; see the broker's log"))
+    }
+}
+
+async fn info(a: ConnArgs) -> Result<(), CliError> {
+    let mut c = a.connect().await?;
+    let i = c.broker.get_info(crate::api::proto::GetInfoRequest {}).await?.into_inner();
+    if a.json {
+        print_json(&serde_json::json!({
+            "region": i.region, "broker_id": i.broker_id, "root_kind": i.root_kind,
+            "root_description": i.root_description, "development_only": i.development_only,
+            "version": i.version, "cache_hits": i.cache_hits, "cache_misses": i.cache_misses,
+            "root_calls": i.root_calls, "caller": i.caller,
+        }))
+    } else {
+        println!("region           {}", i.region);
+        println!("broker           {} (sovkms {})", i.broker_id, i.version);
+        println!("root of trust    {}: {}", i.root_kind, i.root_description);
+        if i.development_only {
+            println!("WARNING          development-only root of trust: not for production data");
+        }
+        println!("kek cache        {} hits, {} misses; {} root calls", i.cache_hits, i.cache_misses, i.root_calls);
+        println!("you are          {}", i.caller);
+        Ok(())
+    }
 }

@@ -1,0 +1,171 @@
+//! `sovkms encrypt|decrypt|generate-data-key`: envelope operations through a broker.
+
+use super::{print_json, CliError, ConnArgs};
+use crate::api::proto as pb;
+use base64::Engine;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use zeroize::Zeroizing;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Arguments of `encrypt`.
+#[derive(clap::Args)]
+pub struct EncryptArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Key id.
+    #[arg(long)]
+    key_id: String,
+    /// Input file; `-` or absent for stdin.
+    #[arg(long = "in")]
+    input: Option<PathBuf>,
+    /// Output file; `-` or absent for stdout.
+    #[arg(long = "out")]
+    output: Option<PathBuf>,
+    /// Encryption context entry KEY=VALUE (repeat). Decrypt needs the same.
+    #[arg(long = "context")]
+    context: Vec<String>,
+}
+
+/// Arguments of `decrypt`.
+#[derive(clap::Args)]
+pub struct DecryptArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Input file; `-` or absent for stdin.
+    #[arg(long = "in")]
+    input: Option<PathBuf>,
+    /// Output file (created mode 0600); `-` or absent for stdout.
+    #[arg(long = "out")]
+    output: Option<PathBuf>,
+    /// Encryption context entry KEY=VALUE (repeat).
+    #[arg(long = "context")]
+    context: Vec<String>,
+}
+
+/// Arguments of `generate-data-key`.
+#[derive(clap::Args)]
+pub struct DataKeyArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Key id.
+    #[arg(long)]
+    key_id: String,
+    /// Encryption context entry KEY=VALUE (repeat).
+    #[arg(long = "context")]
+    context: Vec<String>,
+    /// Return only the wrapped key.
+    #[arg(long)]
+    without_plaintext: bool,
+    /// Write the wrapped key to this file (else it is printed in base64).
+    #[arg(long)]
+    out_wrapped: Option<PathBuf>,
+}
+
+fn context(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| CliError::new(format!("context entry {p:?} has no '='"), "write --context key=value"))
+        })
+        .collect()
+}
+
+fn read_input(p: &Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut buf = Zeroizing::new(Vec::new());
+    match p {
+        Some(path) if path.as_os_str() != "-" => {
+            let mut f = std::fs::File::open(path)
+                .map_err(|e| CliError::new(format!("cannot open {}: {e}", path.display()), ""))?;
+            f.read_to_end(&mut buf)
+                .map_err(|e| CliError::new(format!("cannot read {}: {e}", path.display()), ""))?;
+        }
+        _ => {
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| CliError::new(format!("cannot read stdin: {e}"), ""))?;
+        }
+    }
+    Ok(buf)
+}
+
+fn write_output(p: &Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
+    match p {
+        Some(path) if path.as_os_str() != "-" => crate::store::write_file_durably(path, bytes, 0o600)
+            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display()), "")),
+        _ => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(bytes)
+                .and_then(|_| out.flush())
+                .map_err(|e| CliError::new(format!("cannot write stdout: {e}"), ""))
+        }
+    }
+}
+
+pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
+    let ctx = context(&a.context)?;
+    let mut pt = read_input(&a.input)?;
+    let mut c = a.conn.connect().await?;
+    let req = pb::EncryptRequest { key_id: a.key_id, plaintext: std::mem::take(&mut *pt), context: ctx };
+    let r = c.crypto.encrypt(req).await?.into_inner();
+    if a.conn.json {
+        return print_json(&serde_json::json!({
+            "ciphertext_base64": B64.encode(&r.ciphertext), "key_id": r.key_id, "key_version": r.key_version,
+        }));
+    }
+    write_output(&a.output, &r.ciphertext)
+}
+
+pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
+    let ctx = context(&a.context)?;
+    let ct = read_input(&a.input)?;
+    let mut c = a.conn.connect().await?;
+    let mut r = c
+        .crypto
+        .decrypt(pb::DecryptRequest { ciphertext: ct.to_vec(), context: ctx })
+        .await?
+        .into_inner();
+    let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
+    if a.conn.json {
+        return print_json(&serde_json::json!({
+            "plaintext_base64": B64.encode(&*pt), "key_id": r.key_id, "key_version": r.key_version,
+        }));
+    }
+    write_output(&a.output, &pt)
+}
+
+pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
+    let ctx = context(&a.context)?;
+    let mut c = a.conn.connect().await?;
+    let req = pb::GenerateDataKeyRequest { key_id: a.key_id, context: ctx };
+    let (plain, wrapped, key_id, version) = if a.without_plaintext {
+        let r = c.crypto.generate_data_key_without_plaintext(req).await?.into_inner();
+        (None, r.wrapped_key, r.key_id, r.key_version)
+    } else {
+        let mut r = c.crypto.generate_data_key(req).await?.into_inner();
+        let p = Zeroizing::new(std::mem::take(&mut r.plaintext_key));
+        (Some(p), std::mem::take(&mut r.wrapped_key), r.key_id.clone(), r.key_version)
+    };
+    if let Some(path) = &a.out_wrapped {
+        write_output(&Some(path.clone()), &wrapped)?;
+    }
+    let plain_b64 = plain.as_ref().map(|p| Zeroizing::new(B64.encode(&**p)));
+    if a.conn.json {
+        return print_json(&serde_json::json!({
+            "plaintext_key_base64": plain_b64.as_deref().map(|s| s.as_str()),
+            "wrapped_key_base64": B64.encode(&wrapped), "key_id": key_id, "key_version": version,
+        }));
+    }
+    if let Some(p) = &plain_b64 {
+        println!("plaintext key (base64)  {}", p.as_str());
+    }
+    if a.out_wrapped.is_none() {
+        println!("wrapped key (base64)    {}", B64.encode(&wrapped));
+    }
+    println!("key                     {key_id} version {version}");
+    Ok(())
+}

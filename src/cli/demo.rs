@@ -1,0 +1,251 @@
+//! `sovkms demo`: the two-region scenario of the README's first command.
+//!
+//! Mints a development PKI, starts two broker processes (eu-central and
+//! us-east) plus nothing else, waits for them by gRPC health check, runs the
+//! scenario, prints what happened, and stops the brokers. Exits non-zero if
+//! any step did not give the expected answer.
+
+use super::{check_health, CliError};
+use crate::api::proto as pb;
+use crate::client::{self, Client, ClientTls};
+use crate::pki;
+use crate::region::Region;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tonic::Code;
+
+/// Arguments of `demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Working directory (PKI, configs, data, logs); wiped first.
+    #[arg(long, default_value = ".quickstart")]
+    dir: PathBuf,
+}
+
+const TD: &str = "sovkms.example";
+
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError::new(e.to_string(), "")
+}
+
+struct Broker {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+async fn start_broker(exe: &Path, config: &Path, log: &Path) -> Result<Broker, CliError> {
+    let log = std::fs::File::create(log).map_err(err)?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| CliError::new(format!("cannot start broker: {e}"), ""))?;
+    let stdout = child.stdout.take().ok_or_else(|| err("broker has no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| err("broker did not report its address within 30 s"))?
+        .map_err(err)?
+        .ok_or_else(|| CliError::new("broker exited at start", format!("see {}", config.with_extension("log").display())))?;
+    let addr = line
+        .strip_prefix("listening on ")
+        .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?
+        .to_owned();
+    Ok(Broker { child, addr })
+}
+
+/// Connects as `who` (e.g. `eu-central/service-app`) to `addr`.
+async fn connect_as(pki_dir: &Path, who: &str, broker_region: &str, addr: &str) -> Result<Client, CliError> {
+    let (region, stem) = who.split_once('/').ok_or_else(|| err("bad identity"))?;
+    let tls = ClientTls::from_files(
+        &pki_dir.join(broker_region).join("ca.pem"),
+        &pki_dir.join(region).join(format!("{stem}.pem")),
+        &pki_dir.join(region).join(format!("{stem}.key")),
+        "localhost",
+    )
+    .map_err(err)?;
+    client::connect(addr, &tls).await.map_err(err)
+}
+
+async fn wait_serving(c: &Client) -> Result<(), CliError> {
+    let start = Instant::now();
+    loop {
+        if let Ok(true) = check_health(c).await {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(err("broker did not report SERVING within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Row {
+    caller: String,
+    broker: String,
+    op: String,
+    expected: Code,
+    got: Code,
+    detail: String,
+}
+
+fn outcome<T>(r: &Result<T, tonic::Status>) -> (Code, String) {
+    match r {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_owned()),
+    }
+}
+
+pub async fn run(a: DemoArgs) -> Result<(), CliError> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let dir = a.dir;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(err)?;
+    }
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    let dir = dir.canonicalize().map_err(err)?;
+    let pki_dir = dir.join("pki");
+    let regions: Vec<Region> = ["eu-central", "us-east", "central"]
+        .iter()
+        .map(|r| Region::parse(r).map_err(err))
+        .collect::<Result<_, _>>()?;
+    println!("1. minting a development PKI (one CA per region) in {}", pki_dir.display());
+    pki::dev_pki(&pki_dir, TD, &regions, 2).map_err(err)?;
+
+    println!("2. starting two brokers, each with its own store and (development) root of trust");
+    let mut brokers = HashMap::new();
+    for r in &regions[..2] {
+        let cfg = dir.join(format!("{r}.toml"));
+        let text = pki::dev_broker_config(&pki_dir, &dir.join("data").join(r.as_str()), r, TD, &regions);
+        std::fs::write(&cfg, text).map_err(err)?;
+        let b = start_broker(&exe, &cfg, &dir.join(format!("{r}.log"))).await?;
+        println!("   {r:<11} broker on {} (log: {})", b.addr, dir.join(format!("{r}.log")).display());
+        brokers.insert(r.to_string(), b);
+    }
+    let result = scenario(&pki_dir, &brokers).await;
+    for (_, mut b) in brokers {
+        let _ = b.child.start_kill();
+        let _ = b.child.wait().await;
+    }
+    println!("5. brokers stopped");
+    result
+}
+
+async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(), CliError> {
+    let eu = &brokers["eu-central"].addr;
+    let us = &brokers["us-east"].addr;
+    for (region, addr) in [("eu-central", eu), ("us-east", us)] {
+        wait_serving(&connect_as(pki_dir, &format!("{region}/operator-admin"), region, addr).await?).await?;
+    }
+    println!("3. both brokers report SERVING (gRPC health)");
+
+    let mut rows = Vec::new();
+    let svc = |r: &str| format!("spiffe://{TD}/region/{r}/service/app");
+    let mut op_eu = connect_as(pki_dir, "eu-central/operator-admin", "eu-central", eu).await?;
+    let grants = vec![
+        pb::Grant {
+            principal: svc("eu-central"),
+            operations: vec![pb::Operation::Encrypt as i32, pb::Operation::Decrypt as i32],
+        },
+        pb::Grant { principal: svc("us-east"), operations: vec![pb::Operation::Encrypt as i32] },
+        pb::Grant { principal: svc("central"), operations: vec![pb::Operation::Encrypt as i32] },
+    ];
+    let created = op_eu
+        .keys
+        .create(pb::CreateKeyRequest {
+            name: "patient-records".into(),
+            tenant: "health".into(),
+            description: "demo".into(),
+            grants,
+            activate: true,
+        })
+        .await;
+    let (got, detail) = outcome(&created);
+    let key_id = created.map(|r| r.into_inner().key_id).unwrap_or_default();
+    rows.push(Row { caller: "eu-central operator".into(), broker: "eu-central".into(), op: "create key".into(), expected: Code::Ok, got, detail: if detail.is_empty() { key_id.clone() } else { detail } });
+
+    let ctx: HashMap<String, String> = [("record".to_string(), "patient-4711".to_string())].into();
+    let secret = b"patient 4711: diagnosis stays in the EU".to_vec();
+    let mut svc_eu = connect_as(pki_dir, "eu-central/service-app", "eu-central", eu).await?;
+    let enc = svc_eu
+        .crypto
+        .encrypt(pb::EncryptRequest { key_id: key_id.clone(), plaintext: secret.clone(), context: ctx.clone() })
+        .await;
+    let (got, detail) = outcome(&enc);
+    let ct = enc.map(|r| r.into_inner().ciphertext).unwrap_or_default();
+    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "encrypt".into(), expected: Code::Ok, got, detail: if detail.is_empty() { format!("{} bytes of ciphertext", ct.len()) } else { detail } });
+
+    let dec = svc_eu.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: ctx.clone() }).await;
+    let (mut got, detail) = outcome(&dec);
+    let same = dec.map(|mut r| std::mem::take(&mut r.get_mut().plaintext) == secret).unwrap_or(false);
+    if got == Code::Ok && !same {
+        got = Code::DataLoss;
+    }
+    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "decrypt".into(), expected: Code::Ok, got, detail: if detail.is_empty() { "plaintext matches".into() } else { detail } });
+
+    let mut central = connect_as(pki_dir, "central/service-app", "eu-central", eu).await?;
+    let r = central
+        .crypto
+        .encrypt(pb::EncryptRequest { key_id: key_id.clone(), plaintext: b"aggregate input".to_vec(), context: ctx.clone() })
+        .await;
+    let (got, detail) = outcome(&r);
+    rows.push(Row { caller: "central plane".into(), broker: "eu-central".into(), op: "encrypt (into the region)".into(), expected: Code::Ok, got, detail: if detail.is_empty() { "allowed by the key's grant".into() } else { detail } });
+
+    let refusals: [(&str, &str, &str, Code); 4] = [
+        ("us-east/service-app", "us-east service", "eu-central", Code::PermissionDenied),
+        ("central/service-app", "central plane", "eu-central", Code::PermissionDenied),
+        ("eu-central/operator-admin", "eu-central operator", "eu-central", Code::PermissionDenied),
+        ("us-east/service-app", "us-east service", "us-east", Code::FailedPrecondition),
+    ];
+    for (who, label, broker, expected) in refusals {
+        let addr = if broker == "eu-central" { eu } else { us };
+        let mut c = connect_as(pki_dir, who, broker, addr).await?;
+        let r = c.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: ctx.clone() }).await;
+        let (got, detail) = outcome(&r);
+        rows.push(Row { caller: label.into(), broker: broker.into(), op: "decrypt".into(), expected, got, detail });
+    }
+    let wrong_ctx: HashMap<String, String> = [("record".to_string(), "patient-4712".to_string())].into();
+    let r = svc_eu.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: wrong_ctx }).await;
+    let (got, detail) = outcome(&r);
+    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "decrypt, wrong context".into(), expected: Code::InvalidArgument, got, detail });
+
+    println!("4. scenario:\n");
+    print_table(&rows);
+    let failed = rows.iter().filter(|r| r.got != r.expected).count();
+    if failed > 0 {
+        return Err(CliError::new(format!("{failed} step(s) did not give the expected answer"), "see the table and the broker logs"));
+    }
+    println!("\nall {} steps gave the expected answer: plaintext stayed in eu-central.", rows.len());
+    Ok(())
+}
+
+fn code_name(c: Code) -> String {
+    match c {
+        Code::Ok => "OK".into(),
+        Code::PermissionDenied => "PERMISSION_DENIED".into(),
+        Code::FailedPrecondition => "FAILED_PRECONDITION".into(),
+        Code::InvalidArgument => "INVALID_ARGUMENT".into(),
+        other => format!("{other:?}").to_uppercase(),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!("{:<3} {:<20} {:<11} {:<26} {:<20} {}", "#", "CALLER", "BROKER", "OPERATION", "RESULT", "DETAIL");
+    for (i, r) in rows.iter().enumerate() {
+        let mark = if r.got == r.expected { "" } else { " (UNEXPECTED)" };
+        println!(
+            "{:<3} {:<20} {:<11} {:<26} {:<20} {}{mark}",
+            i + 1,
+            r.caller,
+            r.broker,
+            r.op,
+            code_name(r.got),
+            r.detail
+        );
+    }
+}

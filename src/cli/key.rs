@@ -1,0 +1,283 @@
+//! `sovkms key`: key lifecycle over gRPC.
+
+use super::{print_json, CliError, ConnArgs};
+use crate::api::proto as pb;
+use crate::policy::CryptoOp;
+
+/// Key commands.
+#[derive(clap::Subcommand)]
+pub enum KeyCmd {
+    /// Create an AES-256 key in the broker's region.
+    Create {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Tenant.
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Grant, as PRINCIPAL=op[,op...]; ops: encrypt, decrypt, generate-data-key,
+        /// generate-data-key-without-plaintext, re-encrypt. Repeat for several.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Create pre-active instead of active.
+        #[arg(long)]
+        pre_active: bool,
+    },
+    /// List keys (paginated).
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this state: pre-active, active, deactivated, compromised, destroyed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        /// Continue after this page token.
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Show one key's attributes.
+    Show(KeyArg),
+    /// Activate a pre-active key.
+    Activate(KeyArg),
+    /// Revoke a key.
+    Revoke {
+        #[command(flatten)]
+        key: KeyArg,
+        /// superseded, cessation-of-operation, affiliation-changed, key-compromise.
+        #[arg(long, default_value = "cessation-of-operation")]
+        reason: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        message: String,
+    },
+    /// Add a new version (encryption uses it from now on).
+    Rekey(KeyArg),
+    /// Schedule destruction after a pending window.
+    Destroy {
+        #[command(flatten)]
+        key: KeyArg,
+        /// Pending window in days (default: the broker's, 30).
+        #[arg(long)]
+        days: Option<u32>,
+    },
+    /// Cancel a scheduled destruction.
+    CancelDestroy(KeyArg),
+    /// Replace a key's grants.
+    Grant {
+        #[command(flatten)]
+        key: KeyArg,
+        /// Grant, as PRINCIPAL=op[,op...]. Repeat for several; none clears all grants.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
+}
+
+/// A connection and a key id.
+#[derive(clap::Args)]
+pub struct KeyArg {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Key id.
+    key_id: String,
+}
+
+fn parse_grants(allow: &[String]) -> Result<Vec<pb::Grant>, CliError> {
+    allow
+        .iter()
+        .map(|a| {
+            let (principal, ops) = a.rsplit_once('=').ok_or_else(|| {
+                CliError::new(format!("grant {a:?} has no '='"), "write --allow spiffe://td/region/r/service/name=encrypt,decrypt")
+            })?;
+            let operations = ops
+                .split(',')
+                .map(|o| {
+                    let op = CryptoOp::parse(o.trim()).ok_or_else(|| {
+                        CliError::new(format!("unknown operation {o:?}"), "use encrypt, decrypt, generate-data-key, generate-data-key-without-plaintext, re-encrypt")
+                    })?;
+                    Ok(op_pb(op) as i32)
+                })
+                .collect::<Result<_, CliError>>()?;
+            Ok(pb::Grant { principal: principal.to_owned(), operations })
+        })
+        .collect()
+}
+
+fn op_pb(o: CryptoOp) -> pb::Operation {
+    match o {
+        CryptoOp::Encrypt => pb::Operation::Encrypt,
+        CryptoOp::Decrypt => pb::Operation::Decrypt,
+        CryptoOp::GenerateDataKey => pb::Operation::GenerateDataKey,
+        CryptoOp::GenerateDataKeyWithoutPlaintext => pb::Operation::GenerateDataKeyWithoutPlaintext,
+        CryptoOp::ReEncrypt => pb::Operation::ReEncrypt,
+    }
+}
+
+fn state_name(v: i32) -> &'static str {
+    match pb::KeyState::try_from(v) {
+        Ok(pb::KeyState::PreActive) => "pre-active",
+        Ok(pb::KeyState::Active) => "active",
+        Ok(pb::KeyState::Deactivated) => "deactivated",
+        Ok(pb::KeyState::Compromised) => "compromised",
+        Ok(pb::KeyState::Destroyed) => "destroyed",
+        _ => "unspecified",
+    }
+}
+
+fn op_name(v: i32) -> &'static str {
+    match pb::Operation::try_from(v) {
+        Ok(pb::Operation::Encrypt) => "encrypt",
+        Ok(pb::Operation::Decrypt) => "decrypt",
+        Ok(pb::Operation::GenerateDataKey) => "generate-data-key",
+        Ok(pb::Operation::GenerateDataKeyWithoutPlaintext) => "generate-data-key-without-plaintext",
+        Ok(pb::Operation::ReEncrypt) => "re-encrypt",
+        _ => "unspecified",
+    }
+}
+
+/// A key's metadata as JSON.
+pub fn meta_json(m: &pb::KeyMetadata) -> serde_json::Value {
+    serde_json::json!({
+        "key_id": m.key_id, "name": m.name, "tenant": m.tenant, "description": m.description,
+        "home_region": m.home_region, "state": state_name(m.state),
+        "created_at_unix": m.created_at_unix, "updated_at_unix": m.updated_at_unix,
+        "destroy_after_unix": (m.destroy_after_unix != 0).then_some(m.destroy_after_unix),
+        "primary_version": m.primary_version,
+        "versions": m.versions.iter().map(|v| serde_json::json!({"version": v.version, "created_at_unix": v.created_at_unix, "root_key_id": v.root_key_id})).collect::<Vec<_>>(),
+        "grants": m.grants.iter().map(|g| serde_json::json!({"principal": g.principal, "operations": g.operations.iter().map(|o| op_name(*o)).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+        "created_by": m.created_by,
+        "revocation_message": m.revocation_message,
+    })
+}
+
+fn show(m: &pb::KeyMetadata, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(&meta_json(m));
+    }
+    println!("key        {}", m.key_id);
+    println!("name       {}{}", m.name, if m.tenant.is_empty() { String::new() } else { format!(" (tenant {})", m.tenant) });
+    println!("region     {}", m.home_region);
+    println!("state      {}", state_name(m.state));
+    if m.destroy_after_unix != 0 {
+        println!("destroy    scheduled at unix time {}", m.destroy_after_unix);
+    }
+    println!("version    {} of {}", m.primary_version, m.versions.len());
+    for g in &m.grants {
+        let ops: Vec<_> = g.operations.iter().map(|o| op_name(*o)).collect();
+        println!("grant      {} → {}", g.principal, ops.join(", "));
+    }
+    Ok(())
+}
+
+fn key_ref(k: &KeyArg) -> pb::KeyRef {
+    pb::KeyRef { key_id: k.key_id.clone() }
+}
+
+fn reason(s: &str) -> Result<pb::RevocationReason, CliError> {
+    Ok(match s {
+        "superseded" => pb::RevocationReason::Superseded,
+        "cessation-of-operation" => pb::RevocationReason::CessationOfOperation,
+        "affiliation-changed" => pb::RevocationReason::AffiliationChanged,
+        "key-compromise" => pb::RevocationReason::KeyCompromise,
+        "unspecified" => pb::RevocationReason::Unspecified,
+        _ => return Err(CliError::new(format!("unknown reason {s:?}"), "use superseded, cessation-of-operation, affiliation-changed or key-compromise")),
+    })
+}
+
+fn state(s: &str) -> Result<pb::KeyState, CliError> {
+    Ok(match s {
+        "pre-active" => pb::KeyState::PreActive,
+        "active" => pb::KeyState::Active,
+        "deactivated" => pb::KeyState::Deactivated,
+        "compromised" => pb::KeyState::Compromised,
+        "destroyed" => pb::KeyState::Destroyed,
+        _ => return Err(CliError::new(format!("unknown state {s:?}"), "use pre-active, active, deactivated, compromised or destroyed")),
+    })
+}
+
+pub async fn run(c: KeyCmd) -> Result<(), CliError> {
+    match c {
+        KeyCmd::Create { conn, name, tenant, description, allow, pre_active } => {
+            let grants = parse_grants(&allow)?;
+            let mut cl = conn.connect().await?;
+            let m = cl
+                .keys
+                .create(pb::CreateKeyRequest { name, tenant, description, grants, activate: !pre_active })
+                .await?
+                .into_inner();
+            show(&m, conn.json)
+        }
+        KeyCmd::List { conn, name, tenant, state: st, page_size, page_token } => {
+            let st = st.as_deref().map(state).transpose()?.map_or(0, |s| s as i32);
+            let mut cl = conn.connect().await?;
+            let r = cl
+                .keys
+                .locate(pb::LocateRequest {
+                    name: name.unwrap_or_default(),
+                    state: st,
+                    tenant: tenant.unwrap_or_default(),
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            if conn.json {
+                return print_json(&serde_json::json!({
+                    "keys": r.keys.iter().map(meta_json).collect::<Vec<_>>(),
+                    "next_page_token": r.next_page_token,
+                }));
+            }
+            println!("{:<36} {:<12} {:<8} NAME", "KEY", "STATE", "VERSION");
+            for k in &r.keys {
+                println!("{:<36} {:<12} {:<8} {}", k.key_id, state_name(k.state), k.primary_version, k.name);
+            }
+            if !r.next_page_token.is_empty() {
+                println!("(more: --page-token {})", r.next_page_token);
+            }
+            Ok(())
+        }
+        KeyCmd::Show(k) => {
+            let m = k.conn.connect().await?.keys.get_attributes(key_ref(&k)).await?.into_inner();
+            show(&m, k.conn.json)
+        }
+        KeyCmd::Activate(k) => {
+            let m = k.conn.connect().await?.keys.activate(key_ref(&k)).await?.into_inner();
+            show(&m, k.conn.json)
+        }
+        KeyCmd::Revoke { key, reason: r, message } => {
+            let req = pb::RevokeRequest { key_id: key.key_id.clone(), reason: reason(&r)? as i32, message };
+            let m = key.conn.connect().await?.keys.revoke(req).await?.into_inner();
+            show(&m, key.conn.json)
+        }
+        KeyCmd::Rekey(k) => {
+            let m = k.conn.connect().await?.keys.re_key(key_ref(&k)).await?.into_inner();
+            show(&m, k.conn.json)
+        }
+        KeyCmd::Destroy { key, days } => {
+            let req = pb::DestroyRequest { key_id: key.key_id.clone(), pending_window_days: days.unwrap_or(0) };
+            let m = key.conn.connect().await?.keys.destroy(req).await?.into_inner();
+            show(&m, key.conn.json)
+        }
+        KeyCmd::CancelDestroy(k) => {
+            let m = k.conn.connect().await?.keys.cancel_destroy(key_ref(&k)).await?.into_inner();
+            show(&m, k.conn.json)
+        }
+        KeyCmd::Grant { key, allow } => {
+            let req = pb::SetGrantsRequest { key_id: key.key_id.clone(), grants: parse_grants(&allow)? };
+            let m = key.conn.connect().await?.keys.set_grants(req).await?.into_inner();
+            show(&m, key.conn.json)
+        }
+    }
+}

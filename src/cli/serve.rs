@@ -1,0 +1,46 @@
+//! `sovkms serve`: run a broker until SIGINT/SIGTERM.
+
+use super::CliError;
+use crate::clock::SystemClock;
+use crate::config::Settings;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Arguments of `serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Broker config file (TOML); see deploy/broker.example.toml.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+pub async fn run(a: ServeArgs) -> Result<(), CliError> {
+    let settings = Settings::load(&a.config)
+        .map_err(|e| CliError::new(e.to_string(), "fix the config; deploy/broker.example.toml documents every key"))?;
+    let (_broker, server) = crate::server::start(&settings, Arc::new(SystemClock))
+        .await
+        .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
+    // One machine-readable line on stdout, for supervisors and tests.
+    println!("listening on {}", server.local_addr);
+    server
+        .run_until(shutdown_signal())
+        .await
+        .map_err(|e| CliError::new(e.to_string(), "the server stopped with an error"))?;
+    tracing::info!("broker stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
