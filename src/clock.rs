@@ -32,6 +32,11 @@ impl ManualClock {
         Self(AtomicI64::new(SystemClock.now_unix()))
     }
 
+    /// The current reading (same as `now_unix`, without importing the trait).
+    pub fn now_unix_for_tests(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
     /// Moves time forward.
     pub fn advance(&self, secs: i64) {
         self.0.fetch_add(secs, Ordering::SeqCst);

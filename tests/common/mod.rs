@@ -1,0 +1,205 @@
+//! Test harness: a development PKI in a temp dir, brokers started in-process
+//! on 127.0.0.1:0 with real mTLS, clients per identity. Readiness is a gRPC
+//! health check, never a sleep.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use sovkms::api::RunningServer;
+use sovkms::broker::Broker;
+use sovkms::client::{self, Client, ClientTls};
+use sovkms::clock::ManualClock;
+use sovkms::config::Settings;
+use sovkms::pki::{self, Kind};
+use sovkms::region::{Region, Role};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const TD: &str = "sovkms.example";
+
+pub fn region(s: &str) -> Region {
+    Region::parse(s).unwrap()
+}
+
+pub fn spiffe(region: &str, role: &str, name: &str) -> String {
+    format!("spiffe://{TD}/region/{region}/{role}/{name}")
+}
+
+/// PKI and directories shared by the brokers of one test.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub pki: PathBuf,
+    pub regions: Vec<Region>,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        let regions: Vec<Region> = ["eu-central", "us-east", "central"].iter().map(|r| region(r)).collect();
+        pki::dev_pki(&pki, TD, &regions, 2).unwrap();
+        let env = Self { dir, pki, regions };
+        // Extra identities used by the tests.
+        env.issue("eu-central", "eu-central", Kind::Caller(Role::Service), "nogrant", "service-nogrant");
+        env.issue("us-east", "us-east", Kind::Caller(Role::Operator), "admin", "operator-admin");
+        // A certificate from the us-east CA that claims an eu-central identity.
+        env.issue("us-east", "eu-central", Kind::Caller(Role::Service), "app", "forged-eu-service");
+        // A certificate from an untrusted CA.
+        let rogue = pki::new_ca(TD, &region("eu-central"), 2).unwrap();
+        let c = pki::issue(&rogue.cert_pem, &rogue.key_pem, TD, &region("eu-central"), Kind::Caller(Role::Service), "app", &[], 2).unwrap();
+        pki::write(&env.pki.join("eu-central"), "rogue-service", &c).unwrap();
+        // A certificate of another trust domain, from the eu-central CA.
+        let ca = env.ca("eu-central");
+        let c = pki::issue(&ca.0, &ca.1, "other.example", &region("eu-central"), Kind::Caller(Role::Service), "app", &[], 2).unwrap();
+        pki::write(&env.pki.join("eu-central"), "otherdomain-service", &c).unwrap();
+        env.issue_without_spiffe("eu-central", "nospiffe-service");
+        env
+    }
+
+    fn ca(&self, r: &str) -> (String, String) {
+        let d = self.pki.join(r);
+        (std::fs::read_to_string(d.join("ca.pem")).unwrap(), std::fs::read_to_string(d.join("ca.key")).unwrap())
+    }
+
+    /// Issues `kind`/`name` of `region` from `ca_region`'s CA into `<pki>/<region>/<stem>`.
+    pub fn issue(&self, ca_region: &str, region_s: &str, kind: Kind, name: &str, stem: &str) {
+        let (cert, key) = self.ca(ca_region);
+        let c = pki::issue(&cert, &key, TD, &region(region_s), kind, name, &[], 2).unwrap();
+        pki::write(&self.pki.join(region_s), stem, &c).unwrap();
+    }
+
+    fn issue_without_spiffe(&self, r: &str, stem: &str) {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+        let (cert, key) = self.ca(r);
+        let issuer = Issuer::from_ca_cert_pem(&cert, KeyPair::from_pem(&key).unwrap()).unwrap();
+        let k = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["client.example".to_string()]).unwrap();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let c = p.signed_by(&k, &issuer).unwrap();
+        let issued = pki::Issued { cert_pem: c.pem(), key_pem: zeroize::Zeroizing::new(k.serialize_pem()) };
+        pki::write(&self.pki.join(r), stem, &issued).unwrap();
+    }
+
+    /// Writes a broker config for `region` and returns its path.
+    pub fn config(&self, r: &str, extra: &str) -> PathBuf {
+        let data = self.dir.path().join("data").join(r);
+        let text = pki::dev_broker_config(&self.pki, &data, &region(r), TD, &self.regions);
+        let text = text.replacen("listen =", &format!("{extra}\nlisten ="), 1);
+        let path = self.dir.path().join(format!("{r}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// TLS material of `<pki>/<region>/<stem>`, trusting `broker_region`'s CA.
+    pub fn tls(&self, who: &str, broker_region: &str) -> ClientTls {
+        let (r, stem) = who.split_once('/').unwrap();
+        ClientTls::from_files(
+            &self.pki.join(broker_region).join("ca.pem"),
+            &self.pki.join(r).join(format!("{stem}.pem")),
+            &self.pki.join(r).join(format!("{stem}.key")),
+            "localhost",
+        )
+        .unwrap()
+    }
+}
+
+/// A broker running in this test process.
+pub struct TestBroker {
+    pub addr: String,
+    pub region: String,
+    pub broker: Arc<Broker>,
+    pub clock: Arc<ManualClock>,
+    pub server: RunningServer,
+}
+
+pub async fn start_broker(env: &Env, r: &str) -> TestBroker {
+    start_broker_with(env, r, "").await
+}
+
+pub async fn start_broker_with(env: &Env, r: &str, extra_config: &str) -> TestBroker {
+    let settings = Settings::load(&env.config(r, extra_config)).unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let (broker, server) = sovkms::server::start(&settings, clock.clone()).await.unwrap();
+    let tb = TestBroker { addr: server.local_addr.to_string(), region: r.to_owned(), broker, clock, server };
+    wait_serving(env, &tb).await;
+    tb
+}
+
+pub async fn wait_serving(env: &Env, b: &TestBroker) {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = client::connect(&b.addr, &env.tls(&format!("{}/operator-admin", b.region), &b.region)).await {
+            if serving(&c).await == Some(true) {
+                return;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "broker {} never became SERVING", b.region);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn serving(c: &Client) -> Option<bool> {
+    use tonic_health::pb::{health_client::HealthClient, health_check_response::ServingStatus, HealthCheckRequest};
+    let r = HealthClient::new(c.channel.clone()).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+    Some(r.into_inner().status == ServingStatus::Serving as i32)
+}
+
+/// A client as `who` (`<region>/<stem>`) of broker `b`.
+pub async fn client(env: &Env, who: &str, b: &TestBroker) -> Client {
+    client::connect(&b.addr, &env.tls(who, &b.region)).await.unwrap()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+use sovkms::api::proto as pb;
+use std::collections::HashMap;
+use tonic::Code;
+
+pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+pub fn grant(principal: &str, ops: &[pb::Operation]) -> pb::Grant {
+    pb::Grant { principal: principal.to_owned(), operations: ops.iter().map(|o| *o as i32).collect() }
+}
+
+pub const ALL_OPS: [pb::Operation; 5] = [
+    pb::Operation::Encrypt,
+    pb::Operation::Decrypt,
+    pb::Operation::GenerateDataKey,
+    pb::Operation::GenerateDataKeyWithoutPlaintext,
+    pb::Operation::ReEncrypt,
+];
+
+/// Creates an active key as the region's operator.
+pub async fn create_key(env: &Env, b: &TestBroker, name: &str, grants: Vec<pb::Grant>) -> String {
+    let mut op = client(env, &format!("{}/operator-admin", b.region), b).await;
+    op.keys
+        .create(pb::CreateKeyRequest { name: name.into(), grants, activate: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id
+}
+
+pub async fn encrypt(c: &mut Client, key_id: &str, pt: &[u8], context: &HashMap<String, String>) -> Result<pb::EncryptResponse, tonic::Status> {
+    c.crypto
+        .encrypt(pb::EncryptRequest { key_id: key_id.into(), plaintext: pt.to_vec(), context: context.clone() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn decrypt(c: &mut Client, ct: &[u8], context: &HashMap<String, String>) -> Result<Vec<u8>, tonic::Status> {
+    c.crypto
+        .decrypt(pb::DecryptRequest { ciphertext: ct.to_vec(), context: context.clone() })
+        .await
+        .map(|mut r| std::mem::take(&mut r.get_mut().plaintext))
+}
+
+pub fn code<T>(r: &Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
