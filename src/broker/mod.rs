@@ -418,5 +418,3 @@ impl Broker {
     }
 }
 
-#[cfg(test)]
-mod tests;

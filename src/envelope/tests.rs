@@ -1,1 +1,144 @@
+use super::*;
+use proptest::prelude::*;
 
+fn kek() -> KeyMaterial {
+    KeyMaterial::from_slice(&[0x42; 32]).unwrap()
+}
+
+fn region() -> Region {
+    Region::parse("eu-central").unwrap()
+}
+
+fn kid() -> KeyId {
+    KeyId::parse("k-test").unwrap()
+}
+
+fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
+    EncryptionContext::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+}
+
+fn sealed(pt: &[u8], c: &EncryptionContext) -> Vec<u8> {
+    let rng = ring::rand::SystemRandom::new();
+    seal(&rng, &kek(), &region(), &kid(), 3, c, &Plaintext::new(pt.to_vec())).unwrap()
+}
+
+#[test]
+fn round_trip_and_layout() {
+    let c = ctx(&[("a", "1")]);
+    let ct = sealed(b"hello", &c);
+    assert_eq!(&ct[..4], b"SKMS");
+    assert_eq!(ct[4], FORMAT_V1);
+    assert_eq!(ct[5], ALG_AES256GCM_HKDF_SHA256);
+    let header_len = 4 + 1 + 1 + 1 + 10 + 1 + 6 + 4 + 32 + 12 + 4;
+    assert_eq!(ct.len(), header_len + 5 + TAG_LEN);
+    let env = Envelope::parse(&ct).unwrap();
+    assert_eq!(env.header.key_version, 3);
+    assert_eq!(env.header.region, region());
+    assert_eq!(env.to_bytes(), ct);
+    assert_eq!(open(&kek(), &env, &c).unwrap().expose_secret(), b"hello");
+}
+
+#[test]
+fn salts_and_nonces_differ_per_message() {
+    let c = ctx(&[]);
+    let a = Envelope::parse(&sealed(b"x", &c)).unwrap();
+    let b = Envelope::parse(&sealed(b"x", &c)).unwrap();
+    assert_ne!(a.header.salt, b.header.salt);
+    assert_ne!(a.header.nonce, b.header.nonce);
+}
+
+#[test]
+fn context_and_header_are_authenticated() {
+    let c = ctx(&[("a", "1"), ("b", "2")]);
+    let ct = sealed(b"payload", &c);
+    let env = Envelope::parse(&ct).unwrap();
+    assert!(open(&kek(), &env, &ctx(&[("a", "1")])).is_err());
+    assert!(open(&kek(), &env, &ctx(&[("a", "1"), ("b", "3")])).is_err());
+    let wrong = KeyMaterial::from_slice(&[0x43; 32]).unwrap();
+    assert!(open(&wrong, &env, &c).is_err());
+    // Every byte flip either fails to parse or fails to open.
+    for i in 0..ct.len() {
+        let mut bad = ct.clone();
+        bad[i] ^= 0x01;
+        if let Ok(env) = Envelope::parse(&bad) {
+            assert!(open(&kek(), &env, &c).is_err(), "flip at {i} opened");
+        }
+    }
+}
+
+#[test]
+fn context_encoding_is_canonical() {
+    let a = ctx(&[("b", "2"), ("a", "1")]);
+    let b = ctx(&[("a", "1"), ("b", "2")]);
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    a.encode_into(&mut ea);
+    b.encode_into(&mut eb);
+    assert_eq!(ea, eb);
+    // Length prefixes keep ("ab","c") and ("a","bc") apart.
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    ctx(&[("ab", "c")]).encode_into(&mut x);
+    ctx(&[("a", "bc")]).encode_into(&mut y);
+    assert_ne!(x, y);
+}
+
+#[test]
+fn strict_parser_errors() {
+    let ct = sealed(b"abc", &ctx(&[]));
+    let mut v = ct.clone();
+    v[4] = 9;
+    assert_eq!(Envelope::parse(&v), Err(FormatError::UnknownVersion(9)));
+    let mut a = ct.clone();
+    a[5] = 0;
+    assert_eq!(Envelope::parse(&a), Err(FormatError::UnknownAlgorithm(0)));
+    let mut t = ct.clone();
+    t.push(0);
+    assert_eq!(Envelope::parse(&t), Err(FormatError::TrailingBytes(1)));
+    assert_eq!(Envelope::parse(b"XKMS"), Err(FormatError::BadMagic));
+    assert!(matches!(Envelope::parse(&ct[..ct.len() - 1]), Err(FormatError::Truncated(_))));
+    let mut zero_region = ct.clone();
+    zero_region[6] = 0;
+    assert!(Envelope::parse(&zero_region).is_err());
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let _ = Envelope::parse(&bytes);
+    }
+
+    #[test]
+    fn mutated_envelopes_never_panic(pos in 0usize..200, val in any::<u8>(), cut in 0usize..200) {
+        let mut ct = sealed(b"proptest payload", &ctx(&[("k", "v")]));
+        let n = ct.len();
+        ct[pos % n] = val;
+        ct.truncate(n - (cut % n));
+        if let Ok(env) = Envelope::parse(&ct) {
+            let _ = open(&kek(), &env, &ctx(&[("k", "v")]));
+        }
+    }
+
+    #[test]
+    fn parse_serialize_round_trip(
+        region in "[a-z][a-z0-9-]{0,30}[a-z0-9]",
+        key in "[A-Za-z0-9_-]{1,64}",
+        version in 1u32..,
+        salt in any::<[u8; 32]>(),
+        nonce in any::<[u8; 12]>(),
+        pt in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let header = Header {
+            region: Region::parse(&region).unwrap(),
+            key_id: KeyId::parse(&key).unwrap(),
+            key_version: version,
+            salt,
+            nonce,
+        };
+        let c = ctx(&[("p", "q")]);
+        let ct = seal_with_header(&kek(), &header, &c, &pt).unwrap();
+        let env = Envelope::parse(&ct).unwrap();
+        prop_assert_eq!(&env.header, &header);
+        prop_assert_eq!(env.to_bytes(), ct);
+        let opened = open(&kek(), &env, &c).unwrap();
+        prop_assert_eq!(opened.expose_secret(), &pt[..]);
+    }
+}
