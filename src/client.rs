@@ -51,7 +51,12 @@ fn read(path: &Path) -> Result<String, ClientError> {
 
 impl ClientTls {
     /// Loads PEM files.
-    pub fn from_files(ca: &Path, cert: &Path, key: &Path, server_name: &str) -> Result<Self, ClientError> {
+    pub fn from_files(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
         Ok(Self {
             ca_pem: read(ca)?,
             cert_pem: Some(read(cert)?),

@@ -152,7 +152,9 @@ impl Settings {
         let region = Region::parse(&raw.region).map_err(|e| format!("region: {e}"))?;
         let td = raw.trust_domain;
         if td.is_empty() || td.contains('/') || td.contains(':') {
-            return Err(format!("trust_domain {td:?} is not a SPIFFE trust domain name"));
+            return Err(format!(
+                "trust_domain {td:?} is not a SPIFFE trust domain name"
+            ));
         }
         if !(1..=MAX_PLAINTEXT_LIMIT).contains(&raw.max_plaintext_bytes) {
             return Err(format!(
@@ -167,7 +169,9 @@ impl Settings {
             return Err("cache.max_entries and cache.ttl_seconds must be at least 1".into());
         }
         if raw.tls.client_ca.is_empty() {
-            return Err("tls.client_ca: at least one client CA is required (mTLS is mandatory)".into());
+            return Err(
+                "tls.client_ca: at least one client CA is required (mTLS is mandatory)".into(),
+            );
         }
         let mut client_cas = Vec::new();
         for ca in raw.tls.client_ca {
@@ -265,7 +269,11 @@ danger_development_only = true
     fn bad_configs_say_why() {
         for (from, to, want) in [
             ("\"eu-central\"\ntrust", "\"EU\"\ntrust", "region"),
-            ("regions = [\"eu-central\"]", "regions = []", "list the regions"),
+            (
+                "regions = [\"eu-central\"]",
+                "regions = []",
+                "list the regions",
+            ),
             ("kind = \"software\"", "kind = \"magic\"", "not known"),
             ("listen", "lisen", "unknown field"),
         ] {

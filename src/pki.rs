@@ -4,8 +4,8 @@
 
 use crate::region::{Region, Role};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::path::Path;
 use zeroize::Zeroizing;
@@ -61,11 +61,18 @@ pub fn new_ca(trust_domain: &str, region: &Region, days: u32) -> Result<Issued, 
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("sovkms {region} CA ({trust_domain})"));
+    dn.push(
+        DnType::CommonName,
+        format!("sovkms {region} CA ({trust_domain})"),
+    );
     dn.push(DnType::OrganizationName, "sovkms development PKI");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut p, days);
     let cert = p.self_signed(&key)?;
     Ok(Issued {
@@ -104,9 +111,10 @@ pub fn issue(
     dn.push(DnType::CommonName, format!("{name} ({region})"));
     p.distinguished_name = dn;
     let uri = spiffe_id(trust_domain, region, kind, name);
-    let mut sans = vec![SanType::URI(
-        uri.clone().try_into().map_err(|_| PkiError::Invalid(format!("{uri} is not a valid URI")))?,
-    )];
+    let mut sans =
+        vec![SanType::URI(uri.clone().try_into().map_err(|_| {
+            PkiError::Invalid(format!("{uri} is not a valid URI"))
+        })?)];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     match kind {
         Kind::Broker => {
@@ -138,8 +146,10 @@ pub fn write(dir: &Path, stem: &str, issued: &Issued) -> Result<(), PkiError> {
     };
     let cert = dir.join(format!("{stem}.pem"));
     let key = dir.join(format!("{stem}.key"));
-    crate::store::write_file_durably(&cert, issued.cert_pem.as_bytes(), 0o644).map_err(|e| io(&cert, e))?;
-    crate::store::write_file_durably(&key, issued.key_pem.as_bytes(), 0o600).map_err(|e| io(&key, e))?;
+    crate::store::write_file_durably(&cert, issued.cert_pem.as_bytes(), 0o644)
+        .map_err(|e| io(&cert, e))?;
+    crate::store::write_file_durably(&key, issued.key_pem.as_bytes(), 0o600)
+        .map_err(|e| io(&key, e))?;
     Ok(())
 }
 
@@ -154,16 +164,43 @@ pub fn read(path: &Path) -> Result<String, PkiError> {
 /// Mints a whole development PKI under `out`: per region a CA, a broker
 /// certificate and one service (`app`), operator (`admin`) and auditor
 /// (`audit`) identity. Files: `<out>/<region>/{ca,broker,service-app,...}.{pem,key}`.
-pub fn dev_pki(out: &Path, trust_domain: &str, regions: &[Region], days: u32) -> Result<(), PkiError> {
+pub fn dev_pki(
+    out: &Path,
+    trust_domain: &str,
+    regions: &[Region],
+    days: u32,
+) -> Result<(), PkiError> {
     for region in regions {
         let dir = out.join(region.as_str());
         let ca = new_ca(trust_domain, region, days)?;
         write(&dir, "ca", &ca)?;
         let dns = vec!["localhost".to_string(), format!("broker.{region}")];
-        let b = issue(&ca.cert_pem, &ca.key_pem, trust_domain, region, Kind::Broker, "broker", &dns, days)?;
+        let b = issue(
+            &ca.cert_pem,
+            &ca.key_pem,
+            trust_domain,
+            region,
+            Kind::Broker,
+            "broker",
+            &dns,
+            days,
+        )?;
         write(&dir, "broker", &b)?;
-        for (role, name) in [(Role::Service, "app"), (Role::Operator, "admin"), (Role::Auditor, "audit")] {
-            let c = issue(&ca.cert_pem, &ca.key_pem, trust_domain, region, Kind::Caller(role), name, &[], days)?;
+        for (role, name) in [
+            (Role::Service, "app"),
+            (Role::Operator, "admin"),
+            (Role::Auditor, "audit"),
+        ] {
+            let c = issue(
+                &ca.cert_pem,
+                &ca.key_pem,
+                trust_domain,
+                region,
+                Kind::Caller(role),
+                name,
+                &[],
+                days,
+            )?;
             write(&dir, &format!("{}-{name}", role.as_str()), &c)?;
         }
     }
@@ -172,7 +209,13 @@ pub fn dev_pki(out: &Path, trust_domain: &str, regions: &[Region], days: u32) ->
 
 /// A broker config for the development PKI made by [`dev_pki`]: the broker
 /// of `region` trusts each region's CA for that region only.
-pub fn dev_broker_config(pki_dir: &Path, data_dir: &Path, region: &Region, trust_domain: &str, all_regions: &[Region]) -> String {
+pub fn dev_broker_config(
+    pki_dir: &Path,
+    data_dir: &Path,
+    region: &Region,
+    trust_domain: &str,
+    all_regions: &[Region],
+) -> String {
     let mut s = format!(
         "# Development broker for region {region} (generated).\n\
          region = \"{region}\"\n\

@@ -117,7 +117,8 @@ impl Caller {
             .strip_prefix("spiffe://")
             .ok_or_else(|| format!("{uri:?} is not a spiffe:// URI"))?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let shape = "expected spiffe://<trust-domain>/region/<region>/<service|operator|auditor>/<name>";
+        let shape =
+            "expected spiffe://<trust-domain>/region/<region>/<service|operator|auditor>/<name>";
         let [td, "region", region, role, name] = parts.as_slice() else {
             return Err(format!("{uri:?}: {shape}"));
         };
@@ -125,7 +126,8 @@ impl Caller {
             return Err(format!("{uri:?}: invalid trust domain"));
         }
         let region = Region::parse(region)?;
-        let role = Role::parse(role).ok_or_else(|| format!("{uri:?}: unknown role {role:?}; {shape}"))?;
+        let role =
+            Role::parse(role).ok_or_else(|| format!("{uri:?}: unknown role {role:?}; {shape}"))?;
         if !valid_segment(name, 128) {
             return Err(format!("{uri:?}: invalid name"));
         }

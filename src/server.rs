@@ -30,10 +30,11 @@ pub enum StartError {
 /// Opens the store and the root of trust and builds the core.
 pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
-        path: keys_dir.display().to_string(),
-        err,
-    })?);
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
+            path: keys_dir.display().to_string(),
+            err,
+        })?);
     let root: Arc<dyn RootOfTrust> = match &settings.root {
         RootSettings::Software { path } => {
             let r = SoftwareRoot::open_or_create(path)?;
@@ -47,11 +48,19 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     };
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
-    Ok(Arc::new(Broker::new(settings.broker.clone(), root, store, clock)))
+    Ok(Arc::new(Broker::new(
+        settings.broker.clone(),
+        root,
+        store,
+        clock,
+    )))
 }
 
 /// Opens everything and starts serving.
-pub async fn start(settings: &Settings, clock: Arc<dyn Clock>) -> Result<(Arc<Broker>, RunningServer), StartError> {
+pub async fn start(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<Broker>, RunningServer), StartError> {
     let broker = open_broker(settings, clock)?;
     let server = api::start(settings, Arc::clone(&broker)).await?;
     tracing::info!(addr = %server.local_addr, region = %settings.broker.region, "sovkms broker listening (mTLS, TLS 1.3)");

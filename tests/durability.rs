@@ -27,8 +27,14 @@ fn spawn(config: &std::path::Path) -> Proc {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("bad line {line:?}")).to_owned();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("bad line {line:?}"))
+        .to_owned();
     Proc { child, addr }
 }
 
@@ -40,7 +46,10 @@ async fn connect_ready(env: &Env, who: &str, addr: &str) -> client::Client {
                 return c;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "broker never became SERVING");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "broker never became SERVING"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -65,23 +74,47 @@ async fn acknowledged_writes_survive_kill_9() {
     for i in 0..10 {
         let m = op
             .keys
-            .create(pb::CreateKeyRequest { name: format!("d{i}"), grants: vec![grant(&app, &ALL_OPS)], activate: true, ..Default::default() })
+            .create(pb::CreateKeyRequest {
+                name: format!("d{i}"),
+                grants: vec![grant(&app, &ALL_OPS)],
+                activate: true,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
-        let ct = encrypt(&mut svc, &m.key_id, format!("record {i}").as_bytes(), &c).await.unwrap().ciphertext;
+        let ct = encrypt(&mut svc, &m.key_id, format!("record {i}").as_bytes(), &c)
+            .await
+            .unwrap()
+            .ciphertext;
         acked.push((m.key_id, ct));
     }
     // A rekey and a revoke, then kill immediately after their acknowledgement.
-    let rekeyed = op.keys.re_key(pb::KeyRef { key_id: acked[0].0.clone() }).await.unwrap().into_inner();
+    let rekeyed = op
+        .keys
+        .re_key(pb::KeyRef {
+            key_id: acked[0].0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rekeyed.primary_version, 2);
     op.keys
-        .revoke(pb::RevokeRequest { key_id: acked[1].0.clone(), reason: pb::RevocationReason::Superseded as i32, message: String::new() })
+        .revoke(pb::RevokeRequest {
+            key_id: acked[1].0.clone(),
+            reason: pb::RevocationReason::Superseded as i32,
+            message: String::new(),
+        })
         .await
         .unwrap();
     let last = op
         .keys
-        .create(pb::CreateKeyRequest { name: "last".into(), grants: vec![grant(&app, &ALL_OPS)], activate: true, ..Default::default() })
+        .create(pb::CreateKeyRequest {
+            name: "last".into(),
+            grants: vec![grant(&app, &ALL_OPS)],
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -90,15 +123,42 @@ async fn acknowledged_writes_survive_kill_9() {
     let mut p = spawn(&config);
     let mut op = connect_ready(&env, "eu-central/operator-admin", &p.addr).await;
     let mut svc = connect_ready(&env, "eu-central/service-app", &p.addr).await;
-    op.keys.get_attributes(pb::KeyRef { key_id: last.key_id.clone() }).await.expect("last acknowledged key lost");
+    op.keys
+        .get_attributes(pb::KeyRef {
+            key_id: last.key_id.clone(),
+        })
+        .await
+        .expect("last acknowledged key lost");
     for (i, (id, ct)) in acked.iter().enumerate() {
-        assert_eq!(decrypt(&mut svc, ct, &c).await.unwrap(), format!("record {i}").as_bytes(), "key {i}");
+        assert_eq!(
+            decrypt(&mut svc, ct, &c).await.unwrap(),
+            format!("record {i}").as_bytes(),
+            "key {i}"
+        );
         let _ = id;
     }
-    let m = op.keys.get_attributes(pb::KeyRef { key_id: acked[0].0.clone() }).await.unwrap().into_inner();
+    let m = op
+        .keys
+        .get_attributes(pb::KeyRef {
+            key_id: acked[0].0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(m.primary_version, 2, "acknowledged rekey lost");
-    let m = op.keys.get_attributes(pb::KeyRef { key_id: acked[1].0.clone() }).await.unwrap().into_inner();
-    assert_eq!(m.state, pb::KeyState::Deactivated as i32, "acknowledged revoke lost");
+    let m = op
+        .keys
+        .get_attributes(pb::KeyRef {
+            key_id: acked[1].0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        m.state,
+        pb::KeyState::Deactivated as i32,
+        "acknowledged revoke lost"
+    );
     let v2 = encrypt(&mut svc, &acked[0].0, b"v2", &c).await.unwrap();
     assert_eq!(v2.key_version, 2);
     kill9(&mut p);

@@ -16,10 +16,20 @@ use sovkms::region::Region;
 use sovkms::secret::KeyMaterial;
 use std::collections::BTreeMap;
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/envelope_v1.json");
+const PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/vectors/envelope_v1.json"
+);
 
 /// Independent encoding of the documented header (ARCHITECTURE.md / docs/ENVELOPE.md).
-fn header(region: &str, key_id: &str, version: u32, salt: &[u8], nonce: &[u8], ct_len: usize) -> Vec<u8> {
+fn header(
+    region: &str,
+    key_id: &str,
+    version: u32,
+    salt: &[u8],
+    nonce: &[u8],
+    ct_len: usize,
+) -> Vec<u8> {
     let mut h = b"SKMS".to_vec();
     h.push(1);
     h.push(1);
@@ -67,11 +77,24 @@ struct Vector {
 }
 
 fn independent_seal(v: &Vector) -> Vec<u8> {
-    let h = header(&v.region, &v.key_id, v.version, &v.salt, &v.nonce, v.plaintext.len() + 16);
+    let h = header(
+        &v.region,
+        &v.key_id,
+        v.version,
+        &v.salt,
+        &v.nonce,
+        v.plaintext.len() + 16,
+    );
     let mut aad = h.clone();
     aad.extend_from_slice(&context_bytes(&v.ctx));
     let ct = cipher(&v.kek, &v.salt, &h)
-        .encrypt(Nonce::from_slice(&v.nonce), Payload { msg: &v.plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&v.nonce),
+            Payload {
+                msg: &v.plaintext,
+                aad: &aad,
+            },
+        )
         .unwrap();
     [h, ct].concat()
 }
@@ -88,7 +111,13 @@ fn independent_open(kek: &[u8], ct: &[u8], ctx: &BTreeMap<String, String>) -> Ve
     let mut aad = h.to_vec();
     aad.extend_from_slice(&context_bytes(ctx));
     cipher(kek, salt, h)
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: &ct[header_end..], aad: &aad })
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: &ct[header_end..],
+                aad: &aad,
+            },
+        )
         .unwrap()
 }
 
@@ -114,12 +143,31 @@ fn load() -> Vec<Vector> {
 }
 
 fn write_vectors() {
-    let cases: [(&str, &str, u32, Vec<(&str, &str)>, Vec<u8>); 5] = [
+    type Case<'a> = (&'a str, &'a str, u32, Vec<(&'a str, &'a str)>, Vec<u8>);
+    let cases: [Case; 5] = [
         ("eu-central", "k-0001", 1, vec![], vec![]),
-        ("eu-central", "k-0001", 1, vec![("tenant", "acme")], b"hello, sovereign world".to_vec()),
-        ("us-east", "payments_2026", 7, vec![("a", "1"), ("b", "2"), ("table", "patients")], (0..=255).collect()),
+        (
+            "eu-central",
+            "k-0001",
+            1,
+            vec![("tenant", "acme")],
+            b"hello, sovereign world".to_vec(),
+        ),
+        (
+            "us-east",
+            "payments_2026",
+            7,
+            vec![("a", "1"), ("b", "2"), ("table", "patients")],
+            (0..=255).collect(),
+        ),
         ("central", "K", u32::MAX, vec![], vec![0u8; 1000]),
-        ("eu-west-2", "k-unicode-free", 2, vec![("ctx", "ünïcode välue")], b"utf-8 in context".to_vec()),
+        (
+            "eu-west-2",
+            "k-unicode-free",
+            2,
+            vec![("ctx", "ünïcode välue")],
+            b"utf-8 in context".to_vec(),
+        ),
     ];
     let mut out = Vec::new();
     for (i, (region, key_id, version, ctx, pt)) in cases.into_iter().enumerate() {
@@ -132,7 +180,10 @@ fn write_vectors() {
             version,
             salt: (0..32).map(|j| j + b).collect(),
             nonce: (0..12).map(|j| 0xA0 + j + b).collect(),
-            ctx: ctx.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ctx: ctx
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             plaintext: pt,
             ciphertext: vec![],
         };
@@ -155,8 +206,16 @@ fn vectors_match_both_implementations() {
     assert!(vectors.len() >= 5);
     for (i, v) in vectors.iter().enumerate() {
         // The independent implementation reproduces the checked-in bytes.
-        assert_eq!(independent_seal(v), v.ciphertext, "vector {i}: independent seal");
-        assert_eq!(independent_open(&v.kek, &v.ciphertext, &v.ctx), v.plaintext, "vector {i}: independent open");
+        assert_eq!(
+            independent_seal(v),
+            v.ciphertext,
+            "vector {i}: independent seal"
+        );
+        assert_eq!(
+            independent_open(&v.kek, &v.ciphertext, &v.ctx),
+            v.plaintext,
+            "vector {i}: independent open"
+        );
 
         // sovkms (ring) produces and opens the same bytes.
         let kek = KeyMaterial::from_slice(&v.kek).unwrap();
@@ -168,10 +227,18 @@ fn vectors_match_both_implementations() {
             salt: v.salt.clone().try_into().unwrap(),
             nonce: v.nonce.clone().try_into().unwrap(),
         };
-        assert_eq!(envelope::seal_with_header(&kek, &h, &ctx, &v.plaintext).unwrap(), v.ciphertext, "vector {i}: sovkms seal");
+        assert_eq!(
+            envelope::seal_with_header(&kek, &h, &ctx, &v.plaintext).unwrap(),
+            v.ciphertext,
+            "vector {i}: sovkms seal"
+        );
         let env = Envelope::parse(&v.ciphertext).unwrap();
         assert_eq!(env.header, h);
-        assert_eq!(envelope::open(&kek, &env, &ctx).unwrap().expose_secret(), &v.plaintext[..], "vector {i}: sovkms open");
+        assert_eq!(
+            envelope::open(&kek, &env, &ctx).unwrap().expose_secret(),
+            &v.plaintext[..],
+            "vector {i}: sovkms open"
+        );
     }
 }
 

@@ -39,12 +39,18 @@ async fn call(c: &mut Client, op: Op, key_id: &str, ct: &[u8]) -> tonic::Result<
         Op::Decrypt => decrypt(c, ct, &context).await.map(|_| ()),
         Op::DataKey => c
             .crypto
-            .generate_data_key(pb::GenerateDataKeyRequest { key_id: key_id.into(), context })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key_id: key_id.into(),
+                context,
+            })
             .await
             .map(|_| ()),
         Op::DataKeyWrappedOnly => c
             .crypto
-            .generate_data_key_without_plaintext(pb::GenerateDataKeyRequest { key_id: key_id.into(), context })
+            .generate_data_key_without_plaintext(pb::GenerateDataKeyRequest {
+                key_id: key_id.into(),
+                context,
+            })
             .await
             .map(|_| ()),
         Op::ReEncrypt => c
@@ -59,11 +65,25 @@ async fn call(c: &mut Client, op: Op, key_id: &str, ct: &[u8]) -> tonic::Result<
             .map(|_| ()),
         Op::CreateKey => c
             .keys
-            .create(pb::CreateKeyRequest { name: "m".into(), activate: true, ..Default::default() })
+            .create(pb::CreateKeyRequest {
+                name: "m".into(),
+                activate: true,
+                ..Default::default()
+            })
             .await
             .map(|_| ()),
-        Op::GetAttributes => c.keys.get_attributes(pb::KeyRef { key_id: key_id.into() }).await.map(|_| ()),
-        Op::Locate => c.keys.locate(pb::LocateRequest::default()).await.map(|_| ()),
+        Op::GetAttributes => c
+            .keys
+            .get_attributes(pb::KeyRef {
+                key_id: key_id.into(),
+            })
+            .await
+            .map(|_| ()),
+        Op::Locate => c
+            .keys
+            .locate(pb::LocateRequest::default())
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -83,33 +103,70 @@ async fn cross_region_matrix() {
         "eu-data",
         vec![
             grant(&spiffe("eu-central", "service", "app"), &ALL_OPS),
-            grant(&spiffe("us-east", "service", "app"), &[pb::Operation::Encrypt, pb::Operation::GenerateDataKeyWithoutPlaintext]),
-            grant(&spiffe("central", "service", "app"), &[pb::Operation::Encrypt]),
+            grant(
+                &spiffe("us-east", "service", "app"),
+                &[
+                    pb::Operation::Encrypt,
+                    pb::Operation::GenerateDataKeyWithoutPlaintext,
+                ],
+            ),
+            grant(
+                &spiffe("central", "service", "app"),
+                &[pb::Operation::Encrypt],
+            ),
         ],
     )
     .await;
-    let us_key = create_key(&env, &us, "us-data", vec![grant(&spiffe("us-east", "service", "app"), &ALL_OPS)]).await;
+    let us_key = create_key(
+        &env,
+        &us,
+        "us-data",
+        vec![grant(&spiffe("us-east", "service", "app"), &ALL_OPS)],
+    )
+    .await;
     let context = ctx(&[("purpose", "matrix")]);
-    let eu_ct = encrypt(&mut client(&env, "eu-central/service-app", &eu).await, &eu_key, b"eu secret", &context)
-        .await
-        .unwrap()
-        .ciphertext;
-    let us_ct = encrypt(&mut client(&env, "us-east/service-app", &us).await, &us_key, b"us secret", &context)
-        .await
-        .unwrap()
-        .ciphertext;
+    let eu_ct = encrypt(
+        &mut client(&env, "eu-central/service-app", &eu).await,
+        &eu_key,
+        b"eu secret",
+        &context,
+    )
+    .await
+    .unwrap()
+    .ciphertext;
+    let us_ct = encrypt(
+        &mut client(&env, "us-east/service-app", &us).await,
+        &us_key,
+        b"us secret",
+        &context,
+    )
+    .await
+    .unwrap()
+    .ciphertext;
 
     // Columns: Encrypt, Decrypt, DataKey, DataKeyWrappedOnly, ReEncrypt, CreateKey, GetAttributes, Locate
     let eu_rows: [(&str, [Code; 8]); 9] = [
         ("eu-central/service-app", [OK, OK, OK, OK, OK, PD, PD, PD]),
-        ("eu-central/service-nogrant", [PD, PD, PD, PD, PD, PD, PD, PD]),
+        (
+            "eu-central/service-nogrant",
+            [PD, PD, PD, PD, PD, PD, PD, PD],
+        ),
         ("us-east/service-app", [OK, PD, PD, OK, PD, PD, PD, PD]),
         ("central/service-app", [OK, PD, PD, PD, PD, PD, PD, PD]),
-        ("eu-central/operator-admin", [PD, PD, PD, PD, PD, OK, OK, OK]),
+        (
+            "eu-central/operator-admin",
+            [PD, PD, PD, PD, PD, OK, OK, OK],
+        ),
         ("us-east/operator-admin", [PD, PD, PD, PD, PD, PD, PD, PD]),
         ("eu-central/auditor-audit", [PD, PD, PD, PD, PD, PD, OK, OK]),
-        ("eu-central/forged-eu-service", [PD, PD, PD, PD, PD, PD, PD, PD]),
-        ("eu-central/nospiffe-service", [PD, PD, PD, PD, PD, PD, PD, PD]),
+        (
+            "eu-central/forged-eu-service",
+            [PD, PD, PD, PD, PD, PD, PD, PD],
+        ),
+        (
+            "eu-central/nospiffe-service",
+            [PD, PD, PD, PD, PD, PD, PD, PD],
+        ),
     ];
     let us_rows: [(&str, [Code; 8]); 3] = [
         ("us-east/service-app", [OK, OK, OK, OK, OK, PD, PD, PD]),
@@ -117,36 +174,63 @@ async fn cross_region_matrix() {
         ("central/service-app", [PD, PD, PD, PD, PD, PD, PD, PD]),
     ];
     let mut failures = Vec::new();
-    for (broker, key, ct, rows) in [(&eu, &eu_key, &eu_ct, &eu_rows[..]), (&us, &us_key, &us_ct, &us_rows[..])] {
+    for (broker, key, ct, rows) in [
+        (&eu, &eu_key, &eu_ct, &eu_rows[..]),
+        (&us, &us_key, &us_ct, &us_rows[..]),
+    ] {
         for (who, expected) in rows {
             let mut c = client(&env, who, broker).await;
             for (op, want) in OPS.iter().zip(expected) {
                 let r = call(&mut c, *op, key, ct).await;
                 if code(&r) != *want {
-                    failures.push(format!("{who} → {} broker: {op:?}: got {:?} ({:?}), want {want:?}", broker.region, code(&r), r.err().map(|s| s.message().to_owned())));
+                    failures.push(format!(
+                        "{who} → {} broker: {op:?}: got {:?} ({:?}), want {want:?}",
+                        broker.region,
+                        code(&r),
+                        r.err().map(|s| s.message().to_owned())
+                    ));
                 } else if let Err(s) = &r {
-                    assert!(!s.message().is_empty(), "refusal without a reason: {who} {op:?}");
+                    assert!(
+                        !s.message().is_empty(),
+                        "refusal without a reason: {who} {op:?}"
+                    );
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "matrix mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "matrix mismatches:\n{}",
+        failures.join("\n")
+    );
 
     // eu-central ciphertext presented to the us-east broker: refused, both regions named.
     let mut us_app = client(&env, "us-east/service-app", &us).await;
     for op in [Op::Decrypt, Op::ReEncrypt] {
         let e = call(&mut us_app, op, &us_key, &eu_ct).await.unwrap_err();
         assert_eq!(e.code(), FP, "{op:?}");
-        assert!(e.message().contains("eu-central") && e.message().contains("us-east"), "{}", e.message());
+        assert!(
+            e.message().contains("eu-central") && e.message().contains("us-east"),
+            "{}",
+            e.message()
+        );
     }
 
     // Reasons are precise.
     let mut us_at_eu = client(&env, "us-east/service-app", &eu).await;
     let e = decrypt(&mut us_at_eu, &eu_ct, &context).await.unwrap_err();
-    assert_eq!(e.message(), "caller region us-east may not decrypt data of region eu-central");
+    assert_eq!(
+        e.message(),
+        "caller region us-east may not decrypt data of region eu-central"
+    );
     let mut forged = client(&env, "eu-central/forged-eu-service", &eu).await;
     let e = decrypt(&mut forged, &eu_ct, &context).await.unwrap_err();
-    assert!(e.message().contains("not issued by a CA trusted for region eu-central"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("not issued by a CA trusted for region eu-central"),
+        "{}",
+        e.message()
+    );
     let mut other_td = client(&env, "eu-central/otherdomain-service", &eu).await;
     let e = decrypt(&mut other_td, &eu_ct, &context).await.unwrap_err();
     assert_eq!(e.code(), PD);
@@ -154,17 +238,34 @@ async fn cross_region_matrix() {
 
     // The key's home region is the broker's, as reported to the operator.
     let mut op = client(&env, "eu-central/operator-admin", &eu).await;
-    let m = op.keys.get_attributes(pb::KeyRef { key_id: eu_key.clone() }).await.unwrap().into_inner();
+    let m = op
+        .keys
+        .get_attributes(pb::KeyRef {
+            key_id: eu_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(m.home_region, "eu-central");
 
     // Grants that could never take effect are refused at grant time.
     let e = op
         .keys
-        .set_grants(pb::SetGrantsRequest { key_id: eu_key.clone(), grants: vec![grant(&spiffe("us-east", "service", "app"), &[pb::Operation::Decrypt])] })
+        .set_grants(pb::SetGrantsRequest {
+            key_id: eu_key.clone(),
+            grants: vec![grant(
+                &spiffe("us-east", "service", "app"),
+                &[pb::Operation::Decrypt],
+            )],
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("can never take effect"), "{}", e.message());
+    assert!(
+        e.message().contains("can never take effect"),
+        "{}",
+        e.message()
+    );
 }
 
 /// No client certificate, or one from an untrusted CA: the TLS handshake
@@ -173,7 +274,13 @@ async fn cross_region_matrix() {
 async fn no_or_untrusted_certificate_is_refused_at_the_socket() {
     let env = Env::new();
     let eu = start_broker(&env, "eu-central").await;
-    let eu_key = create_key(&env, &eu, "k", vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)]).await;
+    let eu_key = create_key(
+        &env,
+        &eu,
+        "k",
+        vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
+    )
+    .await;
 
     let mut anonymous = env.tls("eu-central/service-app", "eu-central");
     anonymous.cert_pem = None;

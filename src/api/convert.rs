@@ -45,11 +45,13 @@ pub fn op_from_pb(v: i32) -> Result<CryptoOp, Status> {
         Ok(pb::Operation::Encrypt) => Ok(CryptoOp::Encrypt),
         Ok(pb::Operation::Decrypt) => Ok(CryptoOp::Decrypt),
         Ok(pb::Operation::GenerateDataKey) => Ok(CryptoOp::GenerateDataKey),
-        Ok(pb::Operation::GenerateDataKeyWithoutPlaintext) => Ok(CryptoOp::GenerateDataKeyWithoutPlaintext),
-        Ok(pb::Operation::ReEncrypt) => Ok(CryptoOp::ReEncrypt),
-        Ok(pb::Operation::Unspecified) | Err(_) => {
-            Err(Status::invalid_argument(format!("grant operation {v} is not a known operation")))
+        Ok(pb::Operation::GenerateDataKeyWithoutPlaintext) => {
+            Ok(CryptoOp::GenerateDataKeyWithoutPlaintext)
         }
+        Ok(pb::Operation::ReEncrypt) => Ok(CryptoOp::ReEncrypt),
+        Ok(pb::Operation::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "grant operation {v} is not a known operation"
+        ))),
     }
 }
 
@@ -67,8 +69,15 @@ pub fn grants(gs: Vec<pb::Grant>) -> Result<Vec<GrantRequest>, Status> {
     gs.into_iter()
         .map(|g| {
             let principal = Principal::parse(&g.principal).map_err(Status::invalid_argument)?;
-            let operations = g.operations.into_iter().map(op_from_pb).collect::<Result<_, _>>()?;
-            Ok(GrantRequest { principal, operations })
+            let operations = g
+                .operations
+                .into_iter()
+                .map(op_from_pb)
+                .collect::<Result<_, _>>()?;
+            Ok(GrantRequest {
+                principal,
+                operations,
+            })
         })
         .collect()
 }
@@ -81,7 +90,11 @@ pub fn state_from_pb(v: i32) -> Result<Option<KeyState>, Status> {
         Ok(pb::KeyState::Deactivated) => Some(KeyState::Deactivated),
         Ok(pb::KeyState::Compromised) => Some(KeyState::Compromised),
         Ok(pb::KeyState::Destroyed) => Some(KeyState::Destroyed),
-        Err(_) => return Err(Status::invalid_argument(format!("state {v} is not a known key state"))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "state {v} is not a known key state"
+            )))
+        }
     })
 }
 
@@ -99,10 +112,14 @@ pub fn reason_from_pb(v: i32) -> Result<RevocationReason, Status> {
     match pb::RevocationReason::try_from(v) {
         Ok(pb::RevocationReason::Unspecified) => Ok(RevocationReason::Unspecified),
         Ok(pb::RevocationReason::Superseded) => Ok(RevocationReason::Superseded),
-        Ok(pb::RevocationReason::CessationOfOperation) => Ok(RevocationReason::CessationOfOperation),
+        Ok(pb::RevocationReason::CessationOfOperation) => {
+            Ok(RevocationReason::CessationOfOperation)
+        }
         Ok(pb::RevocationReason::AffiliationChanged) => Ok(RevocationReason::AffiliationChanged),
         Ok(pb::RevocationReason::KeyCompromise) => Ok(RevocationReason::KeyCompromise),
-        Err(_) => Err(Status::invalid_argument(format!("revocation reason {v} is not known"))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "revocation reason {v} is not known"
+        ))),
     }
 }
 
@@ -136,7 +153,11 @@ pub fn metadata(r: &KeyRecord) -> pb::KeyMetadata {
             .map(|v| pb::KeyVersionInfo {
                 version: v.version,
                 created_at_unix: v.created_at,
-                root_key_id: v.wrapped.as_ref().map(|w| w.root_key_id.clone()).unwrap_or_default(),
+                root_key_id: v
+                    .wrapped
+                    .as_ref()
+                    .map(|w| w.root_key_id.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
         grants: r

@@ -61,7 +61,10 @@ impl RunningServer {
     }
 
     /// Waits until the server stops by itself (error) or `signal` fires.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+    pub async fn run_until(
+        self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
         signal.await;
         self.shutdown().await
     }
@@ -103,15 +106,21 @@ pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningSe
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            proto::key_service_server::KeyServiceServer::new(service::Api::new(Arc::clone(&broker)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            proto::key_service_server::KeyServiceServer::new(service::Api::new(Arc::clone(
+                &broker,
+            )))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            proto::crypto_service_server::CryptoServiceServer::new(service::Api::new(Arc::clone(&broker)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            proto::crypto_service_server::CryptoServiceServer::new(service::Api::new(Arc::clone(
+                &broker,
+            )))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(proto::broker_service_server::BrokerServiceServer::new(service::Api::new(broker)));
+        .add_service(proto::broker_service_server::BrokerServiceServer::new(
+            service::Api::new(broker),
+        ));
     let mut stop_wait = stop_rx;
     let task = tokio::spawn(async move {
         router
@@ -153,7 +162,8 @@ fn accept_loop(
             let tls = Arc::clone(&tls);
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(tcp)).await {
+                match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(tcp)).await
+                {
                     Ok(Ok(stream)) => {
                         let caller = tls.identify(&stream);
                         if let Err(why) = &caller {
@@ -175,14 +185,24 @@ fn accept_loop(
 }
 
 /// Reports NOT_SERVING while the root of trust is unhealthy.
-async fn health_monitor(broker: Arc<Broker>, health: tonic_health::server::HealthReporter, mut stop: watch::Receiver<bool>) {
+async fn health_monitor(
+    broker: Arc<Broker>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
     let services = ["", "sovkms.v1.CryptoService", "sovkms.v1.KeyService"];
     let mut last = None;
     loop {
         let b = Arc::clone(&broker);
-        let ok = tokio::task::spawn_blocking(move || b.health().is_ok()).await.unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || b.health().is_ok())
+            .await
+            .unwrap_or(false);
         if last != Some(ok) {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             for s in services {
                 health.set_service_status(s, status).await;
             }

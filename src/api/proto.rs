@@ -24,7 +24,10 @@ impl fmt::Debug for EncryptRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptRequest")
             .field("key_id", &self.key_id)
-            .field("plaintext", &format_args!("[redacted; {} bytes]", self.plaintext.len()))
+            .field(
+                "plaintext",
+                &format_args!("[redacted; {} bytes]", self.plaintext.len()),
+            )
             .field("context", &self.context)
             .finish()
     }
@@ -39,7 +42,10 @@ impl Drop for DecryptResponse {
 impl fmt::Debug for DecryptResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DecryptResponse")
-            .field("plaintext", &format_args!("[redacted; {} bytes]", self.plaintext.len()))
+            .field(
+                "plaintext",
+                &format_args!("[redacted; {} bytes]", self.plaintext.len()),
+            )
             .field("key_id", &self.key_id)
             .field("key_version", &self.key_version)
             .finish()
@@ -56,7 +62,10 @@ impl fmt::Debug for GenerateDataKeyResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GenerateDataKeyResponse")
             .field("plaintext_key", &"[redacted]")
-            .field("wrapped_key", &format_args!("{} bytes", self.wrapped_key.len()))
+            .field(
+                "wrapped_key",
+                &format_args!("{} bytes", self.wrapped_key.len()),
+            )
             .field("key_id", &self.key_id)
             .field("key_version", &self.key_version)
             .finish()

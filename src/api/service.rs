@@ -46,10 +46,9 @@ impl Api {
 
 /// The authenticated caller of a request, or PERMISSION_DENIED.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    let info = req
-        .extensions()
-        .get::<PeerInfo>()
-        .ok_or_else(|| to_status(Refusal::NoIdentity("connection is not mutual TLS".into()).into()))?;
+    let info = req.extensions().get::<PeerInfo>().ok_or_else(|| {
+        to_status(Refusal::NoIdentity("connection is not mutual TLS".into()).into())
+    })?;
     info.caller
         .clone()
         .map_err(|why| to_status(Refusal::NoIdentity(why).into()))
@@ -57,7 +56,10 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for Api {
-    async fn create(&self, req: Request<pb::CreateKeyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn create(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
@@ -70,29 +72,43 @@ impl pb::key_service_server::KeyService for Api {
         self.key_call(c, move |b, c| b.create_key(c, create)).await
     }
 
-    async fn activate(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn activate(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(c, move |b, c| b.activate(c, &id)).await
     }
 
-    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let reason = convert::reason_from_pb(r.reason)?;
-        self.key_call(c, move |b, c| b.revoke(c, &id, reason, r.message)).await
+        self.key_call(c, move |b, c| b.revoke(c, &id, reason, r.message))
+            .await
     }
 
-    async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn destroy(
+        &self,
+        req: Request<pb::DestroyRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let days = (r.pending_window_days != 0).then_some(r.pending_window_days);
-        self.key_call(c, move |b, c| b.schedule_destroy(c, &id, days)).await
+        self.key_call(c, move |b, c| b.schedule_destroy(c, &id, days))
+            .await
     }
 
-    async fn cancel_destroy(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn cancel_destroy(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(c, move |b, c| b.cancel_destroy(c, &id)).await
@@ -104,13 +120,19 @@ impl pb::key_service_server::KeyService for Api {
         self.key_call(c, move |b, c| b.rekey(c, &id)).await
     }
 
-    async fn get_attributes(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn get_attributes(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(c, move |b, c| b.get_attributes(c, &id)).await
     }
 
-    async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+    async fn locate(
+        &self,
+        req: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let filter = LocateFilter {
@@ -133,18 +155,25 @@ impl pb::key_service_server::KeyService for Api {
         }))
     }
 
-    async fn set_grants(&self, req: Request<pb::SetGrantsRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn set_grants(
+        &self,
+        req: Request<pb::SetGrantsRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grants = convert::grants(r.grants)?;
-        self.key_call(c, move |b, c| b.set_grants(c, &id, grants)).await
+        self.key_call(c, move |b, c| b.set_grants(c, &id, grants))
+            .await
     }
 }
 
 #[tonic::async_trait]
 impl pb::crypto_service_server::CryptoService for Api {
-    async fn encrypt(&self, req: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        req: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
         let c = caller(&req)?;
         let mut r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
@@ -158,7 +187,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         }))
     }
 
-    async fn decrypt(&self, req: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        req: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let ctx = convert::context("context", r.context)?;
@@ -179,10 +211,16 @@ impl pb::crypto_service_server::CryptoService for Api {
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
-        let d = self.run(move |b| b.generate_data_key(&c, &id, &ctx, true)).await?;
+        let d = self
+            .run(move |b| b.generate_data_key(&c, &id, &ctx, true))
+            .await?;
         let plaintext_key = match &d.plaintext {
             Some(k) => k.expose_secret().to_vec(),
-            None => return Err(to_status(Error::Internal("data key without plaintext".into()))),
+            None => {
+                return Err(to_status(Error::Internal(
+                    "data key without plaintext".into(),
+                )))
+            }
         };
         Ok(Response::new(pb::GenerateDataKeyResponse {
             plaintext_key,
@@ -200,7 +238,9 @@ impl pb::crypto_service_server::CryptoService for Api {
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
-        let d = self.run(move |b| b.generate_data_key(&c, &id, &ctx, false)).await?;
+        let d = self
+            .run(move |b| b.generate_data_key(&c, &id, &ctx, false))
+            .await?;
         Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
             wrapped_key: d.wrapped,
             key_id: d.key_id.to_string(),
@@ -208,7 +248,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         }))
     }
 
-    async fn re_encrypt(&self, req: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+    async fn re_encrypt(
+        &self,
+        req: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
         let src_ctx = convert::context("source_context", r.source_context)?;
@@ -216,7 +259,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         let dst = if r.destination_key_id.is_empty() {
             None
         } else {
-            Some(convert::key_id("destination_key_id", &r.destination_key_id)?)
+            Some(convert::key_id(
+                "destination_key_id",
+                &r.destination_key_id,
+            )?)
         };
         let ct = r.ciphertext;
         let o = self
@@ -234,7 +280,10 @@ impl pb::crypto_service_server::CryptoService for Api {
 
 #[tonic::async_trait]
 impl pb::broker_service_server::BrokerService for Api {
-    async fn get_info(&self, req: Request<pb::GetInfoRequest>) -> Result<Response<pb::BrokerInfo>, Status> {
+    async fn get_info(
+        &self,
+        req: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::BrokerInfo>, Status> {
         let c = caller(&req)?;
         let s = self.broker.status();
         Ok(Response::new(pb::BrokerInfo {

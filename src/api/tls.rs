@@ -29,7 +29,12 @@ pub struct TlsError(pub String);
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError(format!("cannot read certificates from {}: {e}", path.display())))?
+        .map_err(|e| {
+            TlsError(format!(
+                "cannot read certificates from {}: {e}",
+                path.display()
+            ))
+        })?
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError(format!("{}: bad PEM: {e}", path.display())))?;
     if certs.is_empty() {
@@ -70,9 +75,12 @@ impl TlsServer {
         for ca in &s.client_cas {
             let mut one = RootCertStore::empty();
             for c in read_certs(&ca.cert)? {
-                all.add(c.clone())
-                    .and_then(|_| one.add(c))
-                    .map_err(|e| TlsError(format!("{}: not a usable CA certificate: {e}", ca.cert.display())))?;
+                all.add(c.clone()).and_then(|_| one.add(c)).map_err(|e| {
+                    TlsError(format!(
+                        "{}: not a usable CA certificate: {e}",
+                        ca.cert.display()
+                    ))
+                })?;
             }
             cas.push(CaBinding {
                 verifier: verifier(one)?,
@@ -101,7 +109,10 @@ impl TlsServer {
         let now = UnixTime::now();
         let vouched = self.cas.iter().any(|ca| {
             ca.regions.contains(&caller.region)
-                && ca.verifier.verify_client_cert(ee, intermediates, now).is_ok()
+                && ca
+                    .verifier
+                    .verify_client_cert(ee, intermediates, now)
+                    .is_ok()
         });
         if !vouched {
             return Err(format!(
@@ -116,7 +127,8 @@ impl TlsServer {
 /// Extracts the one sovkms SPIFFE id from a certificate's URI SANs.
 pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, String> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der).map_err(|_| "client certificate cannot be parsed".to_string())?;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| "client certificate cannot be parsed".to_string())?;
     let san = cert
         .subject_alternative_name()
         .map_err(|_| "client certificate has a malformed subjectAltName".to_string())?
@@ -160,13 +172,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -49,10 +49,14 @@ fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<()> {
         return Err(Error::invalid(format!("{field} must not be empty")));
     }
     if s.chars().count() > max {
-        return Err(Error::invalid(format!("{field} is longer than {max} characters")));
+        return Err(Error::invalid(format!(
+            "{field} is longer than {max} characters"
+        )));
     }
     if s.chars().any(char::is_control) {
-        return Err(Error::invalid(format!("{field} must not contain control characters")));
+        return Err(Error::invalid(format!(
+            "{field} must not contain control characters"
+        )));
     }
     Ok(())
 }
@@ -66,7 +70,10 @@ impl Broker {
             )));
         }
         reqs.into_iter()
-            .map(|g| Grant::new(g.principal, g.operations, &self.settings.region).map_err(Error::InvalidArgument))
+            .map(|g| {
+                Grant::new(g.principal, g.operations, &self.settings.region)
+                    .map_err(Error::InvalidArgument)
+            })
             .collect()
     }
 
@@ -101,7 +108,11 @@ impl Broker {
             tenant: req.tenant,
             description: req.description,
             home_region: self.settings.region.clone(),
-            state: if req.activate { KeyState::Active } else { KeyState::PreActive },
+            state: if req.activate {
+                KeyState::Active
+            } else {
+                KeyState::PreActive
+            },
             revocation_reason: None,
             revocation_message: String::new(),
             created_at: now,
@@ -156,11 +167,19 @@ impl Broker {
     }
 
     /// Revokes: deactivated, or compromised for `KeyCompromise`.
-    pub fn revoke(&self, caller: &Caller, id: &KeyId, reason: RevocationReason, message: String) -> Result<KeyRecord> {
+    pub fn revoke(
+        &self,
+        caller: &Caller,
+        id: &KeyId,
+        reason: RevocationReason,
+        message: String,
+    ) -> Result<KeyRecord> {
         check_text("revocation message", &message, 1024, false)?;
         self.change(caller, id, "revoke keys", |rec| {
             rec.state = match (reason, rec.state) {
-                (_, KeyState::Compromised) | (RevocationReason::KeyCompromise, _) => KeyState::Compromised,
+                (_, KeyState::Compromised) | (RevocationReason::KeyCompromise, _) => {
+                    KeyState::Compromised
+                }
                 _ => KeyState::Deactivated,
             };
             rec.revocation_reason = Some(reason);
@@ -170,7 +189,12 @@ impl Broker {
     }
 
     /// Schedules destruction `days` from now (default from settings, min 1).
-    pub fn schedule_destroy(&self, caller: &Caller, id: &KeyId, days: Option<u32>) -> Result<KeyRecord> {
+    pub fn schedule_destroy(
+        &self,
+        caller: &Caller,
+        id: &KeyId,
+        days: Option<u32>,
+    ) -> Result<KeyRecord> {
         let days = days.unwrap_or(self.settings.default_destroy_days);
         if !(1..=3650).contains(&days) {
             return Err(Error::invalid(format!(
@@ -211,7 +235,11 @@ impl Broker {
                     "key {} is {}{}; only an active key can be rekeyed",
                     rec.id,
                     rec.state.as_str(),
-                    if rec.destroy_after.is_some() { " and scheduled for destruction" } else { "" }
+                    if rec.destroy_after.is_some() {
+                        " and scheduled for destruction"
+                    } else {
+                        ""
+                    }
                 )));
             }
             let next = u32::try_from(rec.versions.len() + 1)
@@ -223,7 +251,12 @@ impl Broker {
     }
 
     /// Replaces the key's grants.
-    pub fn set_grants(&self, caller: &Caller, id: &KeyId, grants: Vec<GrantRequest>) -> Result<KeyRecord> {
+    pub fn set_grants(
+        &self,
+        caller: &Caller,
+        id: &KeyId,
+        grants: Vec<GrantRequest>,
+    ) -> Result<KeyRecord> {
         let grants = self.build_grants(grants)?;
         self.change(caller, id, "change key grants", |rec| {
             rec.grants = grants;
@@ -251,7 +284,9 @@ impl Broker {
         let page_size = match page_size {
             0 => 100,
             n if n > 1000 => {
-                return Err(Error::invalid(format!("page size {n}; the maximum is 1000")));
+                return Err(Error::invalid(format!(
+                    "page size {n}; the maximum is 1000"
+                )));
             }
             n => n,
         };
@@ -262,13 +297,20 @@ impl Broker {
                 && filter.tenant.as_ref().is_none_or(|t| *t == r.tenant)
                 && filter.state.is_none_or(|s| s == state)
         };
-        let (mut page, more) = self.store.scan(page_token, page_size, &matches).map_err(store_err)?;
+        let (mut page, more) = self
+            .store
+            .scan(page_token, page_size, &matches)
+            .map_err(store_err)?;
         for r in &mut page {
             if effective_state(r, now) == KeyState::Destroyed && r.state != KeyState::Destroyed {
                 *r = self.finish_destroy(&r.id)?;
             }
         }
-        let next = if more { page.last().map(|r| r.id.clone()) } else { None };
+        let next = if more {
+            page.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
         Ok((page, next))
     }
 
@@ -276,7 +318,9 @@ impl Broker {
     pub(super) fn finish_destroy(&self, id: &KeyId) -> Result<KeyRecord> {
         let _g = self.lock();
         let mut rec = self.get_record(id)?;
-        let due = rec.destroy_after.is_some_and(|t| self.clock.now_unix() >= t);
+        let due = rec
+            .destroy_after
+            .is_some_and(|t| self.clock.now_unix() >= t);
         if rec.state == KeyState::Destroyed || !due {
             return Ok(rec);
         }
@@ -294,11 +338,16 @@ impl Broker {
     /// Destroys every key whose window has passed; returns how many.
     pub fn sweep_destroyed(&self) -> Result<usize> {
         let now = self.clock.now_unix();
-        let due = |r: &KeyRecord| r.state != KeyState::Destroyed && r.destroy_after.is_some_and(|t| now >= t);
+        let due = |r: &KeyRecord| {
+            r.state != KeyState::Destroyed && r.destroy_after.is_some_and(|t| now >= t)
+        };
         let mut n = 0;
         let mut after: Option<KeyId> = None;
         loop {
-            let (page, more) = self.store.scan(after.as_ref(), 500, &due).map_err(store_err)?;
+            let (page, more) = self
+                .store
+                .scan(after.as_ref(), 500, &due)
+                .map_err(store_err)?;
             for r in &page {
                 self.finish_destroy(&r.id)?;
                 n += 1;

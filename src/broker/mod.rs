@@ -192,7 +192,10 @@ impl Broker {
         Ok(())
     }
 
-    fn with_root<T>(&self, f: impl FnOnce(&dyn RootOfTrust) -> std::result::Result<T, RootError>) -> Result<T> {
+    fn with_root<T>(
+        &self,
+        f: impl FnOnce(&dyn RootOfTrust) -> std::result::Result<T, RootError>,
+    ) -> Result<T> {
         self.root_calls.fetch_add(1, Ordering::Relaxed);
         f(self.root.as_ref()).map_err(root_err)
     }
@@ -210,7 +213,10 @@ impl Broker {
 
     fn get_record(&self, id: &KeyId) -> Result<KeyRecord> {
         self.store.get(id).map_err(store_err)?.ok_or_else(|| {
-            Error::NotFound(format!("key {id} not found in region {}", self.settings.region))
+            Error::NotFound(format!(
+                "key {id} not found in region {}",
+                self.settings.region
+            ))
         })
     }
 
@@ -230,7 +236,8 @@ impl Broker {
                 ))
             })?;
         let material = Arc::new(self.with_root(|r| r.unwrap(wrapped))?);
-        self.cache.insert(&rec.id, version, Arc::clone(&material), epoch);
+        self.cache
+            .insert(&rec.id, version, Arc::clone(&material), epoch);
         Ok(material)
     }
 
@@ -293,11 +300,19 @@ impl Broker {
     fn seal(&self, rec: &KeyRecord, ctx: &EncryptionContext, pt: &Plaintext) -> Result<Sealed> {
         let version = rec.primary_version;
         let kek = self.kek(rec, version)?;
-        let ciphertext = envelope::seal(&self.rng, &kek, &self.settings.region, &rec.id, version, ctx, pt)
-            .map_err(|e| match e {
-                envelope::SealError::Random => rng_err(),
-                envelope::SealError::TooLarge => Error::ResourceExhausted(e.to_string()),
-            })?;
+        let ciphertext = envelope::seal(
+            &self.rng,
+            &kek,
+            &self.settings.region,
+            &rec.id,
+            version,
+            ctx,
+            pt,
+        )
+        .map_err(|e| match e {
+            envelope::SealError::Random => rng_err(),
+            envelope::SealError::TooLarge => Error::ResourceExhausted(e.to_string()),
+        })?;
         Ok(Sealed {
             ciphertext,
             key_id: rec.id.clone(),
@@ -306,7 +321,12 @@ impl Broker {
     }
 
     /// Opens an envelope whose region, key grant and state were checked.
-    fn open_checked(&self, rec: &KeyRecord, env: &Envelope, ctx: &EncryptionContext) -> Result<Plaintext> {
+    fn open_checked(
+        &self,
+        rec: &KeyRecord,
+        env: &Envelope,
+        ctx: &EncryptionContext,
+    ) -> Result<Plaintext> {
         let v = env.header.key_version;
         if rec.version(v).is_none() {
             return Err(Error::invalid(format!(
@@ -319,7 +339,13 @@ impl Broker {
     }
 
     /// Encrypt: any region's service, where the key's grants name it.
-    pub fn encrypt(&self, caller: &Caller, key_id: &KeyId, plaintext: Plaintext, ctx: &EncryptionContext) -> Result<Sealed> {
+    pub fn encrypt(
+        &self,
+        caller: &Caller,
+        key_id: &KeyId,
+        plaintext: Plaintext,
+        ctx: &EncryptionContext,
+    ) -> Result<Sealed> {
         self.admit(caller)?;
         policy::require_service(caller, CryptoOp::Encrypt)?;
         self.check_plaintext_len(plaintext.len())?;
@@ -330,7 +356,12 @@ impl Broker {
     }
 
     /// Decrypt: in-region services with a grant only.
-    pub fn decrypt(&self, caller: &Caller, ciphertext: &[u8], ctx: &EncryptionContext) -> Result<Opened> {
+    pub fn decrypt(
+        &self,
+        caller: &Caller,
+        ciphertext: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Opened> {
         self.admit(caller)?;
         policy::require_service(caller, CryptoOp::Decrypt)?;
         let here = &self.settings.region;
@@ -338,7 +369,12 @@ impl Broker {
         check_residency(&caller.region, here, here, CryptoOp::Decrypt.verb())?;
         let env = self.parse_ciphertext(ciphertext)?;
         let rec = self.load(&env.header.key_id)?;
-        check_residency(&caller.region, here, &rec.home_region, CryptoOp::Decrypt.verb())?;
+        check_residency(
+            &caller.region,
+            here,
+            &rec.home_region,
+            CryptoOp::Decrypt.verb(),
+        )?;
         policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
         self.check_state(&rec, CryptoOp::Decrypt, true)?;
         let plaintext = self.open_checked(&rec, &env, ctx)?;
@@ -350,7 +386,13 @@ impl Broker {
     }
 
     /// GenerateDataKey: with plaintext, in-region only; without, like Encrypt.
-    pub fn generate_data_key(&self, caller: &Caller, key_id: &KeyId, ctx: &EncryptionContext, with_plaintext: bool) -> Result<DataKey> {
+    pub fn generate_data_key(
+        &self,
+        caller: &Caller,
+        key_id: &KeyId,
+        ctx: &EncryptionContext,
+        with_plaintext: bool,
+    ) -> Result<DataKey> {
         let op = if with_plaintext {
             CryptoOp::GenerateDataKey
         } else {
@@ -417,4 +459,3 @@ impl Broker {
         })
     }
 }
-

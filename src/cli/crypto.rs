@@ -70,7 +70,12 @@ fn context(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
         .map(|p| {
             p.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| CliError::new(format!("context entry {p:?} has no '='"), "write --context key=value"))
+                .ok_or_else(|| {
+                    CliError::new(
+                        format!("context entry {p:?} has no '='"),
+                        "write --context key=value",
+                    )
+                })
         })
         .collect()
 }
@@ -95,8 +100,10 @@ fn read_input(p: &Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, CliError> {
 
 fn write_output(p: &Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
     match p {
-        Some(path) if path.as_os_str() != "-" => crate::store::write_file_durably(path, bytes, 0o600)
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display()), "")),
+        Some(path) if path.as_os_str() != "-" => {
+            crate::store::write_file_durably(path, bytes, 0o600)
+                .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display()), ""))
+        }
         _ => {
             let mut out = std::io::stdout().lock();
             out.write_all(bytes)
@@ -110,7 +117,11 @@ pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
     let mut pt = read_input(&a.input)?;
     let mut c = a.conn.connect().await?;
-    let req = pb::EncryptRequest { key_id: a.key_id, plaintext: std::mem::take(&mut *pt), context: ctx };
+    let req = pb::EncryptRequest {
+        key_id: a.key_id,
+        plaintext: std::mem::take(&mut *pt),
+        context: ctx,
+    };
     let r = c.crypto.encrypt(req).await?.into_inner();
     if a.conn.json {
         return print_json(&serde_json::json!({
@@ -126,7 +137,10 @@ pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
     let mut c = a.conn.connect().await?;
     let mut r = c
         .crypto
-        .decrypt(pb::DecryptRequest { ciphertext: ct.to_vec(), context: ctx })
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ct.to_vec(),
+            context: ctx,
+        })
         .await?
         .into_inner();
     let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
@@ -141,14 +155,26 @@ pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
 pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
     let mut c = a.conn.connect().await?;
-    let req = pb::GenerateDataKeyRequest { key_id: a.key_id, context: ctx };
+    let req = pb::GenerateDataKeyRequest {
+        key_id: a.key_id,
+        context: ctx,
+    };
     let (plain, wrapped, key_id, version) = if a.without_plaintext {
-        let r = c.crypto.generate_data_key_without_plaintext(req).await?.into_inner();
+        let r = c
+            .crypto
+            .generate_data_key_without_plaintext(req)
+            .await?
+            .into_inner();
         (None, r.wrapped_key, r.key_id, r.key_version)
     } else {
         let mut r = c.crypto.generate_data_key(req).await?.into_inner();
         let p = Zeroizing::new(std::mem::take(&mut r.plaintext_key));
-        (Some(p), std::mem::take(&mut r.wrapped_key), r.key_id.clone(), r.key_version)
+        (
+            Some(p),
+            std::mem::take(&mut r.wrapped_key),
+            r.key_id.clone(),
+            r.key_version,
+        )
     };
     if let Some(path) = &a.out_wrapped {
         write_output(&Some(path.clone()), &wrapped)?;

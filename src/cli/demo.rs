@@ -45,13 +45,21 @@ async fn start_broker(exe: &Path, config: &Path, log: &Path) -> Result<Broker, C
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| CliError::new(format!("cannot start broker: {e}"), ""))?;
-    let stdout = child.stdout.take().ok_or_else(|| err("broker has no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| err("broker has no stdout"))?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .map_err(|_| err("broker did not report its address within 30 s"))?
         .map_err(err)?
-        .ok_or_else(|| CliError::new("broker exited at start", format!("see {}", config.with_extension("log").display())))?;
+        .ok_or_else(|| {
+            CliError::new(
+                "broker exited at start",
+                format!("see {}", config.with_extension("log").display()),
+            )
+        })?;
     let addr = line
         .strip_prefix("listening on ")
         .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?
@@ -60,7 +68,12 @@ async fn start_broker(exe: &Path, config: &Path, log: &Path) -> Result<Broker, C
 }
 
 /// Connects as `who` (e.g. `eu-central/service-app`) to `addr`.
-async fn connect_as(pki_dir: &Path, who: &str, broker_region: &str, addr: &str) -> Result<Client, CliError> {
+async fn connect_as(
+    pki_dir: &Path,
+    who: &str,
+    broker_region: &str,
+    addr: &str,
+) -> Result<Client, CliError> {
     let (region, stem) = who.split_once('/').ok_or_else(|| err("bad identity"))?;
     let tls = ClientTls::from_files(
         &pki_dir.join(broker_region).join("ca.pem"),
@@ -114,17 +127,30 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         .iter()
         .map(|r| Region::parse(r).map_err(err))
         .collect::<Result<_, _>>()?;
-    println!("1. minting a development PKI (one CA per region) in {}", pki_dir.display());
+    println!(
+        "1. minting a development PKI (one CA per region) in {}",
+        pki_dir.display()
+    );
     pki::dev_pki(&pki_dir, TD, &regions, 2).map_err(err)?;
 
     println!("2. starting two brokers, each with its own store and (development) root of trust");
     let mut brokers = HashMap::new();
     for r in &regions[..2] {
         let cfg = dir.join(format!("{r}.toml"));
-        let text = pki::dev_broker_config(&pki_dir, &dir.join("data").join(r.as_str()), r, TD, &regions);
+        let text = pki::dev_broker_config(
+            &pki_dir,
+            &dir.join("data").join(r.as_str()),
+            r,
+            TD,
+            &regions,
+        );
         std::fs::write(&cfg, text).map_err(err)?;
         let b = start_broker(&exe, &cfg, &dir.join(format!("{r}.log"))).await?;
-        println!("   {r:<11} broker on {} (log: {})", b.addr, dir.join(format!("{r}.log")).display());
+        println!(
+            "   {r:<11} broker on {} (log: {})",
+            b.addr,
+            dir.join(format!("{r}.log")).display()
+        );
         brokers.insert(r.to_string(), b);
     }
     let result = scenario(&pki_dir, &brokers).await;
@@ -140,7 +166,10 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     let eu = &brokers["eu-central"].addr;
     let us = &brokers["us-east"].addr;
     for (region, addr) in [("eu-central", eu), ("us-east", us)] {
-        wait_serving(&connect_as(pki_dir, &format!("{region}/operator-admin"), region, addr).await?).await?;
+        wait_serving(
+            &connect_as(pki_dir, &format!("{region}/operator-admin"), region, addr).await?,
+        )
+        .await?;
     }
     println!("3. both brokers report SERVING (gRPC health)");
 
@@ -152,8 +181,14 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
             principal: svc("eu-central"),
             operations: vec![pb::Operation::Encrypt as i32, pb::Operation::Decrypt as i32],
         },
-        pb::Grant { principal: svc("us-east"), operations: vec![pb::Operation::Encrypt as i32] },
-        pb::Grant { principal: svc("central"), operations: vec![pb::Operation::Encrypt as i32] },
+        pb::Grant {
+            principal: svc("us-east"),
+            operations: vec![pb::Operation::Encrypt as i32],
+        },
+        pb::Grant {
+            principal: svc("central"),
+            operations: vec![pb::Operation::Encrypt as i32],
+        },
     ];
     let created = op_eu
         .keys
@@ -167,60 +202,173 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         .await;
     let (got, detail) = outcome(&created);
     let key_id = created.map(|r| r.into_inner().key_id).unwrap_or_default();
-    rows.push(Row { caller: "eu-central operator".into(), broker: "eu-central".into(), op: "create key".into(), expected: Code::Ok, got, detail: if detail.is_empty() { key_id.clone() } else { detail } });
+    rows.push(Row {
+        caller: "eu-central operator".into(),
+        broker: "eu-central".into(),
+        op: "create key".into(),
+        expected: Code::Ok,
+        got,
+        detail: if detail.is_empty() {
+            key_id.clone()
+        } else {
+            detail
+        },
+    });
 
     let ctx: HashMap<String, String> = [("record".to_string(), "patient-4711".to_string())].into();
     let secret = b"patient 4711: diagnosis stays in the EU".to_vec();
     let mut svc_eu = connect_as(pki_dir, "eu-central/service-app", "eu-central", eu).await?;
     let enc = svc_eu
         .crypto
-        .encrypt(pb::EncryptRequest { key_id: key_id.clone(), plaintext: secret.clone(), context: ctx.clone() })
+        .encrypt(pb::EncryptRequest {
+            key_id: key_id.clone(),
+            plaintext: secret.clone(),
+            context: ctx.clone(),
+        })
         .await;
     let (got, detail) = outcome(&enc);
     let ct = enc.map(|r| r.into_inner().ciphertext).unwrap_or_default();
-    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "encrypt".into(), expected: Code::Ok, got, detail: if detail.is_empty() { format!("{} bytes of ciphertext", ct.len()) } else { detail } });
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "encrypt".into(),
+        expected: Code::Ok,
+        got,
+        detail: if detail.is_empty() {
+            format!("{} bytes of ciphertext", ct.len())
+        } else {
+            detail
+        },
+    });
 
-    let dec = svc_eu.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: ctx.clone() }).await;
+    let dec = svc_eu
+        .crypto
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ct.clone(),
+            context: ctx.clone(),
+        })
+        .await;
     let (mut got, detail) = outcome(&dec);
-    let same = dec.map(|mut r| std::mem::take(&mut r.get_mut().plaintext) == secret).unwrap_or(false);
+    let same = dec
+        .map(|mut r| std::mem::take(&mut r.get_mut().plaintext) == secret)
+        .unwrap_or(false);
     if got == Code::Ok && !same {
         got = Code::DataLoss;
     }
-    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "decrypt".into(), expected: Code::Ok, got, detail: if detail.is_empty() { "plaintext matches".into() } else { detail } });
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "decrypt".into(),
+        expected: Code::Ok,
+        got,
+        detail: if detail.is_empty() {
+            "plaintext matches".into()
+        } else {
+            detail
+        },
+    });
 
     let mut central = connect_as(pki_dir, "central/service-app", "eu-central", eu).await?;
     let r = central
         .crypto
-        .encrypt(pb::EncryptRequest { key_id: key_id.clone(), plaintext: b"aggregate input".to_vec(), context: ctx.clone() })
+        .encrypt(pb::EncryptRequest {
+            key_id: key_id.clone(),
+            plaintext: b"aggregate input".to_vec(),
+            context: ctx.clone(),
+        })
         .await;
     let (got, detail) = outcome(&r);
-    rows.push(Row { caller: "central plane".into(), broker: "eu-central".into(), op: "encrypt (into the region)".into(), expected: Code::Ok, got, detail: if detail.is_empty() { "allowed by the key's grant".into() } else { detail } });
+    rows.push(Row {
+        caller: "central plane".into(),
+        broker: "eu-central".into(),
+        op: "encrypt (into the region)".into(),
+        expected: Code::Ok,
+        got,
+        detail: if detail.is_empty() {
+            "allowed by the key's grant".into()
+        } else {
+            detail
+        },
+    });
 
     let refusals: [(&str, &str, &str, Code); 4] = [
-        ("us-east/service-app", "us-east service", "eu-central", Code::PermissionDenied),
-        ("central/service-app", "central plane", "eu-central", Code::PermissionDenied),
-        ("eu-central/operator-admin", "eu-central operator", "eu-central", Code::PermissionDenied),
-        ("us-east/service-app", "us-east service", "us-east", Code::FailedPrecondition),
+        (
+            "us-east/service-app",
+            "us-east service",
+            "eu-central",
+            Code::PermissionDenied,
+        ),
+        (
+            "central/service-app",
+            "central plane",
+            "eu-central",
+            Code::PermissionDenied,
+        ),
+        (
+            "eu-central/operator-admin",
+            "eu-central operator",
+            "eu-central",
+            Code::PermissionDenied,
+        ),
+        (
+            "us-east/service-app",
+            "us-east service",
+            "us-east",
+            Code::FailedPrecondition,
+        ),
     ];
     for (who, label, broker, expected) in refusals {
         let addr = if broker == "eu-central" { eu } else { us };
         let mut c = connect_as(pki_dir, who, broker, addr).await?;
-        let r = c.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: ctx.clone() }).await;
+        let r = c
+            .crypto
+            .decrypt(pb::DecryptRequest {
+                ciphertext: ct.clone(),
+                context: ctx.clone(),
+            })
+            .await;
         let (got, detail) = outcome(&r);
-        rows.push(Row { caller: label.into(), broker: broker.into(), op: "decrypt".into(), expected, got, detail });
+        rows.push(Row {
+            caller: label.into(),
+            broker: broker.into(),
+            op: "decrypt".into(),
+            expected,
+            got,
+            detail,
+        });
     }
-    let wrong_ctx: HashMap<String, String> = [("record".to_string(), "patient-4712".to_string())].into();
-    let r = svc_eu.crypto.decrypt(pb::DecryptRequest { ciphertext: ct.clone(), context: wrong_ctx }).await;
+    let wrong_ctx: HashMap<String, String> =
+        [("record".to_string(), "patient-4712".to_string())].into();
+    let r = svc_eu
+        .crypto
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ct.clone(),
+            context: wrong_ctx,
+        })
+        .await;
     let (got, detail) = outcome(&r);
-    rows.push(Row { caller: "eu-central service".into(), broker: "eu-central".into(), op: "decrypt, wrong context".into(), expected: Code::InvalidArgument, got, detail });
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "decrypt, wrong context".into(),
+        expected: Code::InvalidArgument,
+        got,
+        detail,
+    });
 
     println!("4. scenario:\n");
     print_table(&rows);
     let failed = rows.iter().filter(|r| r.got != r.expected).count();
     if failed > 0 {
-        return Err(CliError::new(format!("{failed} step(s) did not give the expected answer"), "see the table and the broker logs"));
+        return Err(CliError::new(
+            format!("{failed} step(s) did not give the expected answer"),
+            "see the table and the broker logs",
+        ));
     }
-    println!("\nall {} steps gave the expected answer: plaintext stayed in eu-central.", rows.len());
+    println!(
+        "\nall {} steps gave the expected answer: plaintext stayed in eu-central.",
+        rows.len()
+    );
     Ok(())
 }
 
@@ -235,9 +383,16 @@ fn code_name(c: Code) -> String {
 }
 
 fn print_table(rows: &[Row]) {
-    println!("{:<3} {:<20} {:<11} {:<26} {:<20} {}", "#", "CALLER", "BROKER", "OPERATION", "RESULT", "DETAIL");
+    println!(
+        "#   {:<20} {:<11} {:<26} {:<20} DETAIL",
+        "CALLER", "BROKER", "OPERATION", "RESULT"
+    );
     for (i, r) in rows.iter().enumerate() {
-        let mark = if r.got == r.expected { "" } else { " (UNEXPECTED)" };
+        let mark = if r.got == r.expected {
+            ""
+        } else {
+            " (UNEXPECTED)"
+        };
         println!(
             "{:<3} {:<20} {:<11} {:<26} {:<20} {}{mark}",
             i + 1,

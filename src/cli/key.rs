@@ -167,7 +167,15 @@ fn show(m: &pb::KeyMetadata, json: bool) -> Result<(), CliError> {
         return print_json(&meta_json(m));
     }
     println!("key        {}", m.key_id);
-    println!("name       {}{}", m.name, if m.tenant.is_empty() { String::new() } else { format!(" (tenant {})", m.tenant) });
+    println!(
+        "name       {}{}",
+        m.name,
+        if m.tenant.is_empty() {
+            String::new()
+        } else {
+            format!(" (tenant {})", m.tenant)
+        }
+    );
     println!("region     {}", m.home_region);
     println!("state      {}", state_name(m.state));
     if m.destroy_after_unix != 0 {
@@ -182,7 +190,9 @@ fn show(m: &pb::KeyMetadata, json: bool) -> Result<(), CliError> {
 }
 
 fn key_ref(k: &KeyArg) -> pb::KeyRef {
-    pb::KeyRef { key_id: k.key_id.clone() }
+    pb::KeyRef {
+        key_id: k.key_id.clone(),
+    }
 }
 
 fn reason(s: &str) -> Result<pb::RevocationReason, CliError> {
@@ -192,7 +202,12 @@ fn reason(s: &str) -> Result<pb::RevocationReason, CliError> {
         "affiliation-changed" => pb::RevocationReason::AffiliationChanged,
         "key-compromise" => pb::RevocationReason::KeyCompromise,
         "unspecified" => pb::RevocationReason::Unspecified,
-        _ => return Err(CliError::new(format!("unknown reason {s:?}"), "use superseded, cessation-of-operation, affiliation-changed or key-compromise")),
+        _ => {
+            return Err(CliError::new(
+                format!("unknown reason {s:?}"),
+                "use superseded, cessation-of-operation, affiliation-changed or key-compromise",
+            ))
+        }
     })
 }
 
@@ -203,24 +218,53 @@ fn state(s: &str) -> Result<pb::KeyState, CliError> {
         "deactivated" => pb::KeyState::Deactivated,
         "compromised" => pb::KeyState::Compromised,
         "destroyed" => pb::KeyState::Destroyed,
-        _ => return Err(CliError::new(format!("unknown state {s:?}"), "use pre-active, active, deactivated, compromised or destroyed")),
+        _ => {
+            return Err(CliError::new(
+                format!("unknown state {s:?}"),
+                "use pre-active, active, deactivated, compromised or destroyed",
+            ))
+        }
     })
 }
 
 pub async fn run(c: KeyCmd) -> Result<(), CliError> {
     match c {
-        KeyCmd::Create { conn, name, tenant, description, allow, pre_active } => {
+        KeyCmd::Create {
+            conn,
+            name,
+            tenant,
+            description,
+            allow,
+            pre_active,
+        } => {
             let grants = parse_grants(&allow)?;
             let mut cl = conn.connect().await?;
             let m = cl
                 .keys
-                .create(pb::CreateKeyRequest { name, tenant, description, grants, activate: !pre_active })
+                .create(pb::CreateKeyRequest {
+                    name,
+                    tenant,
+                    description,
+                    grants,
+                    activate: !pre_active,
+                })
                 .await?
                 .into_inner();
             show(&m, conn.json)
         }
-        KeyCmd::List { conn, name, tenant, state: st, page_size, page_token } => {
-            let st = st.as_deref().map(state).transpose()?.map_or(0, |s| s as i32);
+        KeyCmd::List {
+            conn,
+            name,
+            tenant,
+            state: st,
+            page_size,
+            page_token,
+        } => {
+            let st = st
+                .as_deref()
+                .map(state)
+                .transpose()?
+                .map_or(0, |s| s as i32);
             let mut cl = conn.connect().await?;
             let r = cl
                 .keys
@@ -241,7 +285,13 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             }
             println!("{:<36} {:<12} {:<8} NAME", "KEY", "STATE", "VERSION");
             for k in &r.keys {
-                println!("{:<36} {:<12} {:<8} {}", k.key_id, state_name(k.state), k.primary_version, k.name);
+                println!(
+                    "{:<36} {:<12} {:<8} {}",
+                    k.key_id,
+                    state_name(k.state),
+                    k.primary_version,
+                    k.name
+                );
             }
             if !r.next_page_token.is_empty() {
                 println!("(more: --page-token {})", r.next_page_token);
@@ -249,34 +299,97 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             Ok(())
         }
         KeyCmd::Show(k) => {
-            let m = k.conn.connect().await?.keys.get_attributes(key_ref(&k)).await?.into_inner();
+            let m = k
+                .conn
+                .connect()
+                .await?
+                .keys
+                .get_attributes(key_ref(&k))
+                .await?
+                .into_inner();
             show(&m, k.conn.json)
         }
         KeyCmd::Activate(k) => {
-            let m = k.conn.connect().await?.keys.activate(key_ref(&k)).await?.into_inner();
+            let m = k
+                .conn
+                .connect()
+                .await?
+                .keys
+                .activate(key_ref(&k))
+                .await?
+                .into_inner();
             show(&m, k.conn.json)
         }
-        KeyCmd::Revoke { key, reason: r, message } => {
-            let req = pb::RevokeRequest { key_id: key.key_id.clone(), reason: reason(&r)? as i32, message };
-            let m = key.conn.connect().await?.keys.revoke(req).await?.into_inner();
+        KeyCmd::Revoke {
+            key,
+            reason: r,
+            message,
+        } => {
+            let req = pb::RevokeRequest {
+                key_id: key.key_id.clone(),
+                reason: reason(&r)? as i32,
+                message,
+            };
+            let m = key
+                .conn
+                .connect()
+                .await?
+                .keys
+                .revoke(req)
+                .await?
+                .into_inner();
             show(&m, key.conn.json)
         }
         KeyCmd::Rekey(k) => {
-            let m = k.conn.connect().await?.keys.re_key(key_ref(&k)).await?.into_inner();
+            let m = k
+                .conn
+                .connect()
+                .await?
+                .keys
+                .re_key(key_ref(&k))
+                .await?
+                .into_inner();
             show(&m, k.conn.json)
         }
         KeyCmd::Destroy { key, days } => {
-            let req = pb::DestroyRequest { key_id: key.key_id.clone(), pending_window_days: days.unwrap_or(0) };
-            let m = key.conn.connect().await?.keys.destroy(req).await?.into_inner();
+            let req = pb::DestroyRequest {
+                key_id: key.key_id.clone(),
+                pending_window_days: days.unwrap_or(0),
+            };
+            let m = key
+                .conn
+                .connect()
+                .await?
+                .keys
+                .destroy(req)
+                .await?
+                .into_inner();
             show(&m, key.conn.json)
         }
         KeyCmd::CancelDestroy(k) => {
-            let m = k.conn.connect().await?.keys.cancel_destroy(key_ref(&k)).await?.into_inner();
+            let m = k
+                .conn
+                .connect()
+                .await?
+                .keys
+                .cancel_destroy(key_ref(&k))
+                .await?
+                .into_inner();
             show(&m, k.conn.json)
         }
         KeyCmd::Grant { key, allow } => {
-            let req = pb::SetGrantsRequest { key_id: key.key_id.clone(), grants: parse_grants(&allow)? };
-            let m = key.conn.connect().await?.keys.set_grants(req).await?.into_inner();
+            let req = pb::SetGrantsRequest {
+                key_id: key.key_id.clone(),
+                grants: parse_grants(&allow)?,
+            };
+            let m = key
+                .conn
+                .connect()
+                .await?
+                .keys
+                .set_grants(req)
+                .await?
+                .into_inner();
             show(&m, key.conn.json)
         }
     }

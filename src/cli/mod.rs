@@ -69,7 +69,12 @@ pub struct ConnArgs {
 impl ConnArgs {
     async fn connect(&self) -> Result<Client, CliError> {
         let tls = ClientTls::from_files(&self.ca, &self.cert, &self.key, &self.server_name)
-            .map_err(|e| CliError::new(e.to_string(), "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)"))?;
+            .map_err(|e| {
+                CliError::new(
+                    e.to_string(),
+                    "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)",
+                )
+            })?;
         client::connect(&self.addr, &tls).await.map_err(|e| {
             CliError::new(
                 e.to_string(),
@@ -127,7 +132,10 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -161,9 +169,13 @@ pub fn main() -> ExitCode {
 
 /// One gRPC health check of the whole server ("").
 pub async fn check_health(c: &Client) -> Result<bool, tonic::Status> {
-    use tonic_health::pb::{health_client::HealthClient, health_check_response::ServingStatus, HealthCheckRequest};
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
     let r = HealthClient::new(c.channel.clone())
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await?;
     Ok(r.into_inner().status == ServingStatus::Serving as i32)
 }
@@ -179,13 +191,20 @@ async fn health(a: ConnArgs) -> Result<(), CliError> {
     if serving {
         Ok(())
     } else {
-        Err(CliError::new("broker is not serving", "its root of trust is unavailable; see the broker's log"))
+        Err(CliError::new(
+            "broker is not serving",
+            "its root of trust is unavailable; see the broker's log",
+        ))
     }
 }
 
 async fn info(a: ConnArgs) -> Result<(), CliError> {
     let mut c = a.connect().await?;
-    let i = c.broker.get_info(crate::api::proto::GetInfoRequest {}).await?.into_inner();
+    let i = c
+        .broker
+        .get_info(crate::api::proto::GetInfoRequest {})
+        .await?
+        .into_inner();
     if a.json {
         print_json(&serde_json::json!({
             "region": i.region, "broker_id": i.broker_id, "root_kind": i.root_kind,
@@ -200,7 +219,10 @@ async fn info(a: ConnArgs) -> Result<(), CliError> {
         if i.development_only {
             println!("WARNING          development-only root of trust: not for production data");
         }
-        println!("kek cache        {} hits, {} misses; {} root calls", i.cache_hits, i.cache_misses, i.root_calls);
+        println!(
+            "kek cache        {} hits, {} misses; {} root calls",
+            i.cache_hits, i.cache_misses, i.root_calls
+        );
         println!("you are          {}", i.caller);
         Ok(())
     }

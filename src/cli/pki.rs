@@ -77,32 +77,73 @@ fn pki_err(e: pki::PkiError) -> CliError {
 
 pub fn run(c: PkiCmd) -> Result<(), CliError> {
     match c {
-        PkiCmd::Ca { trust_domain, region: r, out, days } => {
+        PkiCmd::Ca {
+            trust_domain,
+            region: r,
+            out,
+            days,
+        } => {
             let ca = pki::new_ca(&trust_domain, &region(&r)?, days).map_err(pki_err)?;
             pki::write(&out, "ca", &ca).map_err(pki_err)?;
             println!("wrote {}/ca.pem and ca.key", out.display());
         }
-        PkiCmd::Issue { ca_cert, ca_key, trust_domain, region: r, kind, name, dns, out, days } => {
+        PkiCmd::Issue {
+            ca_cert,
+            ca_key,
+            trust_domain,
+            region: r,
+            kind,
+            name,
+            dns,
+            out,
+            days,
+        } => {
             let kind = match kind.as_str() {
                 "broker" => Kind::Broker,
                 "service" => Kind::Caller(Role::Service),
                 "operator" => Kind::Caller(Role::Operator),
                 "auditor" => Kind::Caller(Role::Auditor),
-                other => return Err(CliError::new(format!("unknown kind {other:?}"), "use broker, service, operator or auditor")),
+                other => {
+                    return Err(CliError::new(
+                        format!("unknown kind {other:?}"),
+                        "use broker, service, operator or auditor",
+                    ))
+                }
             };
             let r = region(&r)?;
             let ca_cert = pki::read(&ca_cert).map_err(pki_err)?;
             let ca_key = zeroize::Zeroizing::new(pki::read(&ca_key).map_err(pki_err)?);
-            let issued = pki::issue(&ca_cert, &ca_key, &trust_domain, &r, kind, &name, &dns, days).map_err(pki_err)?;
+            let issued = pki::issue(
+                &ca_cert,
+                &ca_key,
+                &trust_domain,
+                &r,
+                kind,
+                &name,
+                &dns,
+                days,
+            )
+            .map_err(pki_err)?;
             let stem = match kind {
                 Kind::Broker => "broker".to_string(),
                 Kind::Caller(role) => format!("{}-{name}", role.as_str()),
             };
             pki::write(&out, &stem, &issued).map_err(pki_err)?;
-            println!("wrote {}/{stem}.pem and {stem}.key for {}", out.display(), pki::spiffe_id(&trust_domain, &r, kind, &name));
+            println!(
+                "wrote {}/{stem}.pem and {stem}.key for {}",
+                out.display(),
+                pki::spiffe_id(&trust_domain, &r, kind, &name)
+            );
         }
-        PkiCmd::Dev { trust_domain, regions, out } => {
-            let regions = regions.iter().map(|r| region(r)).collect::<Result<Vec<_>, _>>()?;
+        PkiCmd::Dev {
+            trust_domain,
+            regions,
+            out,
+        } => {
+            let regions = regions
+                .iter()
+                .map(|r| region(r))
+                .collect::<Result<Vec<_>, _>>()?;
             pki::dev_pki(&out, &trust_domain, &regions, 30).map_err(pki_err)?;
             println!("development PKI written to {}", out.display());
         }

@@ -15,8 +15,12 @@ pub struct ServeArgs {
 }
 
 pub async fn run(a: ServeArgs) -> Result<(), CliError> {
-    let settings = Settings::load(&a.config)
-        .map_err(|e| CliError::new(e.to_string(), "fix the config; deploy/broker.example.toml documents every key"))?;
+    let settings = Settings::load(&a.config).map_err(|e| {
+        CliError::new(
+            e.to_string(),
+            "fix the config; deploy/broker.example.toml documents every key",
+        )
+    })?;
     let (_broker, server) = crate::server::start(&settings, Arc::new(SystemClock))
         .await
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;

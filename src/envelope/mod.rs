@@ -241,7 +241,9 @@ fn message_key(
 ) -> Result<aead::LessSafeKey, OpenError> {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.expose_secret());
     let info = [HKDF_LABEL, header_bytes];
-    let okm = prk.expand(&info, &aead::AES_256_GCM).map_err(|_| OpenError)?;
+    let okm = prk
+        .expand(&info, &aead::AES_256_GCM)
+        .map_err(|_| OpenError)?;
     Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
 }
 

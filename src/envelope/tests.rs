@@ -19,7 +19,16 @@ fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
 
 fn sealed(pt: &[u8], c: &EncryptionContext) -> Vec<u8> {
     let rng = ring::rand::SystemRandom::new();
-    seal(&rng, &kek(), &region(), &kid(), 3, c, &Plaintext::new(pt.to_vec())).unwrap()
+    seal(
+        &rng,
+        &kek(),
+        &region(),
+        &kid(),
+        3,
+        c,
+        &Plaintext::new(pt.to_vec()),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -94,7 +103,10 @@ fn strict_parser_errors() {
     t.push(0);
     assert_eq!(Envelope::parse(&t), Err(FormatError::TrailingBytes(1)));
     assert_eq!(Envelope::parse(b"XKMS"), Err(FormatError::BadMagic));
-    assert!(matches!(Envelope::parse(&ct[..ct.len() - 1]), Err(FormatError::Truncated(_))));
+    assert!(matches!(
+        Envelope::parse(&ct[..ct.len() - 1]),
+        Err(FormatError::Truncated(_))
+    ));
     let mut zero_region = ct.clone();
     zero_region[6] = 0;
     assert!(Envelope::parse(&zero_region).is_err());

@@ -19,7 +19,8 @@ impl KeyId {
     /// Parses and validates a key id.
     pub fn parse(s: &str) -> Result<Self, String> {
         if (1..=64).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             Ok(Self(s.to_owned()))
         } else {

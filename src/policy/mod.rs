@@ -10,7 +10,9 @@ use crate::region::{Caller, Refusal, Region, Role};
 use std::fmt;
 
 /// A cryptographic operation a grant can allow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum CryptoOp {
     /// Encrypt (allowed cross-region where granted).
@@ -49,7 +51,10 @@ impl CryptoOp {
     /// Operations that hand plaintext or key material to the caller, or
     /// process it inside the broker on the caller's behalf: in-region only.
     pub fn is_residency_bound(self) -> bool {
-        matches!(self, Self::Decrypt | Self::GenerateDataKey | Self::ReEncrypt)
+        matches!(
+            self,
+            Self::Decrypt | Self::GenerateDataKey | Self::ReEncrypt
+        )
     }
 
     /// Name used in the CLI and configs.
@@ -168,7 +173,10 @@ impl Grant {
         operations.sort();
         operations.dedup();
         if operations.is_empty() {
-            return Err(format!("grant to {} names no operation", principal.as_str()));
+            return Err(format!(
+                "grant to {} names no operation",
+                principal.as_str()
+            ));
         }
         if principal.role != Role::Service {
             return Err(format!(
@@ -211,7 +219,11 @@ pub fn require_service(caller: &Caller, op: CryptoOp) -> Result<(), Refusal> {
 }
 
 /// Lifecycle changes are for operators of the broker's region.
-pub fn require_key_manager(caller: &Caller, broker: &Region, what: &'static str) -> Result<(), Refusal> {
+pub fn require_key_manager(
+    caller: &Caller,
+    broker: &Region,
+    what: &'static str,
+) -> Result<(), Refusal> {
     if caller.role != Role::Operator {
         return Err(Refusal::Role {
             role: caller.role.as_str(),
@@ -246,7 +258,12 @@ fn region_must_match(caller: &Caller, broker: &Region, what: &'static str) -> Re
 }
 
 /// Is `caller` granted `op` on this key?
-pub fn check_grant(grants: &[Grant], caller: &Caller, op: CryptoOp, key_id: &KeyId) -> Result<(), Refusal> {
+pub fn check_grant(
+    grants: &[Grant],
+    caller: &Caller,
+    op: CryptoOp,
+    key_id: &KeyId,
+) -> Result<(), Refusal> {
     let granted = grants
         .iter()
         .any(|g| g.operations.contains(&op) && g.principal.matches(caller));

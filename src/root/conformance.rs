@@ -16,7 +16,10 @@ pub(crate) fn run(root: &dyn RootOfTrust) {
     assert_ne!(a.expose_secret(), b.expose_secret());
     let wa = root.wrap(&a).unwrap();
     assert_eq!(wa.root_key_id, info.root_key_id);
-    assert!(!wa.blob.windows(32).any(|w| w == a.expose_secret()), "wrapped blob holds the material in the clear");
+    assert!(
+        !wa.blob.windows(32).any(|w| w == a.expose_secret()),
+        "wrapped blob holds the material in the clear"
+    );
     assert_eq!(root.unwrap(&wa).unwrap().expose_secret(), a.expose_secret());
 
     // Altered blobs are refused, never silently unwrapped to other bytes.
@@ -31,7 +34,10 @@ pub(crate) fn run(root: &dyn RootOfTrust) {
     assert!(root.unwrap(&short).is_err());
     let mut foreign = wa.clone();
     foreign.root_key_id = "no-such-root".into();
-    assert_eq!(root.unwrap(&foreign).unwrap_err().kind, RootErrorKind::UnknownRootKey);
+    assert_eq!(
+        root.unwrap(&foreign).unwrap_err().kind,
+        RootErrorKind::UnknownRootKey
+    );
 
     // Signatures verify with the exported public key, and only for the message.
     let pk = root.signing_public_key().unwrap();

@@ -22,7 +22,12 @@ pub struct WrappedKey {
 
 impl fmt::Debug for WrappedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WrappedKey(root={}, {} bytes)", self.root_key_id, self.blob.len())
+        write!(
+            f,
+            "WrappedKey(root={}, {} bytes)",
+            self.root_key_id,
+            self.blob.len()
+        )
     }
 }
 

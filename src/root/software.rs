@@ -37,15 +37,24 @@ impl SoftwareRoot {
                 let b = Self::create_file(path, &rng)?;
                 Zeroizing::new(b)
             }
-            Err(e) => return Err(cfg(format!("cannot read software root {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(cfg(format!(
+                    "cannot read software root {}: {e}",
+                    path.display()
+                )))
+            }
         };
         if bytes.len() < FILE_MAGIC.len() + KEY_LEN || &bytes[..8] != FILE_MAGIC {
-            return Err(cfg(format!("{} is not a sovkms software root file", path.display())));
+            return Err(cfg(format!(
+                "{} is not a sovkms software root file",
+                path.display()
+            )));
         }
         let root_key = KeyMaterial::from_slice(&bytes[8..8 + KEY_LEN])
             .ok_or_else(|| cfg("software root file is truncated".into()))?;
-        let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &bytes[8 + KEY_LEN..], &rng)
-            .map_err(|_| cfg(format!("{}: signing key is corrupt", path.display())))?;
+        let signer =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &bytes[8 + KEY_LEN..], &rng)
+                .map_err(|_| cfg(format!("{}: signing key is corrupt", path.display())))?;
         let key_id = format!("software:{}", check_value(&root_key));
         Ok(Self {
             root_key,
@@ -65,8 +74,12 @@ impl SoftwareRoot {
         out.extend_from_slice(FILE_MAGIC);
         out.extend_from_slice(&key[..]);
         out.extend_from_slice(pkcs8.as_ref());
-        crate::store::write_file_durably(path, &out, 0o600)
-            .map_err(|e| cfg(format!("cannot write software root {}: {e}", path.display())))?;
+        crate::store::write_file_durably(path, &out, 0o600).map_err(|e| {
+            cfg(format!(
+                "cannot write software root {}: {e}",
+                path.display()
+            ))
+        })?;
         Ok(out)
     }
 }
@@ -84,7 +97,8 @@ impl RootOfTrust for SoftwareRoot {
     fn info(&self) -> RootInfo {
         RootInfo {
             kind: "software",
-            description: "software root in a plain file (DEVELOPMENT ONLY: no hardware protection)".into(),
+            description: "software root in a plain file (DEVELOPMENT ONLY: no hardware protection)"
+                .into(),
             root_key_id: self.key_id.clone(),
             development_only: true,
         }
@@ -113,7 +127,11 @@ impl RootOfTrust for SoftwareRoot {
             .map_err(|_| RootError::new(RootErrorKind::Unavailable, "random generator failed"))?;
         let mut buf = Zeroizing::new(material.expose_secret().to_vec());
         let tag = key
-            .seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(WRAP_AAD), &mut buf)
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(WRAP_AAD),
+                &mut buf,
+            )
             .map_err(|_| cfg("wrap failed".into()))?;
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&buf);
@@ -128,10 +146,18 @@ impl RootOfTrust for SoftwareRoot {
         if wrapped.root_key_id != self.key_id {
             return Err(RootError::new(
                 RootErrorKind::UnknownRootKey,
-                format!("key material was wrapped by root key {}, which this broker does not hold", wrapped.root_key_id),
+                format!(
+                    "key material was wrapped by root key {}, which this broker does not hold",
+                    wrapped.root_key_id
+                ),
             ));
         }
-        let integrity = || RootError::new(RootErrorKind::Integrity, "wrapped key material failed its integrity check");
+        let integrity = || {
+            RootError::new(
+                RootErrorKind::Integrity,
+                "wrapped key material failed its integrity check",
+            )
+        };
         if wrapped.blob.len() != 12 + KEY_LEN + 16 {
             return Err(integrity());
         }
@@ -143,7 +169,11 @@ impl RootOfTrust for SoftwareRoot {
         nonce.copy_from_slice(&wrapped.blob[..12]);
         let mut buf = Zeroizing::new(wrapped.blob[12..].to_vec());
         let pt = key
-            .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(WRAP_AAD), &mut buf)
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(WRAP_AAD),
+                &mut buf,
+            )
             .map_err(|_| integrity())?;
         KeyMaterial::from_slice(pt).ok_or_else(integrity)
     }
@@ -178,7 +208,10 @@ mod tests {
         assert_eq!(again.unwrap(&w).unwrap().expose_secret(), m.expose_secret());
         // A different root cannot unwrap it.
         let other = SoftwareRoot::open_or_create(&dir.path().join("other")).unwrap();
-        assert_eq!(other.unwrap(&w).unwrap_err().kind, RootErrorKind::UnknownRootKey);
+        assert_eq!(
+            other.unwrap(&w).unwrap_err().kind,
+            RootErrorKind::UnknownRootKey
+        );
     }
 
     #[test]

@@ -33,8 +33,9 @@ impl SledStore {
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<KeyRecord, StoreError> {
-        serde_json::from_slice(v)
-            .map_err(|e| StoreError::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string()))
+        serde_json::from_slice(v).map_err(|e| {
+            StoreError::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
+        })
     }
 
     fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {

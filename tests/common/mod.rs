@@ -35,21 +35,62 @@ impl Env {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
-        let regions: Vec<Region> = ["eu-central", "us-east", "central"].iter().map(|r| region(r)).collect();
+        let regions: Vec<Region> = ["eu-central", "us-east", "central"]
+            .iter()
+            .map(|r| region(r))
+            .collect();
         pki::dev_pki(&pki, TD, &regions, 2).unwrap();
         let env = Self { dir, pki, regions };
         // Extra identities used by the tests.
-        env.issue("eu-central", "eu-central", Kind::Caller(Role::Service), "nogrant", "service-nogrant");
-        env.issue("us-east", "us-east", Kind::Caller(Role::Operator), "admin", "operator-admin");
+        env.issue(
+            "eu-central",
+            "eu-central",
+            Kind::Caller(Role::Service),
+            "nogrant",
+            "service-nogrant",
+        );
+        env.issue(
+            "us-east",
+            "us-east",
+            Kind::Caller(Role::Operator),
+            "admin",
+            "operator-admin",
+        );
         // A certificate from the us-east CA that claims an eu-central identity.
-        env.issue("us-east", "eu-central", Kind::Caller(Role::Service), "app", "forged-eu-service");
+        env.issue(
+            "us-east",
+            "eu-central",
+            Kind::Caller(Role::Service),
+            "app",
+            "forged-eu-service",
+        );
         // A certificate from an untrusted CA.
         let rogue = pki::new_ca(TD, &region("eu-central"), 2).unwrap();
-        let c = pki::issue(&rogue.cert_pem, &rogue.key_pem, TD, &region("eu-central"), Kind::Caller(Role::Service), "app", &[], 2).unwrap();
+        let c = pki::issue(
+            &rogue.cert_pem,
+            &rogue.key_pem,
+            TD,
+            &region("eu-central"),
+            Kind::Caller(Role::Service),
+            "app",
+            &[],
+            2,
+        )
+        .unwrap();
         pki::write(&env.pki.join("eu-central"), "rogue-service", &c).unwrap();
         // A certificate of another trust domain, from the eu-central CA.
         let ca = env.ca("eu-central");
-        let c = pki::issue(&ca.0, &ca.1, "other.example", &region("eu-central"), Kind::Caller(Role::Service), "app", &[], 2).unwrap();
+        let c = pki::issue(
+            &ca.0,
+            &ca.1,
+            "other.example",
+            &region("eu-central"),
+            Kind::Caller(Role::Service),
+            "app",
+            &[],
+            2,
+        )
+        .unwrap();
         pki::write(&env.pki.join("eu-central"), "otherdomain-service", &c).unwrap();
         env.issue_without_spiffe("eu-central", "nospiffe-service");
         env
@@ -57,7 +98,10 @@ impl Env {
 
     fn ca(&self, r: &str) -> (String, String) {
         let d = self.pki.join(r);
-        (std::fs::read_to_string(d.join("ca.pem")).unwrap(), std::fs::read_to_string(d.join("ca.key")).unwrap())
+        (
+            std::fs::read_to_string(d.join("ca.pem")).unwrap(),
+            std::fs::read_to_string(d.join("ca.key")).unwrap(),
+        )
     }
 
     /// Issues `kind`/`name` of `region` from `ca_region`'s CA into `<pki>/<region>/<stem>`.
@@ -75,7 +119,10 @@ impl Env {
         let mut p = CertificateParams::new(vec!["client.example".to_string()]).unwrap();
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let c = p.signed_by(&k, &issuer).unwrap();
-        let issued = pki::Issued { cert_pem: c.pem(), key_pem: zeroize::Zeroizing::new(k.serialize_pem()) };
+        let issued = pki::Issued {
+            cert_pem: c.pem(),
+            key_pem: zeroize::Zeroizing::new(k.serialize_pem()),
+        };
         pki::write(&self.pki.join(r), stem, &issued).unwrap();
     }
 
@@ -118,8 +165,16 @@ pub async fn start_broker(env: &Env, r: &str) -> TestBroker {
 pub async fn start_broker_with(env: &Env, r: &str, extra_config: &str) -> TestBroker {
     let settings = Settings::load(&env.config(r, extra_config)).unwrap();
     let clock = Arc::new(ManualClock::new());
-    let (broker, server) = sovkms::server::start(&settings, clock.clone()).await.unwrap();
-    let tb = TestBroker { addr: server.local_addr.to_string(), region: r.to_owned(), broker, clock, server };
+    let (broker, server) = sovkms::server::start(&settings, clock.clone())
+        .await
+        .unwrap();
+    let tb = TestBroker {
+        addr: server.local_addr.to_string(),
+        region: r.to_owned(),
+        broker,
+        clock,
+        server,
+    };
     wait_serving(env, &tb).await;
     tb
 }
@@ -127,25 +182,43 @@ pub async fn start_broker_with(env: &Env, r: &str, extra_config: &str) -> TestBr
 pub async fn wait_serving(env: &Env, b: &TestBroker) {
     let start = Instant::now();
     loop {
-        if let Ok(c) = client::connect(&b.addr, &env.tls(&format!("{}/operator-admin", b.region), &b.region)).await {
+        if let Ok(c) = client::connect(
+            &b.addr,
+            &env.tls(&format!("{}/operator-admin", b.region), &b.region),
+        )
+        .await
+        {
             if serving(&c).await == Some(true) {
                 return;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "broker {} never became SERVING", b.region);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "broker {} never became SERVING",
+            b.region
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 pub async fn serving(c: &Client) -> Option<bool> {
-    use tonic_health::pb::{health_client::HealthClient, health_check_response::ServingStatus, HealthCheckRequest};
-    let r = HealthClient::new(c.channel.clone()).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let r = HealthClient::new(c.channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
     Some(r.into_inner().status == ServingStatus::Serving as i32)
 }
 
 /// A client as `who` (`<region>/<stem>`) of broker `b`.
 pub async fn client(env: &Env, who: &str, b: &TestBroker) -> Client {
-    client::connect(&b.addr, &env.tls(who, &b.region)).await.unwrap()
+    client::connect(&b.addr, &env.tls(who, &b.region))
+        .await
+        .unwrap()
 }
 
 pub fn path_str(p: &Path) -> String {
@@ -157,11 +230,17 @@ use std::collections::HashMap;
 use tonic::Code;
 
 pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub fn grant(principal: &str, ops: &[pb::Operation]) -> pb::Grant {
-    pb::Grant { principal: principal.to_owned(), operations: ops.iter().map(|o| *o as i32).collect() }
+    pb::Grant {
+        principal: principal.to_owned(),
+        operations: ops.iter().map(|o| *o as i32).collect(),
+    }
 }
 
 pub const ALL_OPS: [pb::Operation; 5] = [
@@ -176,23 +255,44 @@ pub const ALL_OPS: [pb::Operation; 5] = [
 pub async fn create_key(env: &Env, b: &TestBroker, name: &str, grants: Vec<pb::Grant>) -> String {
     let mut op = client(env, &format!("{}/operator-admin", b.region), b).await;
     op.keys
-        .create(pb::CreateKeyRequest { name: name.into(), grants, activate: true, ..Default::default() })
+        .create(pb::CreateKeyRequest {
+            name: name.into(),
+            grants,
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
         .key_id
 }
 
-pub async fn encrypt(c: &mut Client, key_id: &str, pt: &[u8], context: &HashMap<String, String>) -> Result<pb::EncryptResponse, tonic::Status> {
+pub async fn encrypt(
+    c: &mut Client,
+    key_id: &str,
+    pt: &[u8],
+    context: &HashMap<String, String>,
+) -> Result<pb::EncryptResponse, tonic::Status> {
     c.crypto
-        .encrypt(pb::EncryptRequest { key_id: key_id.into(), plaintext: pt.to_vec(), context: context.clone() })
+        .encrypt(pb::EncryptRequest {
+            key_id: key_id.into(),
+            plaintext: pt.to_vec(),
+            context: context.clone(),
+        })
         .await
         .map(|r| r.into_inner())
 }
 
-pub async fn decrypt(c: &mut Client, ct: &[u8], context: &HashMap<String, String>) -> Result<Vec<u8>, tonic::Status> {
+pub async fn decrypt(
+    c: &mut Client,
+    ct: &[u8],
+    context: &HashMap<String, String>,
+) -> Result<Vec<u8>, tonic::Status> {
     c.crypto
-        .decrypt(pb::DecryptRequest { ciphertext: ct.to_vec(), context: context.clone() })
+        .decrypt(pb::DecryptRequest {
+            ciphertext: ct.to_vec(),
+            context: context.clone(),
+        })
         .await
         .map(|mut r| std::mem::take(&mut r.get_mut().plaintext))
 }
