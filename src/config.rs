@@ -266,6 +266,20 @@ danger_development_only = true
     }
 
     #[test]
+    fn shipped_example_parses_and_refuses_software_root() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/broker.example.toml");
+        let e = Settings::load(&path).unwrap_err().to_string();
+        assert!(e.contains("development only"), "{e}");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "danger_development_only = false",
+            "danger_development_only = true",
+        );
+        let raw: RawConfig = toml::from_str(&text).unwrap();
+        let s = Settings::from_raw(raw, Path::new("/etc/sovkms")).unwrap();
+        assert_eq!(s.tls.client_cas.len(), 2);
+    }
+
+    #[test]
     fn bad_configs_say_why() {
         for (from, to, want) in [
             ("\"eu-central\"\ntrust", "\"EU\"\ntrust", "region"),

@@ -372,16 +372,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     Ok(())
 }
 
-fn code_name(c: Code) -> String {
-    match c {
-        Code::Ok => "OK".into(),
-        Code::PermissionDenied => "PERMISSION_DENIED".into(),
-        Code::FailedPrecondition => "FAILED_PRECONDITION".into(),
-        Code::InvalidArgument => "INVALID_ARGUMENT".into(),
-        other => format!("{other:?}").to_uppercase(),
-    }
-}
-
 fn print_table(rows: &[Row]) {
     println!(
         "#   {:<20} {:<11} {:<26} {:<20} DETAIL",
@@ -399,7 +389,7 @@ fn print_table(rows: &[Row]) {
             r.caller,
             r.broker,
             r.op,
-            code_name(r.got),
+            super::code_name(r.got),
             r.detail
         );
     }

@@ -111,8 +111,31 @@ impl From<tonic::Status> for CliError {
             Code::ResourceExhausted => "a size or count limit was exceeded",
             _ => "see the broker's log",
         };
-        let code = format!("{:?}", s.code()).to_uppercase();
-        Self::new(format!("{code}: {}", s.message()), hint)
+        Self::new(format!("{}: {}", code_name(s.code()), s.message()), hint)
+    }
+}
+
+/// The canonical gRPC name of a status code.
+pub(crate) fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match c {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what sovkms needs to build and test, when it is missing.
+# Debian 12 / Ubuntu; needs root or sudo for apt. Safe to run repeatedly.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+have protoc || need+=(protobuf-compiler)
+for p in pkg-config; do pkg_installed "$p" || need+=("$p"); done
+
+if ((${#need[@]})); then
+    echo "deps: installing ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+    echo "deps: cargo (Rust >= 1.85) is required: https://rustup.rs" >&2
+    exit 1
+fi

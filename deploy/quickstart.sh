@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: build sovkms and run the two-region scenario
+# (development PKI, eu-central and us-east brokers, encrypt in-region,
+# decrypt refused from outside), then stop everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/deps.sh
+echo "building sovkms (release; the first build takes a few minutes)..."
+cargo build --release --quiet --bin sovkms
+exec target/release/sovkms demo --dir .quickstart

@@ -1,0 +1,112 @@
+//! Protocol surface: generic gRPC clients work (health, reflection v1 and
+//! v1alpha), and only TLS 1.3 is offered.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::sync::Arc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_v1_and_v1alpha() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let c = client(&env, "eu-central/auditor-audit", &eu).await;
+    assert_eq!(serving(&c).await, Some(true));
+
+    use tonic_reflection::pb::v1 as r1;
+    let mut rc = r1::server_reflection_client::ServerReflectionClient::new(c.channel.clone());
+    let req = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = rc
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        resp.message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = l.service.iter().map(|s| s.name.as_str()).collect();
+    for want in [
+        "sovkms.v1.CryptoService",
+        "sovkms.v1.KeyService",
+        "sovkms.v1.BrokerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+
+    use tonic_reflection::pb::v1alpha as ra;
+    let mut rc = ra::server_reflection_client::ServerReflectionClient::new(c.channel.clone());
+    let req = ra::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            ra::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "sovkms.v1.CryptoService".into(),
+            ),
+        ),
+    };
+    let mut stream = rc
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    assert!(matches!(
+        resp.message_response,
+        Some(ra::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_is_refused() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let dir = env.pki.join("eu-central");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(dir.join("service-app.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("service-app.key")).unwrap();
+    let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .unwrap();
+        let addr = eu.addr.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        }
+    };
+    static TLS12: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS12];
+    static TLS13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    assert!(
+        connect(&TLS12).await.is_err(),
+        "TLS 1.2 handshake must fail"
+    );
+    let ok = connect(&TLS13).await.unwrap();
+    assert_eq!(
+        ok.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
