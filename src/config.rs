@@ -3,6 +3,7 @@
 
 use crate::broker::{BrokerSettings, MAX_PLAINTEXT_LIMIT};
 use crate::region::Region;
+use crate::root::pkcs11::{profile::HsmProfile, PinSource, Pkcs11Settings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,6 +62,13 @@ struct RawRoot {
     kind: String,
     #[serde(default)]
     danger_development_only: bool,
+    profile: Option<PathBuf>,
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    root_key_label: Option<String>,
+    signing_key_label: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +124,8 @@ pub enum RootSettings {
         /// Where the root file lives.
         path: PathBuf,
     },
+    /// Root key in a PKCS#11 HSM.
+    Pkcs11(Pkcs11Settings),
 }
 
 /// Validated settings of `sovkms serve`.
@@ -193,17 +203,7 @@ impl Settings {
             });
         }
         let data_dir = abs(raw.data_dir);
-        let root = match raw.root.kind.as_str() {
-            "software" if raw.root.danger_development_only => RootSettings::Software {
-                path: data_dir.join("software-root.key"),
-            },
-            "software" => {
-                return Err("root.kind = \"software\" keeps the root key in a plain file and is for development only; \
-                     set root.danger_development_only = true to use it anyway, or use an HSM root"
-                    .into())
-            }
-            other => return Err(format!("root.kind {other:?} is not known; use \"software\" (development only)")),
-        };
+        let root = root_settings(raw.root, &data_dir, &abs)?;
         Ok(Self {
             broker: BrokerSettings {
                 broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
@@ -223,6 +223,60 @@ impl Settings {
             },
             root,
         })
+    }
+}
+
+fn root_settings(
+    r: RawRoot,
+    data_dir: &Path,
+    abs: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<RootSettings, String> {
+    let pkcs11_fields = r.profile.is_some()
+        || r.module.is_some()
+        || r.token_label.is_some()
+        || r.pin_file.is_some()
+        || r.pin_env.is_some()
+        || r.root_key_label.is_some()
+        || r.signing_key_label.is_some();
+    match r.kind.as_str() {
+        "software" if pkcs11_fields => {
+            Err("root: profile, module, token_label, pin_file, pin_env and *_key_label belong to kind = \"pkcs11\"".into())
+        }
+        "software" if r.danger_development_only => Ok(RootSettings::Software {
+            path: data_dir.join("software-root.key"),
+        }),
+        "software" => Err("root.kind = \"software\" keeps the root key in a plain file and is for development only; \
+             set root.danger_development_only = true to use it anyway, or use kind = \"pkcs11\""
+            .into()),
+        "pkcs11" => {
+            if r.danger_development_only {
+                return Err("root.danger_development_only applies only to kind = \"software\"".into());
+            }
+            let profile_path = abs(r.profile.ok_or("root.profile (an HSM profile file) is required for kind = \"pkcs11\"")?);
+            let profile = HsmProfile::load(&profile_path)?;
+            let token_label = r.token_label.ok_or("root.token_label is required for kind = \"pkcs11\"")?;
+            if token_label.is_empty() || token_label.len() > 32 {
+                return Err("root.token_label must be 1-32 characters (PKCS#11 token labels are 32 bytes)".into());
+            }
+            let pin = match (r.pin_file, r.pin_env) {
+                (Some(f), None) => PinSource::File(abs(f)),
+                (None, Some(v)) => PinSource::Env(v),
+                _ => {
+                    return Err("root: give exactly one of pin_file or pin_env for the HSM user PIN \
+                         (never put the PIN itself in the config or on the command line)"
+                        .into())
+                }
+            };
+            Ok(RootSettings::Pkcs11(Pkcs11Settings {
+                module: r.module.map(abs).unwrap_or_else(|| profile.module.clone()),
+                profile,
+                token_label,
+                pin,
+                root_label: r.root_key_label.unwrap_or_else(|| "sovkms-root".into()),
+                signing_label: r.signing_key_label.unwrap_or_else(|| "sovkms-signing".into()),
+            }))
+        }
+        other => Err(format!("root.kind {other:?} is not known; use \"pkcs11\" or \"software\" (development only)")),
     }
 }
 

@@ -208,13 +208,15 @@ pub fn dev_pki(
 }
 
 /// A broker config for the development PKI made by [`dev_pki`]: the broker
-/// of `region` trusts each region's CA for that region only.
+/// of `region` trusts each region's CA for that region only. `root_toml` is
+/// the `[root]` table's body.
 pub fn dev_broker_config(
     pki_dir: &Path,
     data_dir: &Path,
     region: &Region,
     trust_domain: &str,
     all_regions: &[Region],
+    root_toml: &str,
 ) -> String {
     let mut s = format!(
         "# Development broker for region {region} (generated).\n\
@@ -235,6 +237,19 @@ pub fn dev_broker_config(
             pki = pki_dir.display()
         ));
     }
-    s.push_str("\n[root]\nkind = \"software\"\ndanger_development_only = true\n");
+    s.push_str("\n[root]\n");
+    s.push_str(root_toml);
     s
+}
+
+/// `[root]` body for the development software root.
+pub const DEV_SOFTWARE_ROOT: &str = "kind = \"software\"\ndanger_development_only = true\n";
+
+/// `[root]` body for a PKCS#11 token.
+pub fn pkcs11_root_toml(profile: &Path, token_label: &str, pin_file: &Path) -> String {
+    format!(
+        "kind = \"pkcs11\"\nprofile = \"{}\"\ntoken_label = \"{token_label}\"\npin_file = \"{}\"\n",
+        profile.display(),
+        pin_file.display()
+    )
 }

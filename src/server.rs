@@ -4,7 +4,7 @@ use crate::api::{self, RunningServer, ServeError};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
-use crate::root::{software::SoftwareRoot, RootOfTrust};
+use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, RootOfTrust};
 use crate::store::{SledStore, Store};
 use std::sync::Arc;
 
@@ -27,6 +27,16 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
+/// Opens the store of a broker's config (fails while the broker runs: sled
+/// holds an exclusive lock).
+pub fn open_store(settings: &Settings) -> Result<SledStore, StartError> {
+    let keys_dir = settings.data_dir.join("keys.sled");
+    SledStore::open(&keys_dir).map_err(|err| StartError::Store {
+        path: keys_dir.display().to_string(),
+        err,
+    })
+}
+
 /// Opens the store and the root of trust and builds the core.
 pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
@@ -45,6 +55,7 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
             );
             Arc::new(r)
         }
+        RootSettings::Pkcs11(p) => Arc::new(Pkcs11Root::open(p.clone())?),
     };
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");

@@ -190,10 +190,11 @@ async fn operator_and_service_workflow() {
     assert!(o.status.success() && stdout(&o).contains("SERVING"));
     let o = sovkms(&env, &eu, "eu-central/auditor-audit", &["info"]);
     assert!(
-        stdout(&o).contains("development-only root of trust"),
+        stdout(&o).contains("root of trust    pkcs11"),
         "{}",
         stdout(&o)
     );
+    assert!(!stdout(&o).contains("development-only"), "{}", stdout(&o));
 }
 
 #[test]

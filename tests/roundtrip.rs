@@ -405,14 +405,46 @@ async fn steady_state_makes_no_root_calls_and_grant_changes_apply_at_once() {
         e.message()
     );
 
-    // GetInfo reports the development root loudly.
+    // GetInfo names the HSM root of trust.
     let info = svc
         .broker
         .get_info(pb::GetInfoRequest {})
         .await
         .unwrap()
         .into_inner();
+    assert!(!info.development_only);
+    assert_eq!(
+        (info.region.as_str(), info.root_kind.as_str()),
+        ("eu-central", "pkcs11")
+    );
+    assert!(
+        info.root_description.contains("SoftHSM"),
+        "{}",
+        info.root_description
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn software_root_says_loudly_it_is_for_development() {
+    let env = Env::new();
+    let cfg = env.config_with_root("eu-central", "", sovkms::pki::DEV_SOFTWARE_ROOT);
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let (_b, server) =
+        sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+            .await
+            .unwrap();
+    let addr = server.local_addr.to_string();
+    let c = sovkms::client::connect(&addr, &env.tls("eu-central/auditor-audit", "eu-central"))
+        .await
+        .unwrap();
+    let info = c
+        .broker
+        .clone()
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(info.development_only);
-    assert_eq!(info.region, "eu-central");
     assert!(info.root_description.contains("DEVELOPMENT ONLY"));
+    server.shutdown().await.unwrap();
 }

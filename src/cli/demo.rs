@@ -143,6 +143,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
             r,
             TD,
             &regions,
+            pki::DEV_SOFTWARE_ROOT,
         );
         std::fs::write(&cfg, text).map_err(err)?;
         let b = start_broker(&exe, &cfg, &dir.join(format!("{r}.log"))).await?;

@@ -2,6 +2,7 @@
 
 mod crypto;
 mod demo;
+mod hsm;
 mod key;
 mod pki;
 mod serve;
@@ -26,6 +27,9 @@ enum Command {
     /// Mint a development PKI (real deployments bring their own CA).
     #[command(subcommand)]
     Pki(pki::PkiCmd),
+    /// HSM (PKCS#11) operator commands: list, init, status, rotate-root, retire-root, bench.
+    #[command(subcommand)]
+    Hsm(hsm::HsmCmd),
     /// Manage keys (operators; auditors may list and show).
     #[command(subcommand)]
     Key(key::KeyCmd),
@@ -170,6 +174,7 @@ pub fn main() -> ExitCode {
             Command::Serve(a) => serve::run(a).await,
             Command::Pki(c) => pki::run(c),
             Command::Key(c) => key::run(c).await,
+            Command::Hsm(c) => tokio::task::block_in_place(|| hsm::run(c)),
             Command::Encrypt(a) => crypto::encrypt(a).await,
             Command::Decrypt(a) => crypto::decrypt(a).await,
             Command::GenerateDataKey(a) => crypto::data_key(a).await,

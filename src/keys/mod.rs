@@ -2,6 +2,7 @@
 //! material only), and the in-memory cache of unwrapped version material.
 
 mod cache;
+pub mod rewrap;
 
 pub use cache::{CacheStats, KekCache};
 

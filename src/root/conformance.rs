@@ -1,11 +1,13 @@
 //! The conformance suite every root of trust must pass. Run by each
-//! implementation's tests (software here; PKCS#11 and TPM alongside).
+//! implementation's tests: the software root in its unit tests, SoftHSM2 in
+//! `tests/pkcs11.rs`. Public (hidden) so integration tests can run it.
 
 use super::{RootErrorKind, RootOfTrust};
-use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 
 /// Runs the suite; panics (test failure) on the first violation.
-pub(crate) fn run(root: &dyn RootOfTrust) {
+#[allow(clippy::unwrap_used, clippy::panic)]
+pub fn run(root: &dyn RootOfTrust) {
     root.health().unwrap();
     let info = root.info();
     assert!(!info.root_key_id.is_empty());
@@ -42,7 +44,9 @@ pub(crate) fn run(root: &dyn RootOfTrust) {
     // Signatures verify with the exported public key, and only for the message.
     let pk = root.signing_public_key().unwrap();
     let sig = root.sign(b"checkpoint").unwrap();
-    let v = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &pk);
+    assert_eq!(sig.len(), 64, "signatures are r || s, 32 bytes each");
+    assert_eq!(pk.len(), 65, "public key is an uncompressed SEC1 point");
+    let v = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &pk);
     v.verify(b"checkpoint", &sig).unwrap();
     assert!(v.verify(b"checkpoinT", &sig).is_err());
 }

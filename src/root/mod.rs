@@ -3,6 +3,7 @@
 //! Implementations: [`software::SoftwareRoot`] (development only). PKCS#11
 //! and TPM 2.0 roots plug in behind the same trait.
 
+pub mod pkcs11;
 pub mod software;
 
 use crate::secret::KeyMaterial;
@@ -97,11 +98,12 @@ pub trait RootOfTrust: Send + Sync {
     fn wrap(&self, material: &KeyMaterial) -> Result<WrappedKey, RootError>;
     /// Unwraps material wrapped by this root (current or retained root key).
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<KeyMaterial, RootError>;
-    /// Signs `message` with the root's signing key (ECDSA P-256, SHA-256, ASN.1 DER).
+    /// Signs `message` with the root's signing key: ECDSA P-256 over
+    /// SHA-256(message), as the fixed 64-byte `r || s` (what PKCS#11 returns).
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, RootError>;
     /// The signing public key (uncompressed SEC1 point), for auditors.
     fn signing_public_key(&self) -> Result<Vec<u8>, RootError>;
 }
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[doc(hidden)]
+pub mod conformance;

@@ -7,7 +7,7 @@
 use super::{RootError, RootErrorKind, RootInfo, RootOfTrust, WrappedKey};
 use crate::secret::{KeyMaterial, KEY_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use ring::{aead, digest};
 use std::path::Path;
 use zeroize::Zeroizing;
@@ -52,9 +52,12 @@ impl SoftwareRoot {
         }
         let root_key = KeyMaterial::from_slice(&bytes[8..8 + KEY_LEN])
             .ok_or_else(|| cfg("software root file is truncated".into()))?;
-        let signer =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &bytes[8 + KEY_LEN..], &rng)
-                .map_err(|_| cfg(format!("{}: signing key is corrupt", path.display())))?;
+        let signer = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &bytes[8 + KEY_LEN..],
+            &rng,
+        )
+        .map_err(|_| cfg(format!("{}: signing key is corrupt", path.display())))?;
         let key_id = format!("software:{}", check_value(&root_key));
         Ok(Self {
             root_key,
@@ -68,7 +71,7 @@ impl SoftwareRoot {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         rng.fill(&mut key[..])
             .map_err(|_| cfg("random generator failed".into()))?;
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, rng)
             .map_err(|_| cfg("cannot generate signing key".into()))?;
         let mut out = Vec::with_capacity(8 + KEY_LEN + pkcs8.as_ref().len());
         out.extend_from_slice(FILE_MAGIC);

@@ -126,10 +126,18 @@ impl Env {
         pki::write(&self.pki.join(r), stem, &issued).unwrap();
     }
 
-    /// Writes a broker config for `region` and returns its path.
+    /// Writes a broker config for `region` with its own fresh, provisioned
+    /// SoftHSM2 token, and returns the config's path.
     pub fn config(&self, r: &str, extra: &str) -> PathBuf {
+        let token = new_token(self.dir.path(), r);
+        self.config_with_root(r, extra, &token.root_toml)
+    }
+
+    /// Writes a broker config with the given `[root]` body.
+    pub fn config_with_root(&self, r: &str, extra: &str, root_toml: &str) -> PathBuf {
         let data = self.dir.path().join("data").join(r);
-        let text = pki::dev_broker_config(&self.pki, &data, &region(r), TD, &self.regions);
+        let text =
+            pki::dev_broker_config(&self.pki, &data, &region(r), TD, &self.regions, root_toml);
         let text = text.replacen("listen =", &format!("{extra}\nlisten ="), 1);
         let path = self.dir.path().join(format!("{r}.toml"));
         std::fs::write(&path, text).unwrap();
@@ -219,6 +227,96 @@ pub async fn client(env: &Env, who: &str, b: &TestBroker) -> Client {
     client::connect(&b.addr, &env.tls(who, &b.region))
         .await
         .unwrap()
+}
+
+/// The SoftHSM2 profile shipped in hsm-profiles/.
+pub fn softhsm_profile() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-profiles/softhsm2.toml")
+}
+
+pub fn softhsm_module() -> PathBuf {
+    sovkms::root::pkcs11::profile::HsmProfile::load(&softhsm_profile())
+        .unwrap()
+        .module
+}
+
+/// Makes sure the SoftHSM2 config named by SOFTHSM2_CONF (set by
+/// .cargo/config.toml) exists, before this process initializes the module.
+pub fn ensure_softhsm_conf() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let conf = PathBuf::from(
+            std::env::var("SOFTHSM2_CONF").expect("SOFTHSM2_CONF is set by .cargo/config.toml"),
+        );
+        let dir = conf.parent().unwrap();
+        let tokens = dir.join("tokens");
+        std::fs::create_dir_all(&tokens).unwrap();
+        if !conf.exists() {
+            let text = format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            );
+            let tmp = dir.join(format!("softhsm2.conf.{}", std::process::id()));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &conf).unwrap();
+        }
+    });
+}
+
+/// A fresh token in the shared test token directory.
+pub struct Token {
+    pub label: String,
+    pub pin_file: PathBuf,
+    pub root_toml: String,
+}
+
+fn random_hex(n: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; n];
+    ring::rand::SystemRandom::new().fill(&mut b).unwrap();
+    hex::encode(b)
+}
+
+/// Creates and provisions a token labelled uniquely for this test.
+pub fn new_token(dir: &Path, r: &str) -> Token {
+    let token = new_unprovisioned_token(dir, r);
+    let settings = pkcs11_settings(&token);
+    sovkms::root::pkcs11::admin::provision(&settings).unwrap();
+    token
+}
+
+/// Creates a token with a user PIN but no keys.
+pub fn new_unprovisioned_token(dir: &Path, r: &str) -> Token {
+    ensure_softhsm_conf();
+    let label = format!("t{}-{r}", random_hex(4));
+    let pin = random_hex(8);
+    let pin_file = dir.join(format!("{label}.pin"));
+    std::fs::write(&pin_file, &pin).unwrap();
+    sovkms::root::pkcs11::admin::init_dev_token(
+        &softhsm_module(),
+        &label,
+        &sovkms::secret::Pin::new(random_hex(8)),
+        &sovkms::secret::Pin::new(pin),
+    )
+    .unwrap();
+    let root_toml = pki::pkcs11_root_toml(&softhsm_profile(), &label, &pin_file);
+    Token {
+        label,
+        pin_file,
+        root_toml,
+    }
+}
+
+pub fn pkcs11_settings(t: &Token) -> sovkms::root::pkcs11::Pkcs11Settings {
+    let profile = sovkms::root::pkcs11::profile::HsmProfile::load(&softhsm_profile()).unwrap();
+    sovkms::root::pkcs11::Pkcs11Settings {
+        module: profile.module.clone(),
+        profile,
+        token_label: t.label.clone(),
+        pin: sovkms::root::pkcs11::PinSource::File(t.pin_file.clone()),
+        root_label: "sovkms-root".into(),
+        signing_label: "sovkms-signing".into(),
+    }
 }
 
 pub fn path_str(p: &Path) -> String {

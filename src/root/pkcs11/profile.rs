@@ -1,0 +1,180 @@
+//! HSM profiles: what differs between HSMs, as data (`hsm-profiles/*.toml`).
+
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A validated HSM profile.
+#[derive(Clone, Debug)]
+pub struct HsmProfile {
+    /// Profile name, e.g. "SoftHSM2".
+    pub name: String,
+    /// Whether this profile runs in our test suite.
+    pub tested: bool,
+    /// Default PKCS#11 module path.
+    pub module: PathBuf,
+    /// Wrap mechanism for key version material.
+    pub wrap: WrapMechanism,
+    /// Logged-in sessions kept open.
+    pub pool_size: usize,
+    /// Set `CKA_MODIFIABLE = false` on the root key.
+    pub root_key_unmodifiable: bool,
+    /// After the token disappears, recovery needs `C_Finalize` + `C_Initialize`
+    /// (SoftHSM2 never re-reads a token it lost).
+    pub reinitialize_to_recover: bool,
+    /// Known quirks, for operators.
+    pub notes: Vec<String>,
+}
+
+/// Supported wrap mechanisms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WrapMechanism {
+    /// `CKM_AES_KEY_WRAP_PAD` (RFC 5649).
+    AesKeyWrapPad,
+    /// `CKM_AES_KEY_WRAP` (RFC 3394; 32-byte material needs no padding).
+    AesKeyWrap,
+}
+
+impl WrapMechanism {
+    pub(super) fn mechanism(self) -> Mechanism<'static> {
+        match self {
+            Self::AesKeyWrapPad => Mechanism::AesKeyWrapPad,
+            Self::AesKeyWrap => Mechanism::AesKeyWrap,
+        }
+    }
+
+    pub(super) fn mechanism_type(self) -> MechanismType {
+        match self {
+            Self::AesKeyWrapPad => MechanismType::AES_KEY_WRAP_PAD,
+            Self::AesKeyWrap => MechanismType::AES_KEY_WRAP,
+        }
+    }
+
+    /// The PKCS#11 name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AesKeyWrapPad => "CKM_AES_KEY_WRAP_PAD",
+            Self::AesKeyWrap => "CKM_AES_KEY_WRAP",
+        }
+    }
+}
+
+// Fields only humans read (description, token_selection, login, notes) are
+// accepted so that `deny_unknown_fields` still catches typos.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RawProfile {
+    name: String,
+    tested: bool,
+    #[serde(default)]
+    description: String,
+    module: PathBuf,
+    #[serde(default)]
+    token_selection: String,
+    #[serde(default)]
+    login: String,
+    mechanisms: RawMechanisms,
+    sessions: RawSessions,
+    #[serde(default)]
+    quirks: RawQuirks,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMechanisms {
+    wrap: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RawSessions {
+    pool_size: usize,
+    #[serde(default)]
+    notes: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuirks {
+    #[serde(default = "yes")]
+    root_key_unmodifiable: bool,
+    #[serde(default)]
+    reinitialize_to_recover: bool,
+    #[serde(default)]
+    notes: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Mechanisms every profile needs besides its wrap mechanism.
+pub(super) const REQUIRED: [(MechanismType, &str); 3] = [
+    (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN"),
+    (MechanismType::ECC_KEY_PAIR_GEN, "CKM_EC_KEY_PAIR_GEN"),
+    (MechanismType::ECDSA, "CKM_ECDSA"),
+];
+
+impl HsmProfile {
+    /// Reads and validates a profile file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("HSM profile {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("HSM profile {}: {e}", path.display()))
+    }
+
+    /// Parses profile TOML.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: RawProfile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let wrap = match raw.mechanisms.wrap.as_str() {
+            "CKM_AES_KEY_WRAP_PAD" => WrapMechanism::AesKeyWrapPad,
+            "CKM_AES_KEY_WRAP" => WrapMechanism::AesKeyWrap,
+            other => {
+                return Err(format!(
+                    "mechanisms.wrap = {other:?} is not supported; use CKM_AES_KEY_WRAP_PAD or CKM_AES_KEY_WRAP"
+                ))
+            }
+        };
+        if !(1..=256).contains(&raw.sessions.pool_size) {
+            return Err("sessions.pool_size must be between 1 and 256".into());
+        }
+        Ok(Self {
+            name: raw.name,
+            tested: raw.tested,
+            module: raw.module,
+            wrap,
+            pool_size: raw.sessions.pool_size,
+            root_key_unmodifiable: raw.quirks.root_key_unmodifiable,
+            reinitialize_to_recover: raw.quirks.reinitialize_to_recover,
+            notes: raw.quirks.notes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_profiles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-profiles");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let prof = HsmProfile::load(&p).unwrap();
+                assert!(!prof.name.is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "softhsm2 plus at least three real HSM profiles");
+    }
+
+    #[test]
+    fn unknown_mechanism_is_refused() {
+        let t = "name='x'\ntested=false\nmodule='/x.so'\n[mechanisms]\nwrap='CKM_DES3_ECB'\n[sessions]\npool_size=4\n";
+        assert!(HsmProfile::parse(t).unwrap_err().contains("CKM_DES3_ECB"));
+    }
+}
