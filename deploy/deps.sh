@@ -8,6 +8,10 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 have protoc || need+=(protobuf-compiler)
+# SoftHSM2: the PKCS#11 token of the quickstart and the tests; opensc gives
+# pkcs11-tool, which the tests use to inspect the root key from outside.
+have softhsm2-util || need+=(softhsm2)
+have pkcs11-tool || need+=(opensc)
 for p in pkg-config; do pkg_installed "$p" || need+=("$p"); done
 
 if ((${#need[@]})); then

@@ -125,7 +125,7 @@ pub enum RootSettings {
         path: PathBuf,
     },
     /// Root key in a PKCS#11 HSM.
-    Pkcs11(Pkcs11Settings),
+    Pkcs11(Box<Pkcs11Settings>),
 }
 
 /// Validated settings of `sovkms serve`.
@@ -267,14 +267,14 @@ fn root_settings(
                         .into())
                 }
             };
-            Ok(RootSettings::Pkcs11(Pkcs11Settings {
+            Ok(RootSettings::Pkcs11(Box::new(Pkcs11Settings {
                 module: r.module.map(abs).unwrap_or_else(|| profile.module.clone()),
                 profile,
                 token_label,
                 pin,
                 root_label: r.root_key_label.unwrap_or_else(|| "sovkms-root".into()),
                 signing_label: r.signing_key_label.unwrap_or_else(|| "sovkms-signing".into()),
-            }))
+            })))
         }
         other => Err(format!("root.kind {other:?} is not known; use \"pkcs11\" or \"software\" (development only)")),
     }

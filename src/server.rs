@@ -55,7 +55,7 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
             );
             Arc::new(r)
         }
-        RootSettings::Pkcs11(p) => Arc::new(Pkcs11Root::open(p.clone())?),
+        RootSettings::Pkcs11(p) => Arc::new(Pkcs11Root::open((**p).clone())?),
     };
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");

@@ -7,58 +7,6 @@ mod common;
 
 use common::*;
 use sovkms::api::proto as pb;
-use sovkms::client;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-fn spawn(config: &std::path::Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sovkms"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("SOVKMS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("bad line {line:?}"))
-        .to_owned();
-    Proc { child, addr }
-}
-
-async fn connect_ready(env: &Env, who: &str, addr: &str) -> client::Client {
-    let start = Instant::now();
-    loop {
-        if let Ok(c) = client::connect(addr, &env.tls(who, "eu-central")).await {
-            if serving(&c).await == Some(true) {
-                return c;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "broker never became SERVING"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn kill9(p: &mut Proc) {
-    // SIGKILL: no destructor, no flush, no graceful shutdown.
-    p.child.kill().unwrap();
-    p.child.wait().unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
@@ -67,9 +15,9 @@ async fn acknowledged_writes_survive_kill_9() {
     let app = spiffe("eu-central", "service", "app");
     let c = ctx(&[("durable", "yes")]);
 
-    let mut p = spawn(&config);
-    let mut op = connect_ready(&env, "eu-central/operator-admin", &p.addr).await;
-    let mut svc = connect_ready(&env, "eu-central/service-app", &p.addr).await;
+    let mut p = spawn_broker(&config, &[]);
+    let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
+    let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let mut acked = Vec::new();
     for i in 0..10 {
         let m = op
@@ -120,9 +68,9 @@ async fn acknowledged_writes_survive_kill_9() {
         .into_inner();
     kill9(&mut p);
 
-    let mut p = spawn(&config);
-    let mut op = connect_ready(&env, "eu-central/operator-admin", &p.addr).await;
-    let mut svc = connect_ready(&env, "eu-central/service-app", &p.addr).await;
+    let mut p = spawn_broker(&config, &[]);
+    let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
+    let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     op.keys
         .get_attributes(pb::KeyRef {
             key_id: last.key_id.clone(),

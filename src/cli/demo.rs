@@ -19,9 +19,15 @@ use tonic::Code;
 /// Arguments of `demo`.
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Working directory (PKI, configs, data, logs); wiped first.
+    /// Working directory (PKI, tokens, configs, data, logs); wiped first.
     #[arg(long, default_value = ".quickstart")]
     dir: PathBuf,
+    /// HSM profile of the SoftHSM2 tokens.
+    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
+    profile: PathBuf,
+    /// Use the development software root instead of SoftHSM2 tokens.
+    #[arg(long)]
+    software_root: bool,
 }
 
 const TD: &str = "sovkms.example";
@@ -35,9 +41,94 @@ struct Broker {
     addr: String,
 }
 
-async fn start_broker(exe: &Path, config: &Path, log: &Path) -> Result<Broker, CliError> {
+fn random_hex(n: usize) -> Result<String, CliError> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; n];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| err("random generator failed"))?;
+    Ok(hex::encode(b))
+}
+
+/// A private SoftHSM2 token directory and config for one broker; creates
+/// and provisions the token. Returns the `[root]` body and SOFTHSM2_CONF.
+fn softhsm_token(
+    exe: &Path,
+    dir: &Path,
+    region: &Region,
+    profile: &Path,
+) -> Result<(String, PathBuf), CliError> {
+    let hsm = dir.join("hsm").join(region.as_str());
+    let tokens = hsm.join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(err)?;
+    let conf = hsm.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(err)?;
+    let pin = hsm.join("user.pin");
+    let so = hsm.join("so.pin");
+    crate::store::write_file_durably(&pin, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
+    crate::store::write_file_durably(&so, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
+    let label = format!("sovkms-{region}");
+    let o = std::process::Command::new(exe)
+        .args(["hsm", "init-token", "--profile"])
+        .arg(profile)
+        .args(["--label", &label, "--pin-file"])
+        .arg(&pin)
+        .arg("--so-pin-file")
+        .arg(&so)
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .map_err(err)?;
+    if !o.status.success() {
+        return Err(CliError::new(
+            format!(
+                "creating SoftHSM2 token {label} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            "is softhsm2 installed? (bash deploy/deps.sh installs it)",
+        ));
+    }
+    Ok((pki::pkcs11_root_toml(profile, &label, &pin), conf))
+}
+
+fn provision(exe: &Path, cfg: &Path, conf: &Path) -> Result<String, CliError> {
+    let o = std::process::Command::new(exe)
+        .args(["hsm", "init", "--json", "--config"])
+        .arg(cfg)
+        .env("SOFTHSM2_CONF", conf)
+        .output()
+        .map_err(err)?;
+    if !o.status.success() {
+        return Err(CliError::new(
+            format!(
+                "hsm init failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            "",
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(err)?;
+    Ok(v["check_value"].as_str().unwrap_or("").to_owned())
+}
+
+async fn start_broker(
+    exe: &Path,
+    config: &Path,
+    log: &Path,
+    softhsm_conf: Option<&Path>,
+) -> Result<Broker, CliError> {
     let log = std::fs::File::create(log).map_err(err)?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut cmd = tokio::process::Command::new(exe);
+    if let Some(c) = softhsm_conf {
+        cmd.env("SOFTHSM2_CONF", c);
+    }
+    let mut child = cmd
         .args(["serve", "--config"])
         .arg(config)
         .stdout(std::process::Stdio::piped())
@@ -133,24 +224,50 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
     );
     pki::dev_pki(&pki_dir, TD, &regions, 2).map_err(err)?;
 
-    println!("2. starting two brokers, each with its own store and (development) root of trust");
+    let profile = a.profile.canonicalize().map_err(|e| {
+        CliError::new(
+            format!("HSM profile {}: {e}", a.profile.display()),
+            "run from the repository root, or pass --profile",
+        )
+    })?;
+    if a.software_root {
+        println!(
+            "2. starting two brokers, each with its own store and a DEVELOPMENT-ONLY software root"
+        );
+    } else {
+        println!("2. starting two brokers, each with its own store and its own SoftHSM2 token (private SOFTHSM2_CONF)");
+    }
     let mut brokers = HashMap::new();
     for r in &regions[..2] {
         let cfg = dir.join(format!("{r}.toml"));
+        let (root, conf) = if a.software_root {
+            (pki::DEV_SOFTWARE_ROOT.to_owned(), None)
+        } else {
+            let (root, conf) = softhsm_token(&exe, &dir, r, &profile)?;
+            (root, Some(conf))
+        };
         let text = pki::dev_broker_config(
             &pki_dir,
             &dir.join("data").join(r.as_str()),
             r,
             TD,
             &regions,
-            pki::DEV_SOFTWARE_ROOT,
+            &root,
         );
         std::fs::write(&cfg, text).map_err(err)?;
-        let b = start_broker(&exe, &cfg, &dir.join(format!("{r}.log"))).await?;
+        let root_desc = match &conf {
+            Some(c) => format!(
+                "root key in token 'sovkms-{r}', check value {}",
+                provision(&exe, &cfg, c)?
+            ),
+            None => "software root (development only)".to_owned(),
+        };
+        let log = dir.join(format!("{r}.log"));
+        let b = start_broker(&exe, &cfg, &log, conf.as_deref()).await?;
         println!(
-            "   {r:<11} broker on {} (log: {})",
+            "   {r:<11} broker on {}: {root_desc} (log: {})",
             b.addr,
-            dir.join(format!("{r}.log")).display()
+            log.display()
         );
         brokers.insert(r.to_string(), b);
     }

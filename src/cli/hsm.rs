@@ -3,7 +3,7 @@
 use super::{print_json, CliError};
 use crate::config::{RootSettings, Settings};
 use crate::keys::rewrap::{self, DangerCrashAfter};
-use crate::root::pkcs11::{admin, profile::HsmProfile, Pkcs11Root, Pkcs11Settings};
+use crate::root::pkcs11::{admin, profile::HsmProfile, PinSource, Pkcs11Root, Pkcs11Settings};
 use crate::root::RootOfTrust;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,6 +25,22 @@ pub enum HsmCmd {
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Create a development token (SoftHSM2) in the first free slot. Real
+    /// HSMs are initialized with their vendor's tools.
+    InitToken {
+        /// HSM profile whose module to use.
+        #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
+        profile: PathBuf,
+        /// Token label.
+        #[arg(long)]
+        label: String,
+        /// File holding the new user PIN.
+        #[arg(long)]
+        pin_file: PathBuf,
+        /// File holding the new SO PIN.
+        #[arg(long)]
+        so_pin_file: PathBuf,
     },
     /// Provision the root key and signing key on the broker's token (idempotent; never overwrites).
     Init(ConfigArg),
@@ -78,7 +94,7 @@ fn load(c: &ConfigArg) -> Result<(Settings, Pkcs11Settings), CliError> {
         Settings::load(&c.config).map_err(|e| CliError::new(e.to_string(), "fix the config"))?;
     match &s.root {
         RootSettings::Pkcs11(p) => {
-            let p = p.clone();
+            let p = (**p).clone();
             Ok((s, p))
         }
         RootSettings::Software { .. } => Err(CliError::new(
@@ -138,6 +154,24 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                     }
                 }
             }
+            Ok(())
+        }
+        HsmCmd::InitToken {
+            profile,
+            label,
+            pin_file,
+            so_pin_file,
+        } => {
+            let prof =
+                HsmProfile::load(&profile).map_err(|e| CliError::new(e, "pass --profile"))?;
+            let pin = PinSource::File(pin_file)
+                .read()
+                .map_err(|e| CliError::new(e, ""))?;
+            let so = PinSource::File(so_pin_file)
+                .read()
+                .map_err(|e| CliError::new(e, ""))?;
+            admin::init_dev_token(&prof.module, &label, &so, &pin).map_err(root_err)?;
+            println!("token '{label}' initialized");
             Ok(())
         }
         HsmCmd::Init(c) => {

@@ -401,3 +401,78 @@ pub fn code<T>(r: &Result<T, tonic::Status>) -> Code {
         Err(s) => s.code(),
     }
 }
+
+/// A broker running as a child process (`sovkms serve`).
+pub struct Proc {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+/// Starts `sovkms serve --config` with extra environment; reads the address line.
+pub fn spawn_broker(config: &Path, envs: &[(&str, &Path)]) -> Proc {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("SOVKMS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
+        .to_owned();
+    Proc { child, addr }
+}
+
+/// Connects as `who` and waits until the broker reports SERVING.
+pub async fn connect_ready(env: &Env, who: &str, broker_region: &str, addr: &str) -> Client {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = client::connect(addr, &env.tls(who, broker_region)).await {
+            if serving(&c).await == Some(true) {
+                return c;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "broker never became SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL: no destructor, no flush, no graceful shutdown.
+pub fn kill9(p: &mut Proc) {
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+}
+
+/// SIGTERM and wait: the broker's graceful stop.
+pub fn stop(p: &mut Proc) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    p.child.wait().unwrap();
+}
+
+/// Runs the sovkms binary with arguments and environment.
+pub fn run_sovkms(args: &[&str], envs: &[(&str, &Path)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.args(args).env("SOVKMS_LOG", "error").output().unwrap()
+}

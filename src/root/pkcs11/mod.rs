@@ -394,15 +394,24 @@ pub(crate) fn check_mechanisms(
         .map_err(|e| map(&e, "listing mechanisms", token))?;
     let wanted = std::iter::once((profile.wrap.mechanism_type(), profile.wrap.name()))
         .chain(profile::REQUIRED);
+    let missing = |name: &str| {
+        RootError::new(
+            RootErrorKind::Config,
+            format!(
+                "HSM profile '{}' asks for {name}, which token '{token}' does not offer",
+                profile.name
+            ),
+        )
+    };
     for (m, name) in wanted {
         if !have.contains(&m) {
-            return Err(RootError::new(
-                RootErrorKind::Config,
-                format!(
-                    "HSM profile '{}' asks for {name}, which token '{token}' does not offer",
-                    profile.name
-                ),
-            ));
+            return Err(missing(name));
+        }
+    }
+    let names: Vec<String> = have.iter().map(|m| m.to_string()).collect();
+    for name in &profile.extra_required {
+        if !names.contains(name) {
+            return Err(missing(name));
         }
     }
     Ok(())

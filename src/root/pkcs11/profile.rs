@@ -24,6 +24,9 @@ pub struct HsmProfile {
     pub reinitialize_to_recover: bool,
     /// Known quirks, for operators.
     pub notes: Vec<String>,
+    /// Further mechanisms (PKCS#11 names) the token must offer, e.g. what
+    /// a site's policy requires; checked at start like the ones sovkms uses.
+    pub extra_required: Vec<String>,
 }
 
 /// Supported wrap mechanisms.
@@ -84,6 +87,8 @@ struct RawProfile {
 #[serde(deny_unknown_fields)]
 struct RawMechanisms {
     wrap: String,
+    #[serde(default)]
+    also_require: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +154,7 @@ impl HsmProfile {
             root_key_unmodifiable: raw.quirks.root_key_unmodifiable,
             reinitialize_to_recover: raw.quirks.reinitialize_to_recover,
             notes: raw.quirks.notes,
+            extra_required: raw.mechanisms.also_require,
         })
     }
 }
