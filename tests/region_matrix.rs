@@ -293,7 +293,12 @@ async fn no_or_untrusted_certificate_is_refused_at_the_socket() {
         };
         let e = r.expect_err(label);
         assert!(
-            matches!(e.code(), Code::Unavailable | Code::Unknown),
+            // The connection is torn down by the TLS alert; depending on timing the
+            // client sees it as unavailable, unknown or cancelled: never a handler reply.
+            matches!(
+                e.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
             "{label}: expected a transport failure, got {:?} {}",
             e.code(),
             e.message()
