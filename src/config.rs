@@ -320,17 +320,17 @@ danger_development_only = true
     }
 
     #[test]
-    fn shipped_example_parses_and_refuses_software_root() {
+    fn shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/broker.example.toml");
-        let e = Settings::load(&path).unwrap_err().to_string();
-        assert!(e.contains("development only"), "{e}");
-        let text = std::fs::read_to_string(&path).unwrap().replace(
-            "danger_development_only = false",
-            "danger_development_only = true",
-        );
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/share/sovkms/hsm-profiles", &format!("{}/hsm-profiles", env!("CARGO_MANIFEST_DIR")));
         let raw: RawConfig = toml::from_str(&text).unwrap();
         let s = Settings::from_raw(raw, Path::new("/etc/sovkms")).unwrap();
         assert_eq!(s.tls.client_cas.len(), 2);
+        let RootSettings::Pkcs11(p) = &s.root else { panic!("example should use pkcs11") };
+        assert_eq!(p.token_label, "sovkms-eu-central");
+        assert_eq!(p.profile.name, "SoftHSM2");
     }
 
     #[test]
@@ -343,6 +343,12 @@ danger_development_only = true
                 "list the regions",
             ),
             ("kind = \"software\"", "kind = \"magic\"", "not known"),
+            ("kind = \"software\"", "kind = \"pkcs11\"", "applies only to kind = \"software\""),
+            (
+                "kind = \"software\"\ndanger_development_only = true",
+                "kind = \"pkcs11\"",
+                "root.profile",
+            ),
             ("listen", "lisen", "unknown field"),
         ] {
             let e = parse(&OK.replace(from, to)).unwrap_err();
