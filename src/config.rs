@@ -32,6 +32,34 @@ struct RawConfig {
     root: RawRoot,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<PathBuf>,
+    checkpoint_every_records: Option<u64>,
+    checkpoint_interval_seconds: Option<u64>,
+    aggregate_min_group: Option<u64>,
+    #[serde(default)]
+    aggregate_readers: Vec<String>,
+}
+
+/// Audit log settings.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// The log file.
+    pub path: PathBuf,
+    /// Signed checkpoint every N records...
+    pub checkpoint_every: u64,
+    /// ...or after this long.
+    pub checkpoint_interval: Duration,
+    /// Aggregate cells below this count are suppressed.
+    pub aggregate_min_group: u64,
+    /// Who may read aggregates (any region).
+    pub aggregate_readers: Vec<crate::policy::Principal>,
 }
 
 fn default_max_plaintext() -> usize {
@@ -141,6 +169,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Root of trust.
     pub root: RootSettings,
+    /// Audit log.
+    pub audit: AuditSettings,
 }
 
 impl Settings {
@@ -204,6 +234,19 @@ impl Settings {
         }
         let data_dir = abs(raw.data_dir);
         let root = root_settings(raw.root, &data_dir, &abs)?;
+        let audit = AuditSettings {
+            path: raw.audit.path.map(&abs).unwrap_or_else(|| data_dir.join("audit.log")),
+            checkpoint_every: raw.audit.checkpoint_every_records.unwrap_or(1000).max(1),
+            checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds.unwrap_or(60).max(1)),
+            aggregate_min_group: raw.audit.aggregate_min_group.unwrap_or(10).max(1),
+            aggregate_readers: raw
+                .audit
+                .aggregate_readers
+                .iter()
+                .map(|p| crate::policy::Principal::parse(p))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("audit.aggregate_readers: {e}"))?,
+        };
         Ok(Self {
             broker: BrokerSettings {
                 broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
@@ -222,6 +265,7 @@ impl Settings {
                 client_cas,
             },
             root,
+            audit,
         })
     }
 }

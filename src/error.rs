@@ -49,3 +49,26 @@ impl From<Refusal> for Error {
         Self::PermissionDenied(r)
     }
 }
+
+impl Error {
+    /// The gRPC status code name this error maps to.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Refused (the rules or the input) or failed (the system).
+    pub fn outcome(&self) -> crate::audit::Outcome {
+        match self {
+            Self::Unavailable(_) | Self::Internal(_) => crate::audit::Outcome::Failed,
+            _ => crate::audit::Outcome::Refused,
+        }
+    }
+}

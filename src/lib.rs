@@ -21,6 +21,7 @@
 //! ```
 
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod client;

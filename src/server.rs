@@ -1,6 +1,7 @@
 //! Wiring: validated settings → store, root of trust, broker core, API.
 
 use crate::api::{self, RunningServer, ServeError};
+use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
@@ -25,6 +26,9 @@ pub enum StartError {
     /// Server.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// Audit log.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
 }
 
 /// Opens the store of a broker's config (fails while the broker runs: sled
@@ -59,12 +63,19 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     };
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
-    Ok(Arc::new(Broker::new(
-        settings.broker.clone(),
-        root,
-        store,
-        clock,
-    )))
+    let audit = AuditLog::open(
+        LogSettings {
+            path: settings.audit.path.clone(),
+            region: settings.broker.region.to_string(),
+            broker_id: settings.broker.broker_id.clone(),
+            checkpoint_every: settings.audit.checkpoint_every,
+            checkpoint_interval: settings.audit.checkpoint_interval,
+        },
+        Arc::clone(&root),
+    )?;
+    let start = format!("{} ({}); root key {}", info.description, info.kind, info.root_key_id);
+    audit.append_durable(Event::system(Kind::Start, "start", &start))?;
+    Ok(Arc::new(Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit))))
 }
 
 /// Opens everything and starts serving.

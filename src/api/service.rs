@@ -4,17 +4,39 @@
 use super::convert::{self, to_status};
 use super::proto as pb;
 use super::tls::PeerInfo;
-use crate::broker::{Broker, LocateFilter};
+use crate::broker::{Broker, CallCtx, LocateFilter};
 use crate::error::Error;
 use crate::keys::KeyRecord;
-use crate::region::{Caller, Refusal};
+use crate::region::Refusal;
 use crate::secret::Plaintext;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-/// Handler state shared by the three services.
+/// Handler state shared by the services.
 pub struct Api {
-    broker: Arc<Broker>,
+    pub(super) broker: Arc<Broker>,
+}
+
+pub(super) const REQUEST_ID: &str = "x-request-id";
+
+fn new_request_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 12];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    hex::encode(b)
+}
+
+fn request_id_value(id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    id.parse().ok()
+}
+
+/// A response carrying the request id.
+pub(super) fn reply<T>(cx: &CallCtx, m: T) -> Response<T> {
+    let mut r = Response::new(m);
+    if let Some(v) = request_id_value(&cx.request_id) {
+        r.metadata_mut().insert(REQUEST_ID, v);
+    }
+    r
 }
 
 impl Api {
@@ -22,45 +44,68 @@ impl Api {
         Self { broker }
     }
 
-    /// Runs a blocking core call on the blocking pool.
-    async fn run<T: Send + 'static>(
+    /// Runs a blocking core call on the blocking pool; tags an error with
+    /// the request id.
+    pub(super) async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Broker) -> Result<T, Error> + Send + 'static,
-    ) -> Result<T, Status> {
+        cx: CallCtx,
+        f: impl FnOnce(&Broker, &CallCtx) -> Result<T, Error> + Send + 'static,
+    ) -> Result<(CallCtx, T), Status> {
         let b = Arc::clone(&self.broker);
-        tokio::task::spawn_blocking(move || f(&b))
-            .await
-            .map_err(|e| to_status(Error::Internal(format!("handler task failed: {e}"))))?
-            .map_err(to_status)
+        let id = request_id_value(&cx.request_id);
+        let joined = tokio::task::spawn_blocking(move || f(&b, &cx).map(|t| (cx, t))).await;
+        joined
+            .map_err(|e| Error::Internal(format!("handler task failed: {e}")))
+            .and_then(|r| r)
+            .map_err(|e| {
+                let mut st = to_status(e);
+                if let Some(v) = id {
+                    st.metadata_mut().insert(REQUEST_ID, v);
+                }
+                st
+            })
     }
 
     async fn key_call(
         &self,
-        caller: Caller,
-        f: impl FnOnce(&Broker, &Caller) -> Result<KeyRecord, Error> + Send + 'static,
+        cx: CallCtx,
+        f: impl FnOnce(&Broker, &CallCtx) -> Result<KeyRecord, Error> + Send + 'static,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let rec = self.run(move |b| f(b, &caller)).await?;
-        Ok(Response::new(convert::metadata(&rec)))
+        let (cx, rec) = self.run(cx, f).await?;
+        Ok(reply(&cx, convert::metadata(&rec)))
     }
-}
 
-/// The authenticated caller of a request, or PERMISSION_DENIED.
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    let info = req.extensions().get::<PeerInfo>().ok_or_else(|| {
-        to_status(Refusal::NoIdentity("connection is not mutual TLS".into()).into())
-    })?;
-    info.caller
-        .clone()
-        .map_err(|why| to_status(Refusal::NoIdentity(why).into()))
+    /// The call context of a request: its authenticated caller and request
+    /// id (the client's `x-request-id` if well-formed). A connection without
+    /// an identity is refused, and the refusal audited.
+    pub(super) fn ctx<T>(&self, req: &Request<T>, operation: &'static str) -> Result<CallCtx, Status> {
+        let request_id = req
+            .metadata()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .map(str::to_owned)
+            .unwrap_or_else(new_request_id);
+        let caller = match req.extensions().get::<PeerInfo>() {
+            None => Err("connection is not mutual TLS".to_string()),
+            Some(info) => info.caller.clone(),
+        };
+        match caller {
+            Ok(caller) => Ok(CallCtx { caller, request_id }),
+            Err(why) => {
+                let refusal = Refusal::NoIdentity(why);
+                self.broker
+                    .audit_unauthenticated(&request_id, operation, &refusal.to_string());
+                Err(to_status(refusal.into()))
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for Api {
-    async fn create(
-        &self,
-        req: Request<pb::CreateKeyRequest>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn create(&self, req: Request<pb::CreateKeyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "create-key")?;
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
             name: r.name,
@@ -69,71 +114,51 @@ impl pb::key_service_server::KeyService for Api {
             grants: convert::grants(r.grants)?,
             activate: r.activate,
         };
-        self.key_call(c, move |b, c| b.create_key(c, create)).await
+        self.key_call(cx, move |b, cx| b.create_key(cx, create)).await
     }
 
-    async fn activate(
-        &self,
-        req: Request<pb::KeyRef>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn activate(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "activate-key")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(c, move |b, c| b.activate(c, &id)).await
+        self.key_call(cx, move |b, cx| b.activate(cx, &id)).await
     }
 
-    async fn revoke(
-        &self,
-        req: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "revoke-key")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let reason = convert::reason_from_pb(r.reason)?;
-        self.key_call(c, move |b, c| b.revoke(c, &id, reason, r.message))
-            .await
+        self.key_call(cx, move |b, cx| b.revoke(cx, &id, reason, r.message)).await
     }
 
-    async fn destroy(
-        &self,
-        req: Request<pb::DestroyRequest>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "schedule-key-destruction")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let days = (r.pending_window_days != 0).then_some(r.pending_window_days);
-        self.key_call(c, move |b, c| b.schedule_destroy(c, &id, days))
-            .await
+        self.key_call(cx, move |b, cx| b.schedule_destroy(cx, &id, days)).await
     }
 
-    async fn cancel_destroy(
-        &self,
-        req: Request<pb::KeyRef>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn cancel_destroy(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "cancel-key-destruction")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(c, move |b, c| b.cancel_destroy(c, &id)).await
+        self.key_call(cx, move |b, cx| b.cancel_destroy(cx, &id)).await
     }
 
     async fn re_key(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+        let cx = self.ctx(&req, "rekey")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(c, move |b, c| b.rekey(c, &id)).await
+        self.key_call(cx, move |b, cx| b.rekey(cx, &id)).await
     }
 
-    async fn get_attributes(
-        &self,
-        req: Request<pb::KeyRef>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn get_attributes(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "get-attributes")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(c, move |b, c| b.get_attributes(c, &id)).await
+        self.key_call(cx, move |b, cx| b.get_attributes(cx, &id)).await
     }
 
-    async fn locate(
-        &self,
-        req: Request<pb::LocateRequest>,
-    ) -> Result<Response<pb::LocateResponse>, Status> {
-        let c = caller(&req)?;
+    async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+        let cx = self.ctx(&req, "locate")?;
         let r = req.into_inner();
         let filter = LocateFilter {
             name: (!r.name.is_empty()).then_some(r.name),
@@ -146,157 +171,157 @@ impl pb::key_service_server::KeyService for Api {
             Some(convert::key_id("page_token", &r.page_token)?)
         };
         let size = r.page_size as usize;
-        let (keys, next) = self
-            .run(move |b| b.locate(&c, &filter, size, token.as_ref()))
+        let (cx, (keys, next)) = self
+            .run(cx, move |b, cx| b.locate(cx, &filter, size, token.as_ref()))
             .await?;
-        Ok(Response::new(pb::LocateResponse {
-            keys: keys.iter().map(convert::metadata).collect(),
-            next_page_token: next.map(|k| k.to_string()).unwrap_or_default(),
-        }))
+        Ok(reply(
+            &cx,
+            pb::LocateResponse {
+                keys: keys.iter().map(convert::metadata).collect(),
+                next_page_token: next.map(|k| k.to_string()).unwrap_or_default(),
+            },
+        ))
     }
 
-    async fn set_grants(
-        &self,
-        req: Request<pb::SetGrantsRequest>,
-    ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let c = caller(&req)?;
+    async fn set_grants(&self, req: Request<pb::SetGrantsRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+        let cx = self.ctx(&req, "set-grants")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grants = convert::grants(r.grants)?;
-        self.key_call(c, move |b, c| b.set_grants(c, &id, grants))
-            .await
+        self.key_call(cx, move |b, cx| b.set_grants(cx, &id, grants)).await
     }
 }
 
 #[tonic::async_trait]
 impl pb::crypto_service_server::CryptoService for Api {
-    async fn encrypt(
-        &self,
-        req: Request<pb::EncryptRequest>,
-    ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let c = caller(&req)?;
+    async fn encrypt(&self, req: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+        let cx = self.ctx(&req, "encrypt")?;
         let mut r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", std::mem::take(&mut r.context))?;
         let pt = Plaintext::new(std::mem::take(&mut r.plaintext));
-        let s = self.run(move |b| b.encrypt(&c, &id, pt, &ctx)).await?;
-        Ok(Response::new(pb::EncryptResponse {
-            ciphertext: s.ciphertext,
-            key_id: s.key_id.to_string(),
-            key_version: s.key_version,
-        }))
+        let (cx, s) = self.run(cx, move |b, cx| b.encrypt(cx, &id, pt, &ctx)).await?;
+        Ok(reply(
+            &cx,
+            pb::EncryptResponse {
+                ciphertext: s.ciphertext,
+                key_id: s.key_id.to_string(),
+                key_version: s.key_version,
+            },
+        ))
     }
 
-    async fn decrypt(
-        &self,
-        req: Request<pb::DecryptRequest>,
-    ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let c = caller(&req)?;
+    async fn decrypt(&self, req: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+        let cx = self.ctx(&req, "decrypt")?;
         let r = req.into_inner();
         let ctx = convert::context("context", r.context)?;
         let ct = r.ciphertext;
-        let o = self.run(move |b| b.decrypt(&c, &ct, &ctx)).await?;
-        Ok(Response::new(pb::DecryptResponse {
-            key_id: o.key_id.to_string(),
-            key_version: o.key_version,
-            plaintext: o.plaintext.into_exposed(),
-        }))
+        let (cx, o) = self.run(cx, move |b, cx| b.decrypt(cx, &ct, &ctx)).await?;
+        Ok(reply(
+            &cx,
+            pb::DecryptResponse {
+                key_id: o.key_id.to_string(),
+                key_version: o.key_version,
+                plaintext: o.plaintext.into_exposed(),
+            },
+        ))
     }
 
     async fn generate_data_key(
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let c = caller(&req)?;
+        let cx = self.ctx(&req, "generate-data-key")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
-        let d = self
-            .run(move |b| b.generate_data_key(&c, &id, &ctx, true))
+        let (cx, d) = self
+            .run(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, true))
             .await?;
         let plaintext_key = match &d.plaintext {
             Some(k) => k.expose_secret().to_vec(),
-            None => {
-                return Err(to_status(Error::Internal(
-                    "data key without plaintext".into(),
-                )))
-            }
+            None => return Err(to_status(Error::Internal("data key without plaintext".into()))),
         };
-        Ok(Response::new(pb::GenerateDataKeyResponse {
-            plaintext_key,
-            wrapped_key: d.wrapped,
-            key_id: d.key_id.to_string(),
-            key_version: d.key_version,
-        }))
+        Ok(reply(
+            &cx,
+            pb::GenerateDataKeyResponse {
+                plaintext_key,
+                wrapped_key: d.wrapped,
+                key_id: d.key_id.to_string(),
+                key_version: d.key_version,
+            },
+        ))
     }
 
     async fn generate_data_key_without_plaintext(
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let c = caller(&req)?;
+        let cx = self.ctx(&req, "generate-data-key-without-plaintext")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
-        let d = self
-            .run(move |b| b.generate_data_key(&c, &id, &ctx, false))
+        let (cx, d) = self
+            .run(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, false))
             .await?;
-        Ok(Response::new(pb::GenerateDataKeyWithoutPlaintextResponse {
-            wrapped_key: d.wrapped,
-            key_id: d.key_id.to_string(),
-            key_version: d.key_version,
-        }))
+        Ok(reply(
+            &cx,
+            pb::GenerateDataKeyWithoutPlaintextResponse {
+                wrapped_key: d.wrapped,
+                key_id: d.key_id.to_string(),
+                key_version: d.key_version,
+            },
+        ))
     }
 
-    async fn re_encrypt(
-        &self,
-        req: Request<pb::ReEncryptRequest>,
-    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        let c = caller(&req)?;
+    async fn re_encrypt(&self, req: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        let cx = self.ctx(&req, "re-encrypt")?;
         let r = req.into_inner();
         let src_ctx = convert::context("source_context", r.source_context)?;
         let dst_ctx = convert::context("destination_context", r.destination_context)?;
         let dst = if r.destination_key_id.is_empty() {
             None
         } else {
-            Some(convert::key_id(
-                "destination_key_id",
-                &r.destination_key_id,
-            )?)
+            Some(convert::key_id("destination_key_id", &r.destination_key_id)?)
         };
         let ct = r.ciphertext;
-        let o = self
-            .run(move |b| b.re_encrypt(&c, &ct, &src_ctx, dst.as_ref(), &dst_ctx))
+        let (cx, o) = self
+            .run(cx, move |b, cx| b.re_encrypt(cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx))
             .await?;
-        Ok(Response::new(pb::ReEncryptResponse {
-            ciphertext: o.ciphertext,
-            source_key_id: o.source.0.to_string(),
-            source_key_version: o.source.1,
-            key_id: o.destination.0.to_string(),
-            key_version: o.destination.1,
-        }))
+        Ok(reply(
+            &cx,
+            pb::ReEncryptResponse {
+                ciphertext: o.ciphertext,
+                source_key_id: o.source.0.to_string(),
+                source_key_version: o.source.1,
+                key_id: o.destination.0.to_string(),
+                key_version: o.destination.1,
+            },
+        ))
     }
 }
 
 #[tonic::async_trait]
 impl pb::broker_service_server::BrokerService for Api {
-    async fn get_info(
-        &self,
-        req: Request<pb::GetInfoRequest>,
-    ) -> Result<Response<pb::BrokerInfo>, Status> {
-        let c = caller(&req)?;
+    async fn get_info(&self, req: Request<pb::GetInfoRequest>) -> Result<Response<pb::BrokerInfo>, Status> {
+        let cx = self.ctx(&req, "get-info")?;
         let s = self.broker.status();
-        Ok(Response::new(pb::BrokerInfo {
-            region: s.region.to_string(),
-            broker_id: s.broker_id,
-            root_kind: s.root.kind.to_owned(),
-            root_description: s.root.description,
-            development_only: s.root.development_only,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            cache_hits: s.cache.hits,
-            cache_misses: s.cache.misses,
-            root_calls: s.root_calls,
-            caller: c.spiffe_id(),
-        }))
+        let pk = self.broker.signing_public_key_pem().unwrap_or_default();
+        Ok(reply(
+            &cx,
+            pb::BrokerInfo {
+                region: s.region.to_string(),
+                broker_id: s.broker_id,
+                root_kind: s.root.kind.to_owned(),
+                root_description: s.root.description,
+                development_only: s.root.development_only,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                cache_hits: s.cache.hits,
+                cache_misses: s.cache.misses,
+                root_calls: s.root_calls,
+                caller: cx.caller.spiffe_id(),
+                signing_public_key_pem: pk,
+            },
+        ))
     }
 }

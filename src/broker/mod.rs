@@ -1,8 +1,9 @@
 //! The core: request → identity → region rule → policy → crypto → store.
 //!
 //! Knows nothing of gRPC or of any particular root of trust. Every public
-//! method takes the authenticated [`Caller`] first and checks, in this order:
-//! trust domain, role, the region rule, the key's grants, the key's state.
+//! method takes the call context (authenticated [`Caller`], request id)
+//! first and checks, in this order: trust domain, role, the region rule, the
+//! key's grants, the key's state; then it audits the outcome.
 //! Methods block (store flushes, root-of-trust calls); the API layer runs
 //! them off the async runtime.
 
@@ -10,6 +11,7 @@ mod lifecycle;
 
 pub use lifecycle::{CreateKey, GrantRequest, LocateFilter};
 
+use crate::audit::{AuditError, AuditSink, Event, Kind, Outcome};
 use crate::clock::Clock;
 use crate::envelope::{self, EncryptionContext, Envelope};
 use crate::error::{Error, Result};
@@ -114,6 +116,7 @@ pub struct Broker {
     /// Serializes read-modify-write of key records on this node.
     lifecycle: Mutex<()>,
     root_calls: AtomicU64,
+    audit: Arc<dyn AuditSink>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -146,6 +149,7 @@ impl Broker {
         root: Arc<dyn RootOfTrust>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+        audit: Arc<dyn AuditSink>,
     ) -> Self {
         let cache = KekCache::new(settings.cache_max_entries, settings.cache_ttl);
         Self {
@@ -157,6 +161,7 @@ impl Broker {
             rng: SystemRandom::new(),
             lifecycle: Mutex::new(()),
             root_calls: AtomicU64::new(0),
+            audit,
         }
     }
 
@@ -174,6 +179,17 @@ impl Broker {
             cache: self.cache.stats(),
             root_calls: self.root_calls.load(Ordering::Relaxed),
         }
+    }
+
+    /// The root's signing public key as SubjectPublicKeyInfo PEM.
+    pub fn signing_public_key_pem(&self) -> Result<String> {
+        let point = self.with_root(|r| r.signing_public_key())?;
+        Ok(crate::root::pkcs11::admin::p256_spki_pem(&point))
+    }
+
+    /// Flushes the audit log and signs a final checkpoint (at shutdown).
+    pub fn close_audit(&self) {
+        self.audit.close();
     }
 
     /// Health of what requests depend on (root of trust).
@@ -338,124 +354,219 @@ impl Broker {
         envelope::open(&kek, env, ctx).map_err(|e| Error::invalid(e.to_string()))
     }
 
-    /// Encrypt: any region's service, where the key's grants name it.
-    pub fn encrypt(
+    /// Runs a request and audits its outcome. With `durable`, a success is
+    /// answered only once its record is on disk; if the log cannot be
+    /// written the result (plaintext included) is dropped and the caller
+    /// gets `UNAVAILABLE`.
+    fn audited<T>(
         &self,
-        caller: &Caller,
-        key_id: &KeyId,
-        plaintext: Plaintext,
-        ctx: &EncryptionContext,
-    ) -> Result<Sealed> {
-        self.admit(caller)?;
-        policy::require_service(caller, CryptoOp::Encrypt)?;
-        self.check_plaintext_len(plaintext.len())?;
-        let rec = self.load(key_id)?;
-        policy::check_grant(&rec.grants, caller, CryptoOp::Encrypt, &rec.id)?;
-        self.check_state(&rec, CryptoOp::Encrypt, false)?;
-        self.seal(&rec, ctx, &plaintext)
+        cx: &CallCtx,
+        operation: &'static str,
+        context: Option<&EncryptionContext>,
+        durable: bool,
+        f: impl FnOnce(&mut Note) -> Result<T>,
+    ) -> Result<T> {
+        let mut note = Note::default();
+        let r = f(&mut note);
+        let ev = self.event(Some(cx), operation, context, &note, r.as_ref().err());
+        if r.is_ok() && durable {
+            self.audit.append_durable(ev).map_err(audit_err)?;
+        } else {
+            self.audit.append(ev);
+        }
+        r
+    }
+
+    fn event(
+        &self,
+        cx: Option<&CallCtx>,
+        operation: &'static str,
+        context: Option<&EncryptionContext>,
+        note: &Note,
+        err: Option<&Error>,
+    ) -> Event {
+        let (outcome, code, reason) = match err {
+            None => (Outcome::Allowed, "OK", String::new()),
+            Some(e) => (e.outcome(), e.code_name(), e.to_string()),
+        };
+        Event {
+            kind: Kind::Request,
+            request_id: cx.map(|c| c.request_id.clone()).unwrap_or_default(),
+            caller: cx.map(|c| c.caller.clone()),
+            operation,
+            key_id: note.key_id.clone(),
+            key_version: note.key_version,
+            context_sha256: context.map(EncryptionContext::digest_hex).unwrap_or_default(),
+            outcome,
+            code,
+            reason,
+        }
+    }
+
+    /// Audits a request refused before it reached the core (no identity).
+    pub fn audit_unauthenticated(&self, request_id: &str, operation: &'static str, reason: &str) {
+        self.audit.append(Event {
+            kind: Kind::Request,
+            request_id: request_id.to_owned(),
+            caller: None,
+            operation,
+            key_id: String::new(),
+            key_version: 0,
+            context_sha256: String::new(),
+            outcome: Outcome::Refused,
+            code: "PERMISSION_DENIED",
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Encrypt: any region's service, where the key's grants name it.
+    pub fn encrypt(&self, cx: &CallCtx, key_id: &KeyId, plaintext: Plaintext, ctx: &EncryptionContext) -> Result<Sealed> {
+        self.audited(cx, "encrypt", Some(ctx), false, |note| {
+            let caller = &cx.caller;
+            note.key(key_id, 0);
+            self.admit(caller)?;
+            policy::require_service(caller, CryptoOp::Encrypt)?;
+            self.check_plaintext_len(plaintext.len())?;
+            let rec = self.load(key_id)?;
+            policy::check_grant(&rec.grants, caller, CryptoOp::Encrypt, &rec.id)?;
+            self.check_state(&rec, CryptoOp::Encrypt, false)?;
+            note.key(key_id, rec.primary_version);
+            self.seal(&rec, ctx, &plaintext)
+        })
     }
 
     /// Decrypt: in-region services with a grant only.
-    pub fn decrypt(
-        &self,
-        caller: &Caller,
-        ciphertext: &[u8],
-        ctx: &EncryptionContext,
-    ) -> Result<Opened> {
-        self.admit(caller)?;
-        policy::require_service(caller, CryptoOp::Decrypt)?;
-        let here = &self.settings.region;
-        // The residency rule comes before the ciphertext is even parsed.
-        check_residency(&caller.region, here, here, CryptoOp::Decrypt.verb())?;
-        let env = self.parse_ciphertext(ciphertext)?;
-        let rec = self.load(&env.header.key_id)?;
-        check_residency(
-            &caller.region,
-            here,
-            &rec.home_region,
-            CryptoOp::Decrypt.verb(),
-        )?;
-        policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
-        self.check_state(&rec, CryptoOp::Decrypt, true)?;
-        let plaintext = self.open_checked(&rec, &env, ctx)?;
-        Ok(Opened {
-            plaintext,
-            key_id: rec.id,
-            key_version: env.header.key_version,
+    pub fn decrypt(&self, cx: &CallCtx, ciphertext: &[u8], ctx: &EncryptionContext) -> Result<Opened> {
+        self.audited(cx, "decrypt", Some(ctx), true, |note| {
+            let caller = &cx.caller;
+            self.admit(caller)?;
+            policy::require_service(caller, CryptoOp::Decrypt)?;
+            let here = &self.settings.region;
+            // The residency rule comes before the ciphertext is even parsed.
+            check_residency(&caller.region, here, here, CryptoOp::Decrypt.verb())?;
+            let env = self.parse_ciphertext(ciphertext)?;
+            note.key(&env.header.key_id, env.header.key_version);
+            let rec = self.load(&env.header.key_id)?;
+            check_residency(&caller.region, here, &rec.home_region, CryptoOp::Decrypt.verb())?;
+            policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
+            self.check_state(&rec, CryptoOp::Decrypt, true)?;
+            let plaintext = self.open_checked(&rec, &env, ctx)?;
+            Ok(Opened {
+                plaintext,
+                key_id: rec.id,
+                key_version: env.header.key_version,
+            })
         })
     }
 
     /// GenerateDataKey: with plaintext, in-region only; without, like Encrypt.
     pub fn generate_data_key(
         &self,
-        caller: &Caller,
+        cx: &CallCtx,
         key_id: &KeyId,
         ctx: &EncryptionContext,
         with_plaintext: bool,
     ) -> Result<DataKey> {
-        let op = if with_plaintext {
-            CryptoOp::GenerateDataKey
+        let (op, name) = if with_plaintext {
+            (CryptoOp::GenerateDataKey, "generate-data-key")
         } else {
-            CryptoOp::GenerateDataKeyWithoutPlaintext
+            (CryptoOp::GenerateDataKeyWithoutPlaintext, "generate-data-key-without-plaintext")
         };
-        self.admit(caller)?;
-        policy::require_service(caller, op)?;
-        let here = &self.settings.region;
-        if with_plaintext {
-            check_residency(&caller.region, here, here, op.verb())?;
-        }
-        let rec = self.load(key_id)?;
-        if with_plaintext {
-            check_residency(&caller.region, here, &rec.home_region, op.verb())?;
-        }
-        policy::check_grant(&rec.grants, caller, op, &rec.id)?;
-        self.check_state(&rec, op, false)?;
-        let mut raw = [0u8; KEY_LEN];
-        self.rng.fill(&mut raw).map_err(|_| rng_err())?;
-        let dk = KeyMaterial::from_array(&mut raw);
-        let sealed = self.seal(&rec, ctx, &Plaintext::new(dk.expose_secret().to_vec()))?;
-        Ok(DataKey {
-            plaintext: with_plaintext.then_some(dk),
-            wrapped: sealed.ciphertext,
-            key_id: sealed.key_id,
-            key_version: sealed.key_version,
+        self.audited(cx, name, Some(ctx), with_plaintext, |note| {
+            let caller = &cx.caller;
+            note.key(key_id, 0);
+            self.admit(caller)?;
+            policy::require_service(caller, op)?;
+            let here = &self.settings.region;
+            if with_plaintext {
+                check_residency(&caller.region, here, here, op.verb())?;
+            }
+            let rec = self.load(key_id)?;
+            if with_plaintext {
+                check_residency(&caller.region, here, &rec.home_region, op.verb())?;
+            }
+            policy::check_grant(&rec.grants, caller, op, &rec.id)?;
+            self.check_state(&rec, op, false)?;
+            note.key(key_id, rec.primary_version);
+            let mut raw = [0u8; KEY_LEN];
+            self.rng.fill(&mut raw).map_err(|_| rng_err())?;
+            let dk = KeyMaterial::from_array(&mut raw);
+            let sealed = self.seal(&rec, ctx, &Plaintext::new(dk.expose_secret().to_vec()))?;
+            Ok(DataKey {
+                plaintext: with_plaintext.then_some(dk),
+                wrapped: sealed.ciphertext,
+                key_id: sealed.key_id,
+                key_version: sealed.key_version,
+            })
         })
     }
 
     /// ReEncrypt: in-region only; the plaintext never leaves the broker.
     pub fn re_encrypt(
         &self,
-        caller: &Caller,
+        cx: &CallCtx,
         ciphertext: &[u8],
         source_ctx: &EncryptionContext,
         destination: Option<&KeyId>,
         destination_ctx: &EncryptionContext,
     ) -> Result<ReEncrypted> {
         let op = CryptoOp::ReEncrypt;
-        self.admit(caller)?;
-        policy::require_service(caller, op)?;
-        let here = &self.settings.region;
-        check_residency(&caller.region, here, here, op.verb())?;
-        let env = self.parse_ciphertext(ciphertext)?;
-        let src = self.load(&env.header.key_id)?;
-        check_residency(&caller.region, here, &src.home_region, op.verb())?;
-        policy::check_grant(&src.grants, caller, op, &src.id)?;
-        self.check_state(&src, op, true)?;
-        let dst = match destination {
-            Some(d) if *d != src.id => {
-                let dst = self.load(d)?;
-                policy::check_grant(&dst.grants, caller, op, &dst.id)?;
-                dst
-            }
-            _ => src.clone(),
-        };
-        self.check_state(&dst, CryptoOp::Encrypt, false)?;
-        let plaintext = self.open_checked(&src, &env, source_ctx)?;
-        let sealed = self.seal(&dst, destination_ctx, &plaintext)?;
-        Ok(ReEncrypted {
-            ciphertext: sealed.ciphertext,
-            source: (src.id, env.header.key_version),
-            destination: (sealed.key_id, sealed.key_version),
+        self.audited(cx, "re-encrypt", Some(source_ctx), true, |note| {
+            let caller = &cx.caller;
+            self.admit(caller)?;
+            policy::require_service(caller, op)?;
+            let here = &self.settings.region;
+            check_residency(&caller.region, here, here, op.verb())?;
+            let env = self.parse_ciphertext(ciphertext)?;
+            note.key(&env.header.key_id, env.header.key_version);
+            let src = self.load(&env.header.key_id)?;
+            check_residency(&caller.region, here, &src.home_region, op.verb())?;
+            policy::check_grant(&src.grants, caller, op, &src.id)?;
+            self.check_state(&src, op, true)?;
+            let dst = match destination {
+                Some(d) if *d != src.id => {
+                    let dst = self.load(d)?;
+                    policy::check_grant(&dst.grants, caller, op, &dst.id)?;
+                    dst
+                }
+                _ => src.clone(),
+            };
+            self.check_state(&dst, CryptoOp::Encrypt, false)?;
+            let plaintext = self.open_checked(&src, &env, source_ctx)?;
+            let sealed = self.seal(&dst, destination_ctx, &plaintext)?;
+            Ok(ReEncrypted {
+                ciphertext: sealed.ciphertext,
+                source: (src.id, env.header.key_version),
+                destination: (sealed.key_id, sealed.key_version),
+            })
         })
     }
+}
+
+/// What a request reached, filled in as the core learns it (for the audit record).
+#[derive(Default)]
+pub(crate) struct Note {
+    key_id: String,
+    key_version: u32,
+}
+
+impl Note {
+    fn key(&mut self, id: &KeyId, version: u32) {
+        self.key_id = id.to_string();
+        self.key_version = version;
+    }
+}
+
+/// Who is asking, and the request's id (in audit records and responses).
+#[derive(Clone, Debug)]
+pub struct CallCtx {
+    /// Authenticated caller.
+    pub caller: Caller,
+    /// Request id.
+    pub request_id: String,
+}
+
+fn audit_err(e: AuditError) -> Error {
+    tracing::error!(error = %e, "audit record not durable: refusing the request");
+    Error::Unavailable("the audit log cannot be written; the request was not carried out and nothing was released".into())
 }

@@ -21,7 +21,7 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
             "fix the config; deploy/broker.example.toml documents every key",
         )
     })?;
-    let (_broker, server) = crate::server::start(&settings, Arc::new(SystemClock))
+    let (broker, server) = crate::server::start(&settings, Arc::new(SystemClock))
         .await
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
     // One machine-readable line on stdout, for supervisors and tests.
@@ -30,6 +30,7 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         .run_until(shutdown_signal())
         .await
         .map_err(|e| CliError::new(e.to_string(), "the server stopped with an error"))?;
+    broker.close_audit();
     tracing::info!("broker stopped");
     Ok(())
 }

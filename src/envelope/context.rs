@@ -40,6 +40,16 @@ impl EncryptionContext {
         &self.0
     }
 
+    /// SHA-256 (hex) of the canonical encoding, for audit records; "" when empty.
+    pub fn digest_hex(&self) -> String {
+        if self.0.is_empty() {
+            return String::new();
+        }
+        let mut b = Vec::new();
+        self.encode_into(&mut b);
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &b))
+    }
+
     /// Canonical encoding: u32 count, then per pair (sorted by key bytes)
     /// u32 key length, key, u32 value length, value; integers big-endian.
     pub fn encode_into(&self, out: &mut Vec<u8>) {

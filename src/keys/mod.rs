@@ -2,6 +2,7 @@
 //! material only), and the in-memory cache of unwrapped version material.
 
 mod cache;
+pub mod provenance;
 pub mod rewrap;
 
 pub use cache::{CacheStats, KekCache};
@@ -131,6 +132,9 @@ pub struct VersionRecord {
     pub created_at: i64,
     /// The wrapped material; `None` once the key is destroyed.
     pub wrapped: Option<WrappedKey>,
+    /// Signed origin of this version.
+    #[serde(default)]
+    pub provenance: Option<provenance::Provenance>,
 }
 
 /// A key as the store keeps it. Holds wrapped material only: the unwrapped

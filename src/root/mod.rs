@@ -78,6 +78,8 @@ pub struct RootInfo {
     pub root_key_id: String,
     /// True when the root gives no hardware protection.
     pub development_only: bool,
+    /// How version material is made and wrapped (for provenance).
+    pub mechanism: String,
 }
 
 /// The root of trust of one broker.

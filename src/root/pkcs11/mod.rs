@@ -433,6 +433,7 @@ impl Pkcs11Root {
                 description: String::new(),
                 root_key_id: String::new(),
                 development_only: false,
+                mechanism: String::new(),
             }),
             settings,
             module,
@@ -512,6 +513,10 @@ impl Pkcs11Root {
             ),
                 root_key_id: cur.id_str.clone(),
                 development_only: false,
+                mechanism: format!(
+                    "C_GenerateRandom; {} under the HSM root key",
+                    self.settings.profile.wrap.name()
+                ),
             };
         *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn);
     }

@@ -1,0 +1,363 @@
+//! The audit log: an append-only JSON-lines file with group commit.
+//!
+//! One writer thread owns the file. Callers hand it events; it assigns
+//! sequence numbers and chain hashes, writes a whole batch with one
+//! `write` and one `fdatasync`, then wakes the callers that wait for
+//! durability. If a write or sync fails, the file is cut back to its last
+//! durable length, the chain does not advance, and every caller in the batch
+//! gets an error: nothing after a failed record claims it as its predecessor.
+//! A torn last line after a crash (never acknowledged) is cut off at start.
+
+use super::record::{checkpoint_message, CheckpointBody, Kind, Record, GENESIS};
+use super::{AuditError, AuditSink, Event};
+use crate::root::RootOfTrust;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest batch written with one sync.
+const MAX_BATCH: usize = 4096;
+
+/// Checkpoint and identity settings of the log.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// The log file.
+    pub path: PathBuf,
+    /// Region (in every record).
+    pub region: String,
+    /// Broker id (in every record).
+    pub broker_id: String,
+    /// Sign a checkpoint after this many records...
+    pub checkpoint_every: u64,
+    /// ...or after this long with unsigned records.
+    pub checkpoint_interval: Duration,
+}
+
+enum Msg {
+    Event(Event, Option<SyncSender<Result<u64, AuditError>>>),
+    Shutdown(SyncSender<()>),
+}
+
+/// The file-backed audit log.
+pub struct AuditLog {
+    tx: Mutex<Sender<Msg>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the last complete record, cutting off a torn final line.
+fn recover_tail(f: &mut File, path: &Path) -> Result<(u64, String, u64), AuditError> {
+    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let len = f.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Ok((0, GENESIS.to_owned(), 0));
+    }
+    // Read backwards until the buffer holds the last complete line.
+    let mut chunk = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(chunk);
+        f.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut buf = Vec::new();
+        f.take(len - start).read_to_end(&mut buf).map_err(io)?;
+        let end = match buf.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i,
+            None if start == 0 => {
+                // Only a torn first line: nothing was ever durable.
+                f.set_len(0).map_err(io)?;
+                return Ok((0, GENESIS.to_owned(), 0));
+            }
+            None => {
+                chunk *= 2;
+                continue;
+            }
+        };
+        let durable_len = start + end as u64 + 1;
+        let line_start = match buf[..end].iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if start == 0 => 0,
+            None => {
+                chunk *= 2;
+                continue;
+            }
+        };
+        let rec: Record = serde_json::from_slice(&buf[line_start..end]).map_err(|e| {
+            AuditError::Corrupt(format!(
+                "{}: the last record does not parse ({e}); run `sovkms audit verify`",
+                path.display()
+            ))
+        })?;
+        if rec.compute_hash() != rec.hash {
+            return Err(AuditError::Corrupt(format!(
+                "{}: the last record (seq {}) fails its hash; run `sovkms audit verify`",
+                path.display(),
+                rec.seq
+            )));
+        }
+        if durable_len < len {
+            tracing::warn!(bytes = len - durable_len, "cutting a torn final audit line (never acknowledged)");
+            f.set_len(durable_len).map_err(io)?;
+        }
+        return Ok((rec.seq, rec.hash, durable_len));
+    }
+}
+
+struct Writer {
+    file: File,
+    settings: LogSettings,
+    root: Arc<dyn RootOfTrust>,
+    seq: u64,
+    hash: String,
+    durable_len: u64,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
+impl Writer {
+    fn build(&self, seq: u64, prev: &str, e: &Event, time_unix_ms: u64) -> Record {
+        let (td, region, role, name, id) = match &e.caller {
+            Some(c) => (
+                c.trust_domain.clone(),
+                c.region.to_string(),
+                c.role.as_str().to_owned(),
+                c.name.clone(),
+                c.spiffe_id(),
+            ),
+            None => Default::default(),
+        };
+        let mut r = Record {
+            seq,
+            time_unix_ms,
+            region: self.settings.region.clone(),
+            broker_id: self.settings.broker_id.clone(),
+            kind: e.kind.clone(),
+            request_id: e.request_id.clone(),
+            caller: id,
+            caller_trust_domain: td,
+            caller_region: region,
+            caller_role: role,
+            caller_name: name,
+            operation: e.operation.to_owned(),
+            key_id: e.key_id.clone(),
+            key_version: e.key_version,
+            context_sha256: e.context_sha256.clone(),
+            outcome: e.outcome.as_str().to_owned(),
+            code: e.code.to_owned(),
+            reason: e.reason.clone(),
+            checkpoint: None,
+            prev_hash: prev.to_owned(),
+            hash: String::new(),
+        };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    /// Writes records durably; on failure cuts the file back and leaves the chain as it was.
+    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
+        let mut buf = Vec::with_capacity(records.len() * 512);
+        for r in records {
+            serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Io(e.to_string()))?;
+            buf.push(b'\n');
+        }
+        let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
+        match res {
+            Ok(()) => {
+                self.durable_len += buf.len() as u64;
+                if let Some(last) = records.last() {
+                    self.seq = last.seq;
+                    self.hash = last.hash.clone();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.durable_len);
+                let _ = self.file.seek(SeekFrom::Start(self.durable_len));
+                tracing::error!(error = %e, "audit log write failed; requests that need a durable record are refused");
+                Err(AuditError::Io(e.to_string()))
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<(Event, Option<SyncSender<Result<u64, AuditError>>>)>) {
+        let t = now_ms();
+        let mut records = Vec::with_capacity(batch.len());
+        let (mut seq, mut prev) = (self.seq, self.hash.clone());
+        for (e, _) in &batch {
+            seq += 1;
+            let r = self.build(seq, &prev, e, t);
+            prev = r.hash.clone();
+            records.push(r);
+        }
+        let res = self.commit(&records);
+        for ((_, waiter), r) in batch.into_iter().zip(&records) {
+            if let Some(w) = waiter {
+                let _ = w.send(res.clone().map(|_| r.seq));
+            }
+        }
+        if res.is_ok() {
+            self.since_checkpoint += records.len() as u64;
+        }
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.since_checkpoint >= self.settings.checkpoint_every
+            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval)
+    }
+
+    fn checkpoint(&mut self) {
+        let t = now_ms();
+        let msg = checkpoint_message(self.seq, &self.hash, t, &self.settings.region, &self.settings.broker_id);
+        let sig = match self.root.sign(&msg) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "audit checkpoint not signed; will retry");
+                self.last_checkpoint = Instant::now();
+                return;
+            }
+        };
+        let ev = Event::system(Kind::Checkpoint, "checkpoint", "");
+        let mut r = self.build(self.seq + 1, &self.hash.clone(), &ev, t);
+        r.checkpoint = Some(CheckpointBody {
+            head_seq: self.seq,
+            head_hash: self.hash.clone(),
+            signer: self.root.info().root_key_id,
+            signature: hex::encode(sig),
+        });
+        r.hash = r.compute_hash();
+        if self.commit(std::slice::from_ref(&r)).is_ok() {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let first = match rx.recv_timeout(self.settings.checkpoint_interval) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.checkpoint_due() {
+                        self.checkpoint();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = Vec::new();
+            let mut shutdown = None;
+            match first {
+                Msg::Event(e, w) => batch.push((e, w)),
+                Msg::Shutdown(done) => shutdown = Some(done),
+            }
+            while batch.len() < MAX_BATCH && shutdown.is_none() {
+                match rx.try_recv() {
+                    Ok(Msg::Event(e, w)) => batch.push((e, w)),
+                    Ok(Msg::Shutdown(done)) => shutdown = Some(done),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+            if self.checkpoint_due() {
+                self.checkpoint();
+            }
+            if let Some(done) = shutdown {
+                if self.since_checkpoint > 0 {
+                    self.checkpoint();
+                }
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, recovers its head, and starts the writer.
+    pub fn open(settings: LogSettings, root: Arc<dyn RootOfTrust>) -> Result<Self, AuditError> {
+        let path = settings.path.clone();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| AuditError::Io(format!("cannot open audit log {}: {e}", path.display())))?;
+        let (seq, hash, durable_len) = recover_tail(&mut file, &path)?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
+        let writer = Writer {
+            file,
+            settings,
+            root,
+            seq,
+            hash,
+            durable_len,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sovkms-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Io(format!("cannot start the audit writer: {e}")))?;
+        Ok(Self {
+            tx: Mutex::new(tx),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, m: Msg) -> Result<(), AuditError> {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(m)
+            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))
+    }
+
+    /// Writes a final checkpoint and stops the writer.
+    pub fn shutdown(&self) {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if self.send(Msg::Shutdown(done_tx)).is_ok() {
+            let _ = done_rx.recv();
+        }
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl AuditSink for AuditLog {
+    fn append(&self, event: Event) {
+        if let Err(e) = self.send(Msg::Event(event, None)) {
+            tracing::error!(error = %e, "audit record dropped");
+        }
+    }
+
+    fn append_durable(&self, event: Event) -> Result<u64, AuditError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Msg::Event(event, Some(tx)))?;
+        rx.recv()
+            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+    }
+
+    fn close(&self) {
+        self.shutdown();
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

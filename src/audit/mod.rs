@@ -1,0 +1,105 @@
+//! Audit: every request becomes a record in a hash chain; checkpoints of the
+//! chain head are signed by the root of trust; auditors verify offline with
+//! the public key only; the central plane sees aggregates, never records.
+
+mod log;
+pub mod record;
+mod verify;
+
+pub use log::{AuditLog, LogSettings};
+pub use record::{Kind, Record};
+pub use verify::{aggregate, export, parse_public_key, verify, AggregateRow, ExportFormat, VerifyFailure, VerifyReport};
+
+use crate::region::Caller;
+
+/// Why an audit write failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file could not be written or synced (disk full, I/O error).
+    #[error("audit log I/O: {0}")]
+    Io(String),
+    /// The existing log is damaged.
+    #[error("audit log corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done as asked.
+    Allowed,
+    /// Refused by identity, role, region, grant or state rules, or bad input.
+    Refused,
+    /// Failed for an operational reason (root of trust, store, audit).
+    Failed,
+}
+
+impl Outcome {
+    /// Name in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the core hands the log; the log adds sequence, time and hashes.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Record kind.
+    pub kind: Kind,
+    /// Request id.
+    pub request_id: String,
+    /// Authenticated caller, if any.
+    pub caller: Option<Caller>,
+    /// Operation name.
+    pub operation: &'static str,
+    /// Key id, if known.
+    pub key_id: String,
+    /// Key version, 0 if none.
+    pub key_version: u32,
+    /// SHA-256 hex of the canonical context, if one was given.
+    pub context_sha256: String,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// gRPC code name.
+    pub code: &'static str,
+    /// Reason told to the caller.
+    pub reason: String,
+}
+
+impl Event {
+    /// A record the broker writes on its own behalf (start, checkpoint).
+    pub fn system(kind: Kind, operation: &'static str, reason: &str) -> Self {
+        Self {
+            kind,
+            request_id: String::new(),
+            caller: None,
+            operation,
+            key_id: String::new(),
+            key_version: 0,
+            context_sha256: String::new(),
+            outcome: Outcome::Allowed,
+            code: "OK",
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// Where audit events go.
+///
+/// Contract: `append_durable` returns only once the record is on stable
+/// storage (its sequence number is returned), or fails and then the record
+/// is not in the log and the chain did not advance. `append` may buffer the
+/// record for the next group commit (milliseconds) and loses it if that
+/// commit fails or the process dies first.
+pub trait AuditSink: Send + Sync {
+    /// Buffered append.
+    fn append(&self, event: Event);
+    /// Durable append.
+    fn append_durable(&self, event: Event) -> Result<u64, AuditError>;
+    /// Writes what is buffered and a final signed checkpoint, then stops.
+    fn close(&self);
+}

@@ -1,0 +1,250 @@
+//! Offline work on an exported log or a stopped broker's log file: verify
+//! the chain and checkpoint signatures, export, aggregate.
+
+use super::record::{checkpoint_message, Kind, Record, GENESIS};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+
+/// Where and why a log fails verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log broken at line {line}, sequence {seq}: {why}")]
+pub struct VerifyFailure {
+    /// 1-based line of the file.
+    pub line: u64,
+    /// The first bad sequence number (the one expected there).
+    pub seq: u64,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// What verification saw.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Records checked.
+    pub records: u64,
+    /// Signed checkpoints checked.
+    pub checkpoints: u64,
+    /// Last sequence number.
+    pub last_seq: u64,
+    /// Last sequence number covered by a verified checkpoint.
+    pub last_checkpoint_head: u64,
+}
+
+/// Parses an auditor's public key: SubjectPublicKeyInfo PEM (as `sovkms hsm
+/// init` prints it) or the hex of the uncompressed point.
+pub fn parse_public_key(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let t = text.trim();
+    let bytes = if t.starts_with("-----BEGIN PUBLIC KEY-----") {
+        let b64: String = t.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("public key PEM: {e}"))?;
+        if der.len() != 91 || der[..4] != [0x30, 0x59, 0x30, 0x13] {
+            return Err("public key PEM is not an ECDSA P-256 SubjectPublicKeyInfo".into());
+        }
+        der[26..].to_vec()
+    } else {
+        hex::decode(t).map_err(|_| "public key is neither a PEM nor hex".to_string())?
+    };
+    if bytes.len() != 65 || bytes[0] != 0x04 {
+        return Err("public key is not an uncompressed P-256 point".into());
+    }
+    Ok(bytes)
+}
+
+/// Checks every link and every checkpoint signature. With
+/// `require_checkpoint`, the log must end with a checkpoint, so a tail cut
+/// off after the last checkpoint is detected.
+pub fn verify(input: impl BufRead, public_key: &[u8], require_checkpoint: bool) -> Result<VerifyReport, VerifyFailure> {
+    let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key);
+    let mut rep = VerifyReport::default();
+    let mut prev = GENESIS.to_owned();
+    let mut last_kind = None;
+    for (i, line) in input.lines().enumerate() {
+        let line_no = i as u64 + 1;
+        let expected = rep.last_seq + 1;
+        let fail = |why: String| VerifyFailure {
+            line: line_no,
+            seq: expected,
+            why,
+        };
+        let line = line.map_err(|e| fail(format!("cannot read: {e}")))?;
+        let r: Record = serde_json::from_str(&line).map_err(|e| fail(format!("record does not parse: {e}")))?;
+        if r.seq != expected {
+            return Err(fail(if r.seq > expected {
+                format!("found sequence {} where {expected} belongs: record {expected} was deleted", r.seq)
+            } else {
+                format!("found sequence {} where {expected} belongs: records were inserted or reordered", r.seq)
+            }));
+        }
+        if r.prev_hash != prev {
+            return Err(fail(
+                "its prev_hash is not the hash of the record before it: a record before it was removed, inserted or altered"
+                    .into(),
+            ));
+        }
+        if r.compute_hash() != r.hash {
+            return Err(fail("its content does not match its hash: the record was altered".into()));
+        }
+        if r.kind == Kind::Checkpoint {
+            let cp = r
+                .checkpoint
+                .as_ref()
+                .ok_or_else(|| fail("checkpoint record without a checkpoint body".into()))?;
+            if cp.head_seq + 1 != r.seq || cp.head_hash != r.prev_hash {
+                return Err(fail("checkpoint does not cover the record before it".into()));
+            }
+            let sig = hex::decode(&cp.signature).map_err(|_| fail("checkpoint signature is not hex".into()))?;
+            let msg = checkpoint_message(cp.head_seq, &cp.head_hash, r.time_unix_ms, &r.region, &r.broker_id);
+            key.verify(&msg, &sig)
+                .map_err(|_| fail("checkpoint signature does not verify with the given public key".into()))?;
+            rep.checkpoints += 1;
+            rep.last_checkpoint_head = cp.head_seq;
+        }
+        prev = r.hash.clone();
+        rep.last_seq = r.seq;
+        rep.records += 1;
+        last_kind = Some(r.kind);
+    }
+    if require_checkpoint && last_kind != Some(Kind::Checkpoint) {
+        return Err(VerifyFailure {
+            line: rep.records + 1,
+            seq: rep.last_seq + 1,
+            why: format!(
+                "the log does not end with a signed checkpoint (last checkpoint covers up to sequence {}): its tail may have been cut off",
+                rep.last_checkpoint_head
+            ),
+        });
+    }
+    Ok(rep)
+}
+
+/// Export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// The records as JSON lines, unchanged (verifiable).
+    JsonLines,
+    /// RFC 5424 syslog lines with the fields as structured data.
+    Syslog,
+}
+
+/// RFC 3339 UTC time of a record.
+pub fn rfc3339(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn sd_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '"' | '\\' | ']') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+/// One RFC 5424 line (facility 13, log audit; notice for allowed, warning otherwise).
+pub fn syslog_line(r: &Record) -> String {
+    let severity = if r.outcome == "allowed" { 5 } else { 4 };
+    let pri = 13 * 8 + severity;
+    let mut sd = format!("[sovkms@32473 seq=\"{}\"", r.seq);
+    for (k, v) in [
+        ("kind", format!("{:?}", r.kind).to_lowercase()),
+        ("region", r.region.clone()),
+        ("request_id", r.request_id.clone()),
+        ("caller", r.caller.clone()),
+        ("operation", r.operation.clone()),
+        ("key_id", r.key_id.clone()),
+        ("key_version", r.key_version.to_string()),
+        ("context_sha256", r.context_sha256.clone()),
+        ("outcome", r.outcome.clone()),
+        ("code", r.code.clone()),
+        ("reason", r.reason.clone()),
+        ("hash", r.hash.clone()),
+    ] {
+        if !v.is_empty() {
+            sd.push_str(&format!(" {k}=\"{}\"", sd_escape(&v)));
+        }
+    }
+    sd.push(']');
+    format!(
+        "<{pri}>1 {} {} sovkms - {} {sd} {} {}",
+        rfc3339(r.time_unix_ms),
+        if r.broker_id.is_empty() { "-" } else { &r.broker_id },
+        if r.kind == Kind::Checkpoint { "CHECKPOINT" } else { "AUDIT" },
+        r.operation,
+        r.outcome
+    )
+}
+
+/// Copies records with `seq >= from_seq` and time `>= since_ms` to `out`.
+pub fn export(
+    input: impl BufRead,
+    out: &mut dyn Write,
+    format: ExportFormat,
+    from_seq: u64,
+    since_ms: u64,
+) -> Result<u64, String> {
+    let mut n = 0;
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
+        let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if r.seq < from_seq || r.time_unix_ms < since_ms {
+            continue;
+        }
+        let text = match format {
+            ExportFormat::JsonLines => line,
+            ExportFormat::Syslog => syslog_line(&r),
+        };
+        writeln!(out, "{text}").map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// One cell of the aggregate: counts only, no identities.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AggregateRow {
+    /// UTC day, YYYY-MM-DD.
+    pub day: String,
+    /// Key id ("" for requests that reached no key).
+    pub key_id: String,
+    /// Operation.
+    pub operation: String,
+    /// allowed / refused / failed.
+    pub outcome: String,
+    /// Number of requests (at least the minimum group size).
+    pub count: u64,
+}
+
+/// Counts per day × key × operation × outcome of request records in
+/// `[from_ms, to_ms)`; cells below `min_group` are suppressed.
+pub fn aggregate(input: impl BufRead, from_ms: u64, to_ms: u64, min_group: u64) -> Result<Vec<AggregateRow>, String> {
+    let mut cells: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
+    for (i, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
+        let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if r.kind != Kind::Request || r.time_unix_ms < from_ms || r.time_unix_ms >= to_ms {
+            continue;
+        }
+        let day = rfc3339(r.time_unix_ms).chars().take(10).collect();
+        *cells.entry((day, r.key_id, r.operation, r.outcome)).or_insert(0) += 1;
+    }
+    Ok(cells
+        .into_iter()
+        .filter(|(_, n)| *n >= min_group)
+        .map(|((day, key_id, operation, outcome), count)| AggregateRow {
+            day,
+            key_id,
+            operation,
+            outcome,
+            count,
+        })
+        .collect())
+}
