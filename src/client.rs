@@ -2,8 +2,8 @@
 //! services written in Rust.
 
 use crate::api::proto::{
-    broker_service_client::BrokerServiceClient, crypto_service_client::CryptoServiceClient,
-    key_service_client::KeyServiceClient,
+    audit_service_client::AuditServiceClient, broker_service_client::BrokerServiceClient,
+    crypto_service_client::CryptoServiceClient, key_service_client::KeyServiceClient,
 };
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -75,6 +75,8 @@ pub struct Client {
     pub crypto: CryptoServiceClient<Channel>,
     /// Broker info.
     pub broker: BrokerServiceClient<Channel>,
+    /// Audit records and aggregates.
+    pub audit: AuditServiceClient<Channel>,
     /// The raw channel (health checks, reflection).
     pub channel: Channel,
 }
@@ -105,6 +107,7 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError>
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         broker: BrokerServiceClient::new(channel.clone()),
+        audit: AuditServiceClient::new(channel.clone()),
         channel,
     })
 }

@@ -235,9 +235,15 @@ impl Settings {
         let data_dir = abs(raw.data_dir);
         let root = root_settings(raw.root, &data_dir, &abs)?;
         let audit = AuditSettings {
-            path: raw.audit.path.map(&abs).unwrap_or_else(|| data_dir.join("audit.log")),
+            path: raw
+                .audit
+                .path
+                .map(&abs)
+                .unwrap_or_else(|| data_dir.join("audit.log")),
             checkpoint_every: raw.audit.checkpoint_every_records.unwrap_or(1000).max(1),
-            checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds.unwrap_or(60).max(1)),
+            checkpoint_interval: Duration::from_secs(
+                raw.audit.checkpoint_interval_seconds.unwrap_or(60).max(1),
+            ),
             aggregate_min_group: raw.audit.aggregate_min_group.unwrap_or(10).max(1),
             aggregate_readers: raw
                 .audit
@@ -256,6 +262,9 @@ impl Settings {
                 cache_max_entries: raw.cache.max_entries,
                 cache_ttl: Duration::from_secs(raw.cache.ttl_seconds),
                 default_destroy_days: raw.default_destroy_days,
+                audit_path: audit.path.clone(),
+                aggregate_min_group: audit.aggregate_min_group,
+                aggregate_readers: audit.aggregate_readers.clone(),
             },
             listen: raw.listen,
             data_dir,
@@ -366,13 +375,16 @@ danger_development_only = true
     #[test]
     fn shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/broker.example.toml");
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("/usr/share/sovkms/hsm-profiles", &format!("{}/hsm-profiles", env!("CARGO_MANIFEST_DIR")));
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "/usr/share/sovkms/hsm-profiles",
+            &format!("{}/hsm-profiles", env!("CARGO_MANIFEST_DIR")),
+        );
         let raw: RawConfig = toml::from_str(&text).unwrap();
         let s = Settings::from_raw(raw, Path::new("/etc/sovkms")).unwrap();
         assert_eq!(s.tls.client_cas.len(), 2);
-        let RootSettings::Pkcs11(p) = &s.root else { panic!("example should use pkcs11") };
+        let RootSettings::Pkcs11(p) = &s.root else {
+            panic!("example should use pkcs11")
+        };
         assert_eq!(p.token_label, "sovkms-eu-central");
         assert_eq!(p.profile.name, "SoftHSM2");
     }
@@ -387,7 +399,11 @@ danger_development_only = true
                 "list the regions",
             ),
             ("kind = \"software\"", "kind = \"magic\"", "not known"),
-            ("kind = \"software\"", "kind = \"pkcs11\"", "applies only to kind = \"software\""),
+            (
+                "kind = \"software\"",
+                "kind = \"pkcs11\"",
+                "applies only to kind = \"software\"",
+            ),
             (
                 "kind = \"software\"\ndanger_development_only = true",
                 "kind = \"pkcs11\"",

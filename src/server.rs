@@ -41,14 +41,8 @@ pub fn open_store(settings: &Settings) -> Result<SledStore, StartError> {
     })
 }
 
-/// Opens the store and the root of trust and builds the core.
-pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
-    let keys_dir = settings.data_dir.join("keys.sled");
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
-            path: keys_dir.display().to_string(),
-            err,
-        })?);
+/// Opens the configured root of trust.
+pub fn open_root(settings: &Settings) -> Result<Arc<dyn RootOfTrust>, StartError> {
     let root: Arc<dyn RootOfTrust> = match &settings.root {
         RootSettings::Software { path } => {
             let r = SoftwareRoot::open_or_create(path)?;
@@ -61,6 +55,18 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         }
         RootSettings::Pkcs11(p) => Arc::new(Pkcs11Root::open((**p).clone())?),
     };
+    Ok(root)
+}
+
+/// Opens the store and the root of trust and builds the core.
+pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
+    let keys_dir = settings.data_dir.join("keys.sled");
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
+            path: keys_dir.display().to_string(),
+            err,
+        })?);
+    let root = open_root(settings)?;
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
     let audit = AuditLog::open(
@@ -73,9 +79,18 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         },
         Arc::clone(&root),
     )?;
-    let start = format!("{} ({}); root key {}", info.description, info.kind, info.root_key_id);
+    let start = format!(
+        "{} ({}); root key {}",
+        info.description, info.kind, info.root_key_id
+    );
     audit.append_durable(Event::system(Kind::Start, "start", &start))?;
-    Ok(Arc::new(Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit))))
+    Ok(Arc::new(Broker::new(
+        settings.broker.clone(),
+        root,
+        store,
+        clock,
+        Arc::new(audit),
+    )))
 }
 
 /// Opens everything and starts serving.

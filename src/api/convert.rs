@@ -158,6 +158,11 @@ pub fn metadata(r: &KeyRecord) -> pb::KeyMetadata {
                     .as_ref()
                     .map(|w| w.root_key_id.clone())
                     .unwrap_or_default(),
+                provenance_json: v
+                    .provenance
+                    .as_ref()
+                    .and_then(|p| serde_json::to_string(p).ok())
+                    .unwrap_or_default(),
             })
             .collect(),
         grants: r

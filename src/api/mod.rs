@@ -1,6 +1,7 @@
 //! The only place that knows tonic: gRPC services over the core, the mTLS
 //! listener, health and reflection.
 
+mod audit;
 pub(crate) mod convert;
 pub mod proto;
 mod service;
@@ -118,6 +119,9 @@ pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningSe
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(proto::audit_service_server::AuditServiceServer::new(
+            service::Api::new(Arc::clone(&broker)),
+        ))
         .add_service(proto::broker_service_server::BrokerServiceServer::new(
             service::Api::new(broker),
         ));
@@ -190,7 +194,12 @@ async fn health_monitor(
     health: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
-    let services = ["", "sovkms.v1.CryptoService", "sovkms.v1.KeyService"];
+    let services = [
+        "",
+        "sovkms.v1.CryptoService",
+        "sovkms.v1.KeyService",
+        "sovkms.v1.AuditService",
+    ];
     let mut last = None;
     loop {
         let b = Arc::clone(&broker);

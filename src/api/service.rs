@@ -78,12 +78,19 @@ impl Api {
     /// The call context of a request: its authenticated caller and request
     /// id (the client's `x-request-id` if well-formed). A connection without
     /// an identity is refused, and the refusal audited.
-    pub(super) fn ctx<T>(&self, req: &Request<T>, operation: &'static str) -> Result<CallCtx, Status> {
+    pub(super) fn ctx<T>(
+        &self,
+        req: &Request<T>,
+        operation: &'static str,
+    ) -> Result<CallCtx, Status> {
         let request_id = req
             .metadata()
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            .filter(|v| {
+                (1..=64).contains(&v.len())
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
             .map(str::to_owned)
             .unwrap_or_else(new_request_id);
         let caller = match req.extensions().get::<PeerInfo>() {
@@ -104,7 +111,10 @@ impl Api {
 
 #[tonic::async_trait]
 impl pb::key_service_server::KeyService for Api {
-    async fn create(&self, req: Request<pb::CreateKeyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn create(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "create-key")?;
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
@@ -114,35 +124,51 @@ impl pb::key_service_server::KeyService for Api {
             grants: convert::grants(r.grants)?,
             activate: r.activate,
         };
-        self.key_call(cx, move |b, cx| b.create_key(cx, create)).await
+        self.key_call(cx, move |b, cx| b.create_key(cx, create))
+            .await
     }
 
-    async fn activate(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn activate(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "activate-key")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(cx, move |b, cx| b.activate(cx, &id)).await
     }
 
-    async fn revoke(&self, req: Request<pb::RevokeRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "revoke-key")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let reason = convert::reason_from_pb(r.reason)?;
-        self.key_call(cx, move |b, cx| b.revoke(cx, &id, reason, r.message)).await
+        self.key_call(cx, move |b, cx| b.revoke(cx, &id, reason, r.message))
+            .await
     }
 
-    async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn destroy(
+        &self,
+        req: Request<pb::DestroyRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "schedule-key-destruction")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let days = (r.pending_window_days != 0).then_some(r.pending_window_days);
-        self.key_call(cx, move |b, cx| b.schedule_destroy(cx, &id, days)).await
+        self.key_call(cx, move |b, cx| b.schedule_destroy(cx, &id, days))
+            .await
     }
 
-    async fn cancel_destroy(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn cancel_destroy(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "cancel-key-destruction")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(cx, move |b, cx| b.cancel_destroy(cx, &id)).await
+        self.key_call(cx, move |b, cx| b.cancel_destroy(cx, &id))
+            .await
     }
 
     async fn re_key(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
@@ -151,13 +177,20 @@ impl pb::key_service_server::KeyService for Api {
         self.key_call(cx, move |b, cx| b.rekey(cx, &id)).await
     }
 
-    async fn get_attributes(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn get_attributes(
+        &self,
+        req: Request<pb::KeyRef>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "get-attributes")?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(cx, move |b, cx| b.get_attributes(cx, &id)).await
+        self.key_call(cx, move |b, cx| b.get_attributes(cx, &id))
+            .await
     }
 
-    async fn locate(&self, req: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+    async fn locate(
+        &self,
+        req: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
         let cx = self.ctx(&req, "locate")?;
         let r = req.into_inner();
         let filter = LocateFilter {
@@ -183,24 +216,33 @@ impl pb::key_service_server::KeyService for Api {
         ))
     }
 
-    async fn set_grants(&self, req: Request<pb::SetGrantsRequest>) -> Result<Response<pb::KeyMetadata>, Status> {
+    async fn set_grants(
+        &self,
+        req: Request<pb::SetGrantsRequest>,
+    ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, "set-grants")?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grants = convert::grants(r.grants)?;
-        self.key_call(cx, move |b, cx| b.set_grants(cx, &id, grants)).await
+        self.key_call(cx, move |b, cx| b.set_grants(cx, &id, grants))
+            .await
     }
 }
 
 #[tonic::async_trait]
 impl pb::crypto_service_server::CryptoService for Api {
-    async fn encrypt(&self, req: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        req: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
         let cx = self.ctx(&req, "encrypt")?;
         let mut r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", std::mem::take(&mut r.context))?;
         let pt = Plaintext::new(std::mem::take(&mut r.plaintext));
-        let (cx, s) = self.run(cx, move |b, cx| b.encrypt(cx, &id, pt, &ctx)).await?;
+        let (cx, s) = self
+            .run(cx, move |b, cx| b.encrypt(cx, &id, pt, &ctx))
+            .await?;
         Ok(reply(
             &cx,
             pb::EncryptResponse {
@@ -211,7 +253,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         ))
     }
 
-    async fn decrypt(&self, req: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        req: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
         let cx = self.ctx(&req, "decrypt")?;
         let r = req.into_inner();
         let ctx = convert::context("context", r.context)?;
@@ -240,7 +285,11 @@ impl pb::crypto_service_server::CryptoService for Api {
             .await?;
         let plaintext_key = match &d.plaintext {
             Some(k) => k.expose_secret().to_vec(),
-            None => return Err(to_status(Error::Internal("data key without plaintext".into()))),
+            None => {
+                return Err(to_status(Error::Internal(
+                    "data key without plaintext".into(),
+                )))
+            }
         };
         Ok(reply(
             &cx,
@@ -274,7 +323,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         ))
     }
 
-    async fn re_encrypt(&self, req: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+    async fn re_encrypt(
+        &self,
+        req: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         let cx = self.ctx(&req, "re-encrypt")?;
         let r = req.into_inner();
         let src_ctx = convert::context("source_context", r.source_context)?;
@@ -282,11 +334,16 @@ impl pb::crypto_service_server::CryptoService for Api {
         let dst = if r.destination_key_id.is_empty() {
             None
         } else {
-            Some(convert::key_id("destination_key_id", &r.destination_key_id)?)
+            Some(convert::key_id(
+                "destination_key_id",
+                &r.destination_key_id,
+            )?)
         };
         let ct = r.ciphertext;
         let (cx, o) = self
-            .run(cx, move |b, cx| b.re_encrypt(cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx))
+            .run(cx, move |b, cx| {
+                b.re_encrypt(cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx)
+            })
             .await?;
         Ok(reply(
             &cx,
@@ -303,7 +360,10 @@ impl pb::crypto_service_server::CryptoService for Api {
 
 #[tonic::async_trait]
 impl pb::broker_service_server::BrokerService for Api {
-    async fn get_info(&self, req: Request<pb::GetInfoRequest>) -> Result<Response<pb::BrokerInfo>, Status> {
+    async fn get_info(
+        &self,
+        req: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::BrokerInfo>, Status> {
         let cx = self.ctx(&req, "get-info")?;
         let s = self.broker.status();
         let pk = self.broker.signing_public_key_pem().unwrap_or_default();

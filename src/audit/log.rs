@@ -36,8 +36,11 @@ pub struct LogSettings {
     pub checkpoint_interval: Duration,
 }
 
+/// Where the writer reports a durable record's sequence number.
+type Waiter = SyncSender<Result<u64, AuditError>>;
+
 enum Msg {
-    Event(Event, Option<SyncSender<Result<u64, AuditError>>>),
+    Event(Box<Event>, Option<Waiter>),
     Shutdown(SyncSender<()>),
 }
 
@@ -103,7 +106,10 @@ fn recover_tail(f: &mut File, path: &Path) -> Result<(u64, String, u64), AuditEr
             )));
         }
         if durable_len < len {
-            tracing::warn!(bytes = len - durable_len, "cutting a torn final audit line (never acknowledged)");
+            tracing::warn!(
+                bytes = len - durable_len,
+                "cutting a torn final audit line (never acknowledged)"
+            );
             f.set_len(durable_len).map_err(io)?;
         }
         return Ok((rec.seq, rec.hash, durable_len));
@@ -167,7 +173,10 @@ impl Writer {
             serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Io(e.to_string()))?;
             buf.push(b'\n');
         }
-        let res = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
+        let res = self
+            .file
+            .write_all(&buf)
+            .and_then(|_| self.file.sync_data());
         match res {
             Ok(()) => {
                 self.durable_len += buf.len() as u64;
@@ -186,7 +195,7 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, batch: Vec<(Event, Option<SyncSender<Result<u64, AuditError>>>)>) {
+    fn write_batch(&mut self, batch: Vec<(Box<Event>, Option<Waiter>)>) {
         let t = now_ms();
         let mut records = Vec::with_capacity(batch.len());
         let (mut seq, mut prev) = (self.seq, self.hash.clone());
@@ -209,12 +218,19 @@ impl Writer {
 
     fn checkpoint_due(&self) -> bool {
         self.since_checkpoint >= self.settings.checkpoint_every
-            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval)
+            || (self.since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval)
     }
 
     fn checkpoint(&mut self) {
         let t = now_ms();
-        let msg = checkpoint_message(self.seq, &self.hash, t, &self.settings.region, &self.settings.broker_id);
+        let msg = checkpoint_message(
+            self.seq,
+            &self.hash,
+            t,
+            &self.settings.region,
+            &self.settings.broker_id,
+        );
         let sig = match self.root.sign(&msg) {
             Ok(s) => s,
             Err(e) => {
@@ -285,14 +301,17 @@ impl AuditLog {
     pub fn open(settings: LogSettings, root: Arc<dyn RootOfTrust>) -> Result<Self, AuditError> {
         let path = settings.path.clone();
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
-            .map_err(|e| AuditError::Io(format!("cannot open audit log {}: {e}", path.display())))?;
+            .map_err(|e| {
+                AuditError::Io(format!("cannot open audit log {}: {e}", path.display()))
+            })?;
         let (seq, hash, durable_len) = recover_tail(&mut file, &path)?;
         file.seek(SeekFrom::End(0))
             .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
@@ -339,14 +358,14 @@ impl AuditLog {
 
 impl AuditSink for AuditLog {
     fn append(&self, event: Event) {
-        if let Err(e) = self.send(Msg::Event(event, None)) {
+        if let Err(e) = self.send(Msg::Event(Box::new(event), None)) {
             tracing::error!(error = %e, "audit record dropped");
         }
     }
 
     fn append_durable(&self, event: Event) -> Result<u64, AuditError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Msg::Event(event, Some(tx)))?;
+        self.send(Msg::Event(Box::new(event), Some(tx)))?;
         rx.recv()
             .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
     }

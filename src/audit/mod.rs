@@ -8,7 +8,11 @@ mod verify;
 
 pub use log::{AuditLog, LogSettings};
 pub use record::{Kind, Record};
-pub use verify::{aggregate, export, parse_public_key, verify, AggregateRow, ExportFormat, VerifyFailure, VerifyReport};
+pub use verify::{
+    aggregate, complete_lines, export, parse_public_key, rfc3339,
+    syslog_line as verify_syslog_line, verify, AggregateRow, ExportFormat, VerifyFailure,
+    VerifyReport,
+};
 
 use crate::region::Caller;
 

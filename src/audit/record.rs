@@ -121,7 +121,12 @@ impl Record {
             put(&mut o, f.as_bytes());
         }
         put(&mut o, &self.key_version.to_be_bytes());
-        for f in [&self.context_sha256, &self.outcome, &self.code, &self.reason] {
+        for f in [
+            &self.context_sha256,
+            &self.outcome,
+            &self.code,
+            &self.reason,
+        ] {
             put(&mut o, f.as_bytes());
         }
         match &self.checkpoint {
@@ -144,7 +149,13 @@ impl Record {
 }
 
 /// The bytes a checkpoint signature covers.
-pub fn checkpoint_message(head_seq: u64, head_hash: &str, time_unix_ms: u64, region: &str, broker_id: &str) -> Vec<u8> {
+pub fn checkpoint_message(
+    head_seq: u64,
+    head_hash: &str,
+    time_unix_ms: u64,
+    region: &str,
+    broker_id: &str,
+) -> Vec<u8> {
     let mut o = Vec::new();
     put(&mut o, b"sovkms/v1/audit-checkpoint");
     put(&mut o, &head_seq.to_be_bytes());

@@ -6,6 +6,26 @@ use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 
+/// Lines that end in a newline; a last line still being written is skipped.
+pub fn complete_lines(r: impl BufRead) -> impl Iterator<Item = std::io::Result<String>> {
+    let mut r = r;
+    std::iter::from_fn(move || {
+        let mut buf = Vec::new();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) => None,
+            Ok(_) if buf.last() != Some(&b'\n') => None,
+            Ok(_) => {
+                buf.pop();
+                Some(
+                    String::from_utf8(buf)
+                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+                )
+            }
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
 /// Where and why a log fails verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit log broken at line {line}, sequence {seq}: {why}")]
@@ -57,7 +77,11 @@ pub fn parse_public_key(text: &str) -> Result<Vec<u8>, String> {
 /// Checks every link and every checkpoint signature. With
 /// `require_checkpoint`, the log must end with a checkpoint, so a tail cut
 /// off after the last checkpoint is detected.
-pub fn verify(input: impl BufRead, public_key: &[u8], require_checkpoint: bool) -> Result<VerifyReport, VerifyFailure> {
+pub fn verify(
+    input: impl BufRead,
+    public_key: &[u8],
+    require_checkpoint: bool,
+) -> Result<VerifyReport, VerifyFailure> {
     let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key);
     let mut rep = VerifyReport::default();
     let mut prev = GENESIS.to_owned();
@@ -71,10 +95,14 @@ pub fn verify(input: impl BufRead, public_key: &[u8], require_checkpoint: bool) 
             why,
         };
         let line = line.map_err(|e| fail(format!("cannot read: {e}")))?;
-        let r: Record = serde_json::from_str(&line).map_err(|e| fail(format!("record does not parse: {e}")))?;
+        let r: Record =
+            serde_json::from_str(&line).map_err(|e| fail(format!("record does not parse: {e}")))?;
         if r.seq != expected {
             return Err(fail(if r.seq > expected {
-                format!("found sequence {} where {expected} belongs: record {expected} was deleted", r.seq)
+                format!(
+                    "found sequence {} where {expected} belongs: record {expected} was deleted",
+                    r.seq
+                )
             } else {
                 format!("found sequence {} where {expected} belongs: records were inserted or reordered", r.seq)
             }));
@@ -86,7 +114,9 @@ pub fn verify(input: impl BufRead, public_key: &[u8], require_checkpoint: bool) 
             ));
         }
         if r.compute_hash() != r.hash {
-            return Err(fail("its content does not match its hash: the record was altered".into()));
+            return Err(fail(
+                "its content does not match its hash: the record was altered".into(),
+            ));
         }
         if r.kind == Kind::Checkpoint {
             let cp = r
@@ -94,12 +124,22 @@ pub fn verify(input: impl BufRead, public_key: &[u8], require_checkpoint: bool) 
                 .as_ref()
                 .ok_or_else(|| fail("checkpoint record without a checkpoint body".into()))?;
             if cp.head_seq + 1 != r.seq || cp.head_hash != r.prev_hash {
-                return Err(fail("checkpoint does not cover the record before it".into()));
+                return Err(fail(
+                    "checkpoint does not cover the record before it".into(),
+                ));
             }
-            let sig = hex::decode(&cp.signature).map_err(|_| fail("checkpoint signature is not hex".into()))?;
-            let msg = checkpoint_message(cp.head_seq, &cp.head_hash, r.time_unix_ms, &r.region, &r.broker_id);
-            key.verify(&msg, &sig)
-                .map_err(|_| fail("checkpoint signature does not verify with the given public key".into()))?;
+            let sig = hex::decode(&cp.signature)
+                .map_err(|_| fail("checkpoint signature is not hex".into()))?;
+            let msg = checkpoint_message(
+                cp.head_seq,
+                &cp.head_hash,
+                r.time_unix_ms,
+                &r.region,
+                &r.broker_id,
+            );
+            key.verify(&msg, &sig).map_err(|_| {
+                fail("checkpoint signature does not verify with the given public key".into())
+            })?;
             rep.checkpoints += 1;
             rep.last_checkpoint_head = cp.head_seq;
         }
@@ -176,8 +216,16 @@ pub fn syslog_line(r: &Record) -> String {
     format!(
         "<{pri}>1 {} {} sovkms - {} {sd} {} {}",
         rfc3339(r.time_unix_ms),
-        if r.broker_id.is_empty() { "-" } else { &r.broker_id },
-        if r.kind == Kind::Checkpoint { "CHECKPOINT" } else { "AUDIT" },
+        if r.broker_id.is_empty() {
+            "-"
+        } else {
+            &r.broker_id
+        },
+        if r.kind == Kind::Checkpoint {
+            "CHECKPOINT"
+        } else {
+            "AUDIT"
+        },
         r.operation,
         r.outcome
     )
@@ -192,7 +240,7 @@ pub fn export(
     since_ms: u64,
 ) -> Result<u64, String> {
     let mut n = 0;
-    for (i, line) in input.lines().enumerate() {
+    for (i, line) in complete_lines(input).enumerate() {
         let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
         let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
         if r.seq < from_seq || r.time_unix_ms < since_ms {
@@ -225,16 +273,23 @@ pub struct AggregateRow {
 
 /// Counts per day × key × operation × outcome of request records in
 /// `[from_ms, to_ms)`; cells below `min_group` are suppressed.
-pub fn aggregate(input: impl BufRead, from_ms: u64, to_ms: u64, min_group: u64) -> Result<Vec<AggregateRow>, String> {
+pub fn aggregate(
+    input: impl BufRead,
+    from_ms: u64,
+    to_ms: u64,
+    min_group: u64,
+) -> Result<Vec<AggregateRow>, String> {
     let mut cells: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
-    for (i, line) in input.lines().enumerate() {
+    for (i, line) in complete_lines(input).enumerate() {
         let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
         let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
         if r.kind != Kind::Request || r.time_unix_ms < from_ms || r.time_unix_ms >= to_ms {
             continue;
         }
         let day = rfc3339(r.time_unix_ms).chars().take(10).collect();
-        *cells.entry((day, r.key_id, r.operation, r.outcome)).or_insert(0) += 1;
+        *cells
+            .entry((day, r.key_id, r.operation, r.outcome))
+            .or_insert(0) += 1;
     }
     Ok(cells
         .into_iter()

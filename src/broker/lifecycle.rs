@@ -2,8 +2,8 @@
 //! Every change is durable before it returns and invalidates the KEK cache.
 
 use super::{store_err, Broker, CallCtx, Note};
-use crate::keys::provenance::Provenance;
 use crate::error::{Error, Result};
+use crate::keys::provenance::Provenance;
 use crate::keys::{KeyId, KeyRecord, KeyState, RevocationReason, VersionRecord};
 use crate::policy::{self, CryptoOp, Grant, Principal};
 
@@ -70,7 +70,10 @@ impl Broker {
             )));
         }
         reqs.into_iter()
-            .map(|g| Grant::new(g.principal, g.operations, &self.settings.region).map_err(Error::InvalidArgument))
+            .map(|g| {
+                Grant::new(g.principal, g.operations, &self.settings.region)
+                    .map_err(Error::InvalidArgument)
+            })
             .collect()
     }
 
@@ -131,7 +134,8 @@ impl Broker {
         let p = match prepare(&mut note) {
             Ok(p) => p,
             Err(e) => {
-                self.audit.append(self.event(cx, operation, None, &note, Some(&e)));
+                self.audit
+                    .append(self.event(cx, operation, None, &note, Some(&e)));
                 return Err(e);
             }
         };
@@ -141,7 +145,10 @@ impl Broker {
             .map_err(super::audit_err)?;
         commit(p, seq).inspect_err(|e| {
             let mut ev = self.event(cx, operation, None, &note, Some(e));
-            ev.reason = format!("the change recorded at audit sequence {seq} was not committed: {}", ev.reason);
+            ev.reason = format!(
+                "the change recorded at audit sequence {seq} was not committed: {}",
+                ev.reason
+            );
             self.audit.append(ev);
         })
     }
@@ -168,7 +175,11 @@ impl Broker {
                     tenant: req.tenant,
                     description: req.description,
                     home_region: self.settings.region.clone(),
-                    state: if req.activate { KeyState::Active } else { KeyState::PreActive },
+                    state: if req.activate {
+                        KeyState::Active
+                    } else {
+                        KeyState::PreActive
+                    },
                     revocation_reason: None,
                     revocation_message: String::new(),
                     created_at: now,
@@ -243,11 +254,19 @@ impl Broker {
     }
 
     /// Revokes: deactivated, or compromised for `KeyCompromise`.
-    pub fn revoke(&self, cx: &CallCtx, id: &KeyId, reason: RevocationReason, message: String) -> Result<KeyRecord> {
+    pub fn revoke(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        reason: RevocationReason,
+        message: String,
+    ) -> Result<KeyRecord> {
         self.change(cx, "revoke-key", "revoke keys", id, |rec| {
             check_text("revocation message", &message, 1024, false)?;
             rec.state = match (reason, rec.state) {
-                (_, KeyState::Compromised) | (RevocationReason::KeyCompromise, _) => KeyState::Compromised,
+                (_, KeyState::Compromised) | (RevocationReason::KeyCompromise, _) => {
+                    KeyState::Compromised
+                }
                 _ => KeyState::Deactivated,
             };
             rec.revocation_reason = Some(reason);
@@ -257,7 +276,12 @@ impl Broker {
     }
 
     /// Schedules destruction `days` from now (default from settings, min 1).
-    pub fn schedule_destroy(&self, cx: &CallCtx, id: &KeyId, days: Option<u32>) -> Result<KeyRecord> {
+    pub fn schedule_destroy(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        days: Option<u32>,
+    ) -> Result<KeyRecord> {
         let days = days.unwrap_or(self.settings.default_destroy_days);
         let at = self.clock.now_unix() + i64::from(days) * 86_400;
         self.change(cx, "schedule-key-destruction", "destroy keys", id, |rec| {
@@ -279,15 +303,21 @@ impl Broker {
 
     /// Cancels a scheduled destruction.
     pub fn cancel_destroy(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.change(cx, "cancel-key-destruction", "cancel key destruction", id, |rec| {
-            if rec.destroy_after.take().is_none() {
-                return Err(Error::precondition(format!(
-                    "key {} is not scheduled for destruction",
-                    rec.id
-                )));
-            }
-            Ok(())
-        })
+        self.change(
+            cx,
+            "cancel-key-destruction",
+            "cancel key destruction",
+            id,
+            |rec| {
+                if rec.destroy_after.take().is_none() {
+                    return Err(Error::precondition(format!(
+                        "key {} is not scheduled for destruction",
+                        rec.id
+                    )));
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Adds a version and makes it primary.
@@ -298,7 +328,11 @@ impl Broker {
                     "key {} is {}{}; only an active key can be rekeyed",
                     rec.id,
                     rec.state.as_str(),
-                    if rec.destroy_after.is_some() { " and scheduled for destruction" } else { "" }
+                    if rec.destroy_after.is_some() {
+                        " and scheduled for destruction"
+                    } else {
+                        ""
+                    }
                 )));
             }
             let next = u32::try_from(rec.versions.len() + 1)
@@ -310,7 +344,12 @@ impl Broker {
     }
 
     /// Replaces the key's grants.
-    pub fn set_grants(&self, cx: &CallCtx, id: &KeyId, grants: Vec<GrantRequest>) -> Result<KeyRecord> {
+    pub fn set_grants(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        grants: Vec<GrantRequest>,
+    ) -> Result<KeyRecord> {
         self.change(cx, "set-grants", "change key grants", id, |rec| {
             rec.grants = self.build_grants(grants)?;
             Ok(())
@@ -341,7 +380,9 @@ impl Broker {
             let page_size = match page_size {
                 0 => 100,
                 n if n > 1000 => {
-                    return Err(Error::invalid(format!("page size {n}; the maximum is 1000")));
+                    return Err(Error::invalid(format!(
+                        "page size {n}; the maximum is 1000"
+                    )));
                 }
                 n => n,
             };
@@ -352,13 +393,21 @@ impl Broker {
                     && filter.tenant.as_ref().is_none_or(|t| *t == r.tenant)
                     && filter.state.is_none_or(|s| s == state)
             };
-            let (mut page, more) = self.store.scan(page_token, page_size, &matches).map_err(store_err)?;
+            let (mut page, more) = self
+                .store
+                .scan(page_token, page_size, &matches)
+                .map_err(store_err)?;
             for r in &mut page {
-                if effective_state(r, now) == KeyState::Destroyed && r.state != KeyState::Destroyed {
+                if effective_state(r, now) == KeyState::Destroyed && r.state != KeyState::Destroyed
+                {
                     *r = self.finish_destroy(&r.id)?;
                 }
             }
-            let next = if more { page.last().map(|r| r.id.clone()) } else { None };
+            let next = if more {
+                page.last().map(|r| r.id.clone())
+            } else {
+                None
+            };
             Ok((page, next))
         })
     }
@@ -367,7 +416,9 @@ impl Broker {
     pub(super) fn finish_destroy(&self, id: &KeyId) -> Result<KeyRecord> {
         let g = self.lock();
         let rec = self.get_record(id)?;
-        let due = rec.destroy_after.is_some_and(|t| self.clock.now_unix() >= t);
+        let due = rec
+            .destroy_after
+            .is_some_and(|t| self.clock.now_unix() >= t);
         if rec.state == KeyState::Destroyed || !due {
             return Ok(rec);
         }
@@ -396,11 +447,16 @@ impl Broker {
     /// Destroys every key whose window has passed; returns how many.
     pub fn sweep_destroyed(&self) -> Result<usize> {
         let now = self.clock.now_unix();
-        let due = |r: &KeyRecord| r.state != KeyState::Destroyed && r.destroy_after.is_some_and(|t| now >= t);
+        let due = |r: &KeyRecord| {
+            r.state != KeyState::Destroyed && r.destroy_after.is_some_and(|t| now >= t)
+        };
         let mut n = 0;
         let mut after: Option<KeyId> = None;
         loop {
-            let (page, more) = self.store.scan(after.as_ref(), 500, &due).map_err(store_err)?;
+            let (page, more) = self
+                .store
+                .scan(after.as_ref(), 500, &due)
+                .map_err(store_err)?;
             for r in &page {
                 self.finish_destroy(&r.id)?;
                 n += 1;

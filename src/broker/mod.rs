@@ -7,6 +7,7 @@
 //! Methods block (store flushes, root-of-trust calls); the API layer runs
 //! them off the async runtime.
 
+mod audit_read;
 mod lifecycle;
 
 pub use lifecycle::{CreateKey, GrantRequest, LocateFilter};
@@ -46,6 +47,12 @@ pub struct BrokerSettings {
     pub cache_ttl: Duration,
     /// Destroy window when the request gives none.
     pub default_destroy_days: u32,
+    /// The audit log file (read for exports and aggregates).
+    pub audit_path: std::path::PathBuf,
+    /// Aggregate cells below this count are suppressed.
+    pub aggregate_min_group: u64,
+    /// Who, besides the region's auditors, may read aggregates.
+    pub aggregate_readers: Vec<crate::policy::Principal>,
 }
 
 /// Result of Encrypt.
@@ -396,7 +403,9 @@ impl Broker {
             operation,
             key_id: note.key_id.clone(),
             key_version: note.key_version,
-            context_sha256: context.map(EncryptionContext::digest_hex).unwrap_or_default(),
+            context_sha256: context
+                .map(EncryptionContext::digest_hex)
+                .unwrap_or_default(),
             outcome,
             code,
             reason,
@@ -420,7 +429,13 @@ impl Broker {
     }
 
     /// Encrypt: any region's service, where the key's grants name it.
-    pub fn encrypt(&self, cx: &CallCtx, key_id: &KeyId, plaintext: Plaintext, ctx: &EncryptionContext) -> Result<Sealed> {
+    pub fn encrypt(
+        &self,
+        cx: &CallCtx,
+        key_id: &KeyId,
+        plaintext: Plaintext,
+        ctx: &EncryptionContext,
+    ) -> Result<Sealed> {
         self.audited(cx, "encrypt", Some(ctx), false, |note| {
             let caller = &cx.caller;
             note.key(key_id, 0);
@@ -436,7 +451,12 @@ impl Broker {
     }
 
     /// Decrypt: in-region services with a grant only.
-    pub fn decrypt(&self, cx: &CallCtx, ciphertext: &[u8], ctx: &EncryptionContext) -> Result<Opened> {
+    pub fn decrypt(
+        &self,
+        cx: &CallCtx,
+        ciphertext: &[u8],
+        ctx: &EncryptionContext,
+    ) -> Result<Opened> {
         self.audited(cx, "decrypt", Some(ctx), true, |note| {
             let caller = &cx.caller;
             self.admit(caller)?;
@@ -447,7 +467,12 @@ impl Broker {
             let env = self.parse_ciphertext(ciphertext)?;
             note.key(&env.header.key_id, env.header.key_version);
             let rec = self.load(&env.header.key_id)?;
-            check_residency(&caller.region, here, &rec.home_region, CryptoOp::Decrypt.verb())?;
+            check_residency(
+                &caller.region,
+                here,
+                &rec.home_region,
+                CryptoOp::Decrypt.verb(),
+            )?;
             policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
             self.check_state(&rec, CryptoOp::Decrypt, true)?;
             let plaintext = self.open_checked(&rec, &env, ctx)?;
@@ -470,7 +495,10 @@ impl Broker {
         let (op, name) = if with_plaintext {
             (CryptoOp::GenerateDataKey, "generate-data-key")
         } else {
-            (CryptoOp::GenerateDataKeyWithoutPlaintext, "generate-data-key-without-plaintext")
+            (
+                CryptoOp::GenerateDataKeyWithoutPlaintext,
+                "generate-data-key-without-plaintext",
+            )
         };
         self.audited(cx, name, Some(ctx), with_plaintext, |note| {
             let caller = &cx.caller;
@@ -568,5 +596,8 @@ pub struct CallCtx {
 
 fn audit_err(e: AuditError) -> Error {
     tracing::error!(error = %e, "audit record not durable: refusing the request");
-    Error::Unavailable("the audit log cannot be written; the request was not carried out and nothing was released".into())
+    Error::Unavailable(
+        "the audit log cannot be written; the request was not carried out and nothing was released"
+            .into(),
+    )
 }

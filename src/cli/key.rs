@@ -50,6 +50,15 @@ pub enum KeyCmd {
     },
     /// Show one key's attributes.
     Show(KeyArg),
+    /// Show (and verify) the signed provenance of each version, and the
+    /// key's lifecycle events from the audit chain (auditors).
+    Provenance {
+        #[command(flatten)]
+        key: KeyArg,
+        /// Verify signatures with this public key (PEM or hex).
+        #[arg(long)]
+        pubkey: Option<std::path::PathBuf>,
+    },
     /// Activate a pre-active key.
     Activate(KeyArg),
     /// Revoke a key.
@@ -309,6 +318,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 .into_inner();
             show(&m, k.conn.json)
         }
+        KeyCmd::Provenance { key, pubkey } => provenance(key, pubkey).await,
         KeyCmd::Activate(k) => {
             let m = k
                 .conn
@@ -392,5 +402,124 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 .into_inner();
             show(&m, key.conn.json)
         }
+    }
+}
+
+async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(), CliError> {
+    use crate::keys::provenance::Provenance;
+    let pk = match &pubkey {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| CliError::new(format!("cannot read {}: {e}", p.display()), ""))?;
+            Some(crate::audit::parse_public_key(&text).map_err(|e| CliError::new(e, ""))?)
+        }
+        None => None,
+    };
+    let mut c = k.conn.connect().await?;
+    let m = c.keys.get_attributes(key_ref(&k)).await?.into_inner();
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for v in &m.versions {
+        if v.provenance_json.is_empty() {
+            bad.push(format!("version {} has no provenance record", v.version));
+            continue;
+        }
+        let p: Provenance = serde_json::from_str(&v.provenance_json).map_err(|e| {
+            CliError::new(
+                format!("version {}: provenance does not parse: {e}", v.version),
+                "",
+            )
+        })?;
+        let verified = match &pk {
+            Some(pk) => match p.verify(pk) {
+                Ok(()) => Some(true),
+                Err(e) => {
+                    bad.push(e);
+                    Some(false)
+                }
+            },
+            None => None,
+        };
+        out.push((p, verified));
+    }
+    let events: Vec<serde_json::Value> = match c
+        .audit
+        .export_records(pb::ExportRecordsRequest {
+            key_id: k.key_id.clone(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(resp) => {
+            let mut s = resp.into_inner();
+            let mut ev = Vec::new();
+            while let Some(l) = s.message().await? {
+                if let Ok(r) = serde_json::from_str::<crate::audit::Record>(&l.line) {
+                    if !matches!(
+                        r.operation.as_str(),
+                        "encrypt"
+                            | "decrypt"
+                            | "generate-data-key"
+                            | "generate-data-key-without-plaintext"
+                            | "re-encrypt"
+                            | "get-attributes"
+                    ) {
+                        ev.push(serde_json::json!({"seq": r.seq, "time": crate::audit::rfc3339(r.time_unix_ms), "operation": r.operation, "outcome": r.outcome, "caller": r.caller, "key_version": r.key_version}));
+                    }
+                }
+            }
+            ev
+        }
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Vec::new(),
+        Err(s) => return Err(s.into()),
+    };
+    if k.conn.json {
+        print_json(&serde_json::json!({
+            "key_id": m.key_id,
+            "versions": out.iter().map(|(p, v)| serde_json::json!({"provenance": p, "signature_verified": v})).collect::<Vec<_>>(),
+            "lifecycle_events": events,
+        }))?;
+    } else {
+        for (p, v) in &out {
+            println!("version {} of {}", p.version, p.key_id);
+            println!(
+                "  created     {} by {}",
+                crate::audit::rfc3339(p.created_at_unix.max(0) as u64 * 1000),
+                p.creator
+            );
+            println!("  region      {} (broker {})", p.region, p.broker_id);
+            println!("  root        {}: {}", p.root_kind, p.root_description);
+            println!("  root key    {}", p.root_key_id);
+            println!("  mechanism   {}", p.mechanism);
+            println!("  audit seq   {}", p.audit_seq);
+            match v {
+                Some(true) => println!("  signature   verified"),
+                Some(false) => println!("  signature   DOES NOT VERIFY"),
+                None => println!("  signature   {} (pass --pubkey to verify)", p.signature),
+            }
+        }
+        if events.is_empty() {
+            println!("lifecycle events: none readable (auditors of the region may read them)");
+        } else {
+            println!("lifecycle events (audit chain):");
+            for e in &events {
+                println!(
+                    "  seq {:<6} {} {} {} by {}",
+                    e["seq"],
+                    e["time"].as_str().unwrap_or(""),
+                    e["operation"].as_str().unwrap_or(""),
+                    e["outcome"].as_str().unwrap_or(""),
+                    e["caller"].as_str().unwrap_or("broker")
+                );
+            }
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            bad.join("; "),
+            "the provenance was altered or signed by another key",
+        ))
     }
 }

@@ -1,5 +1,6 @@
 //! The `sovkms` command line: one file per command family.
 
+mod audit;
 mod crypto;
 mod demo;
 mod hsm;
@@ -39,6 +40,9 @@ enum Command {
     Decrypt(crypto::DecryptArgs),
     /// Generate a data key (plaintext + wrapped, or wrapped only).
     GenerateDataKey(crypto::DataKeyArgs),
+    /// Audit log: verify, export, fetch, aggregates, the signing public key.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Ask a broker whether it is serving (gRPC health check).
     Health(ConnArgs),
     /// Show what a broker is (region, root of trust, cache figures).
@@ -179,6 +183,7 @@ pub fn main() -> ExitCode {
             Command::Decrypt(a) => crypto::decrypt(a).await,
             Command::GenerateDataKey(a) => crypto::data_key(a).await,
             Command::Health(a) => health(a).await,
+            Command::Audit(c) => audit::run(c).await,
             Command::Info(a) => info(a).await,
             Command::Demo(a) => demo::run(a).await,
         }

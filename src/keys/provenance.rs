@@ -60,9 +60,15 @@ impl Provenance {
     /// Checks the signature with the root's public key (uncompressed point).
     pub fn verify(&self, public_key: &[u8]) -> Result<(), String> {
         use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
-        let sig = hex::decode(&self.signature).map_err(|_| "provenance signature is not hex".to_string())?;
+        let sig = hex::decode(&self.signature)
+            .map_err(|_| "provenance signature is not hex".to_string())?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key)
             .verify(&self.canonical(), &sig)
-            .map_err(|_| format!("provenance of {} version {} does not verify", self.key_id, self.version))
+            .map_err(|_| {
+                format!(
+                    "provenance of {} version {} does not verify",
+                    self.key_id, self.version
+                )
+            })
     }
 }

@@ -257,6 +257,22 @@ fn region_must_match(caller: &Caller, broker: &Region, what: &'static str) -> Re
     Ok(())
 }
 
+/// Raw audit records are for auditors of the broker's region only.
+pub fn require_auditor(
+    caller: &Caller,
+    broker: &Region,
+    what: &'static str,
+) -> Result<(), Refusal> {
+    if caller.role != Role::Auditor {
+        return Err(Refusal::Role {
+            role: caller.role.as_str(),
+            op: what,
+            why: "only auditors of the region read raw audit records",
+        });
+    }
+    region_must_match(caller, broker, what)
+}
+
 /// Is `caller` granted `op` on this key?
 pub fn check_grant(
     grants: &[Grant],

@@ -104,7 +104,8 @@ impl RootOfTrust for SoftwareRoot {
                 .into(),
             root_key_id: self.key_id.clone(),
             development_only: true,
-            mechanism: "system RNG; AES-256-GCM wrap under a software key (development only)".into(),
+            mechanism: "system RNG; AES-256-GCM wrap under a software key (development only)"
+                .into(),
         }
     }
 

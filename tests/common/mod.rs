@@ -133,6 +133,15 @@ impl Env {
         self.config_with_root(r, extra, &token.root_toml)
     }
 
+    /// Config with a fresh token and extra TOML appended at the end (tables).
+    pub fn config_with_tail(&self, r: &str, tail: &str) -> PathBuf {
+        let path = self.config(r, "");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(tail);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     /// Writes a broker config with the given `[root]` body.
     pub fn config_with_root(&self, r: &str, extra: &str, root_toml: &str) -> PathBuf {
         let data = self.dir.path().join("data").join(r);
@@ -159,6 +168,7 @@ impl Env {
 
 /// A broker running in this test process.
 pub struct TestBroker {
+    pub audit_path: PathBuf,
     pub addr: String,
     pub region: String,
     pub broker: Arc<Broker>,
@@ -171,12 +181,17 @@ pub async fn start_broker(env: &Env, r: &str) -> TestBroker {
 }
 
 pub async fn start_broker_with(env: &Env, r: &str, extra_config: &str) -> TestBroker {
-    let settings = Settings::load(&env.config(r, extra_config)).unwrap();
+    start_broker_from(env, r, &env.config(r, extra_config)).await
+}
+
+pub async fn start_broker_from(env: &Env, r: &str, config: &Path) -> TestBroker {
+    let settings = Settings::load(config).unwrap();
     let clock = Arc::new(ManualClock::new());
     let (broker, server) = sovkms::server::start(&settings, clock.clone())
         .await
         .unwrap();
     let tb = TestBroker {
+        audit_path: settings.audit.path.clone(),
         addr: server.local_addr.to_string(),
         region: r.to_owned(),
         broker,
@@ -475,4 +490,31 @@ pub fn run_sovkms(args: &[&str], envs: &[(&str, &Path)]) -> std::process::Output
         cmd.env(k, v);
     }
     cmd.args(args).env("SOVKMS_LOG", "error").output().unwrap()
+}
+
+impl TestBroker {
+    /// Stops serving and closes the audit log (final signed checkpoint).
+    pub async fn stop(self) {
+        self.server.shutdown().await.unwrap();
+        self.broker.close_audit();
+    }
+}
+
+/// The broker's signing public key, as GetInfo gives it.
+pub async fn signing_key(c: &mut Client) -> Vec<u8> {
+    let i = c
+        .broker
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    sovkms::audit::parse_public_key(&i.signing_public_key_pem).unwrap()
+}
+
+pub fn read_records(path: &Path) -> Vec<sovkms::audit::Record> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

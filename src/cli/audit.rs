@@ -1,0 +1,238 @@
+//! `sovkms audit`: verify, export and aggregate the audit log offline (with
+//! public keys only), or fetch records and aggregates from a broker.
+
+use super::{print_json, CliError, ConnArgs};
+use crate::api::proto as pb;
+use crate::audit::{self, ExportFormat};
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
+
+/// Audit commands.
+#[derive(clap::Subcommand)]
+pub enum AuditCmd {
+    /// Check every link and every checkpoint signature of a log file.
+    Verify {
+        /// Exported log (JSON lines) or a stopped broker's audit.log.
+        #[arg(long)]
+        log: PathBuf,
+        /// The broker's signing public key (PEM from `hsm init`/`info`, or hex).
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Fail unless the log ends with a signed checkpoint (detects a cut-off tail).
+        #[arg(long)]
+        require_checkpoint: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a log file as JSON lines or RFC 5424 syslog.
+    Export {
+        /// Log file.
+        #[arg(long)]
+        log: PathBuf,
+        /// jsonl or syslog.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// From this sequence number.
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// From this time (RFC 3339, or unix milliseconds).
+        #[arg(long)]
+        since: Option<String>,
+        /// Output file (default stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Fetch records from a broker (auditors of its region).
+    Fetch {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// jsonl or syslog.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// From this sequence number.
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// Only records about this key.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Output file (default stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Aggregates (counts per day × key × operation × outcome; small cells suppressed) from a broker.
+    Aggregates {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print the signing public key of a broker's root of trust (PEM).
+    Pubkey {
+        /// Broker config.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn format(s: &str) -> Result<ExportFormat, CliError> {
+    match s {
+        "jsonl" => Ok(ExportFormat::JsonLines),
+        "syslog" => Ok(ExportFormat::Syslog),
+        _ => Err(CliError::new(
+            format!("unknown format {s:?}"),
+            "use jsonl or syslog",
+        )),
+    }
+}
+
+fn open(p: &PathBuf) -> Result<BufReader<std::fs::File>, CliError> {
+    std::fs::File::open(p)
+        .map(BufReader::new)
+        .map_err(|e| CliError::new(format!("cannot open {}: {e}", p.display()), ""))
+}
+
+fn out(p: &Option<PathBuf>) -> Result<Box<dyn Write>, CliError> {
+    Ok(match p {
+        Some(p) => Box::new(
+            std::fs::File::create(p)
+                .map_err(|e| CliError::new(format!("cannot create {}: {e}", p.display()), ""))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    })
+}
+
+fn since_ms(s: &Option<String>) -> Result<u64, CliError> {
+    let Some(s) = s else { return Ok(0) };
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            CliError::new(
+                format!("--since {s:?}: {e}"),
+                "use RFC 3339 (2026-11-22T00:00:00Z) or unix milliseconds",
+            )
+        })?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+}
+
+pub async fn run(c: AuditCmd) -> Result<(), CliError> {
+    match c {
+        AuditCmd::Verify {
+            log,
+            pubkey,
+            require_checkpoint,
+            json,
+        } => {
+            let pk_text = std::fs::read_to_string(&pubkey)
+                .map_err(|e| CliError::new(format!("cannot read {}: {e}", pubkey.display()), ""))?;
+            let pk = audit::parse_public_key(&pk_text)
+                .map_err(|e| CliError::new(e, "pass the PEM `sovkms hsm init` printed"))?;
+            match audit::verify(open(&log)?, &pk, require_checkpoint) {
+                Ok(rep) => {
+                    if json {
+                        return print_json(&serde_json::json!({"ok": true, "report": rep}));
+                    }
+                    println!(
+                        "OK: {} records, {} signed checkpoints; last sequence {}, signed up to {}",
+                        rep.records, rep.checkpoints, rep.last_seq, rep.last_checkpoint_head
+                    );
+                    Ok(())
+                }
+                Err(f) => {
+                    if json {
+                        print_json(
+                            &serde_json::json!({"ok": false, "line": f.line, "seq": f.seq, "why": f.why}),
+                        )?;
+                    }
+                    Err(CliError::new(
+                        f.to_string(),
+                        "the log was altered, truncated or signed by another key",
+                    ))
+                }
+            }
+        }
+        AuditCmd::Export {
+            log,
+            format: f,
+            from_seq,
+            since,
+            out: o,
+        } => {
+            let n = audit::export(
+                open(&log)?,
+                &mut *out(&o)?,
+                format(&f)?,
+                from_seq,
+                since_ms(&since)?,
+            )
+            .map_err(|e| CliError::new(e, ""))?;
+            eprintln!("{n} records exported");
+            Ok(())
+        }
+        AuditCmd::Fetch {
+            conn,
+            format: f,
+            from_seq,
+            key_id,
+            out: o,
+        } => {
+            let mut c = conn.connect().await?;
+            let mut stream = c
+                .audit
+                .export_records(pb::ExportRecordsRequest {
+                    from_seq,
+                    since_unix_ms: 0,
+                    key_id: key_id.unwrap_or_default(),
+                    format: f,
+                })
+                .await?
+                .into_inner();
+            let mut w = out(&o)?;
+            let mut n = 0;
+            while let Some(line) = stream.message().await? {
+                writeln!(w, "{}", line.line).map_err(|e| CliError::new(e.to_string(), ""))?;
+                n += 1;
+            }
+            eprintln!("{n} records fetched");
+            Ok(())
+        }
+        AuditCmd::Aggregates { conn } => {
+            let mut c = conn.connect().await?;
+            let r = c
+                .audit
+                .get_aggregates(pb::AggregatesRequest::default())
+                .await?
+                .into_inner();
+            if conn.json {
+                return print_json(&serde_json::json!({
+                    "min_group_size": r.min_group_size,
+                    "cells": r.cells.iter().map(|c| serde_json::json!({
+                        "day": c.day, "key_id": c.key_id, "operation": c.operation, "outcome": c.outcome, "count": c.count,
+                    })).collect::<Vec<_>>(),
+                }));
+            }
+            println!(
+                "{:<10} {:<36} {:<36} {:<8} COUNT (cells < {} suppressed)",
+                "DAY", "KEY", "OPERATION", "OUTCOME", r.min_group_size
+            );
+            for c in &r.cells {
+                println!(
+                    "{:<10} {:<36} {:<36} {:<8} {}",
+                    c.day, c.key_id, c.operation, c.outcome, c.count
+                );
+            }
+            Ok(())
+        }
+        AuditCmd::Pubkey { config } => {
+            let s = crate::config::Settings::load(&config)
+                .map_err(|e| CliError::new(e.to_string(), "fix the config"))?;
+            let root =
+                crate::server::open_root(&s).map_err(|e| CliError::new(e.to_string(), ""))?;
+            let point = root
+                .signing_public_key()
+                .map_err(|e| CliError::new(e.message, ""))?;
+            print!("{}", crate::root::pkcs11::admin::p256_spki_pem(&point));
+            Ok(())
+        }
+    }
+}
