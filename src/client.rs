@@ -2,8 +2,9 @@
 //! services written in Rust.
 
 use crate::api::proto::{
-    audit_service_client::AuditServiceClient, broker_service_client::BrokerServiceClient,
-    crypto_service_client::CryptoServiceClient, key_service_client::KeyServiceClient,
+    audit_service_client::AuditServiceClient, break_glass_service_client::BreakGlassServiceClient,
+    broker_service_client::BrokerServiceClient, crypto_service_client::CryptoServiceClient,
+    key_service_client::KeyServiceClient,
 };
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -77,6 +78,8 @@ pub struct Client {
     pub broker: BrokerServiceClient<Channel>,
     /// Audit records and aggregates.
     pub audit: AuditServiceClient<Channel>,
+    /// Break-glass grants.
+    pub break_glass: BreakGlassServiceClient<Channel>,
     /// The raw channel (health checks, reflection).
     pub channel: Channel,
 }
@@ -108,6 +111,7 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError>
             .max_encoding_message_size(max),
         broker: BrokerServiceClient::new(channel.clone()),
         audit: AuditServiceClient::new(channel.clone()),
+        break_glass: BreakGlassServiceClient::new(channel.clone()),
         channel,
     })
 }

@@ -34,6 +34,16 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    break_glass: RawBreakGlass,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreakGlass {
+    quorum: Option<u32>,
+    max_duration_minutes: Option<u32>,
+    approval_window_minutes: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -234,6 +244,19 @@ impl Settings {
         }
         let data_dir = abs(raw.data_dir);
         let root = root_settings(raw.root, &data_dir, &abs)?;
+        let bg = &raw.break_glass;
+        if bg.quorum == Some(0) {
+            return Err("break_glass.quorum must be at least 1 (approvals by operators other than the requester)".into());
+        }
+        if bg
+            .max_duration_minutes
+            .is_some_and(|m| !(1..=1440).contains(&m))
+            || bg
+                .approval_window_minutes
+                .is_some_and(|m| !(1..=10080).contains(&m))
+        {
+            return Err("break_glass: max_duration_minutes must be 1..=1440 and approval_window_minutes 1..=10080".into());
+        }
         let audit = AuditSettings {
             path: raw
                 .audit
@@ -265,6 +288,9 @@ impl Settings {
                 audit_path: audit.path.clone(),
                 aggregate_min_group: audit.aggregate_min_group,
                 aggregate_readers: audit.aggregate_readers.clone(),
+                break_glass_quorum: raw.break_glass.quorum.unwrap_or(2),
+                break_glass_max_minutes: raw.break_glass.max_duration_minutes.unwrap_or(60),
+                break_glass_approval_minutes: raw.break_glass.approval_window_minutes.unwrap_or(60),
             },
             listen: raw.listen,
             data_dir,

@@ -84,13 +84,12 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         info.description, info.kind, info.root_key_id
     );
     audit.append_durable(Event::system(Kind::Start, "start", &start))?;
-    Ok(Arc::new(Broker::new(
-        settings.broker.clone(),
-        root,
-        store,
-        clock,
-        Arc::new(audit),
-    )))
+    let broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
+    broker.load_break_glass().map_err(|e| StartError::Store {
+        path: settings.data_dir.display().to_string(),
+        err: crate::store::StoreError::Unavailable(e.to_string()),
+    })?;
+    Ok(Arc::new(broker))
 }
 
 /// Opens everything and starts serving.

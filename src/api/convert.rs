@@ -55,7 +55,7 @@ pub fn op_from_pb(v: i32) -> Result<CryptoOp, Status> {
     }
 }
 
-fn op_to_pb(o: CryptoOp) -> pb::Operation {
+pub fn op_to_pb(o: CryptoOp) -> pb::Operation {
     match o {
         CryptoOp::Encrypt => pb::Operation::Encrypt,
         CryptoOp::Decrypt => pb::Operation::Decrypt,

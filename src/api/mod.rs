@@ -2,6 +2,7 @@
 //! listener, health and reflection.
 
 mod audit;
+mod breakglass;
 pub(crate) mod convert;
 pub mod proto;
 mod service;
@@ -122,6 +123,11 @@ pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningSe
         .add_service(proto::audit_service_server::AuditServiceServer::new(
             service::Api::new(Arc::clone(&broker)),
         ))
+        .add_service(
+            proto::break_glass_service_server::BreakGlassServiceServer::new(service::Api::new(
+                Arc::clone(&broker),
+            )),
+        )
         .add_service(proto::broker_service_server::BrokerServiceServer::new(
             service::Api::new(broker),
         ));

@@ -77,6 +77,10 @@ impl Broker {
             .collect()
     }
 
+    pub(super) fn lock_lifecycle(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guarded value is `()`: a poisoned lock protects no broken state.
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
@@ -123,7 +127,7 @@ impl Broker {
     /// and builds the change; its record is made durable; then `commit`
     /// applies it (with the record's sequence number). A commit that fails
     /// after the record gets a second record saying so.
-    fn audit_first<P, T>(
+    pub(super) fn audit_first<P, T>(
         &self,
         cx: Option<&CallCtx>,
         operation: &'static str,

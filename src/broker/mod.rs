@@ -8,8 +8,10 @@
 //! them off the async runtime.
 
 mod audit_read;
+mod breakglass;
 mod lifecycle;
 
+pub use breakglass::BreakGlassAsk;
 pub use lifecycle::{CreateKey, GrantRequest, LocateFilter};
 
 use crate::audit::{AuditError, AuditSink, Event, Kind, Outcome};
@@ -53,6 +55,12 @@ pub struct BrokerSettings {
     pub aggregate_min_group: u64,
     /// Who, besides the region's auditors, may read aggregates.
     pub aggregate_readers: Vec<crate::policy::Principal>,
+    /// Approvals (by operators other than the requester) a break-glass grant needs.
+    pub break_glass_quorum: u32,
+    /// Longest a break-glass grant may last, in minutes.
+    pub break_glass_max_minutes: u32,
+    /// How long a break-glass request waits for its quorum, in minutes.
+    pub break_glass_approval_minutes: u32,
 }
 
 /// Result of Encrypt.
@@ -124,6 +132,7 @@ pub struct Broker {
     lifecycle: Mutex<()>,
     root_calls: AtomicU64,
     audit: Arc<dyn AuditSink>,
+    break_glass: std::sync::RwLock<Vec<crate::policy::breakglass::BreakGlass>>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -169,6 +178,7 @@ impl Broker {
             lifecycle: Mutex::new(()),
             root_calls: AtomicU64::new(0),
             audit,
+            break_glass: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -262,6 +272,27 @@ impl Broker {
         self.cache
             .insert(&rec.id, version, Arc::clone(&material), epoch);
         Ok(material)
+    }
+
+    /// The key's grants, or failing those an active break-glass grant
+    /// (named in the audit record).
+    fn authorize(
+        &self,
+        cx: &CallCtx,
+        rec: &KeyRecord,
+        op: CryptoOp,
+        note: &mut Note,
+    ) -> Result<()> {
+        match policy::check_grant(&rec.grants, &cx.caller, op, &rec.id) {
+            Ok(()) => Ok(()),
+            Err(refusal) => match self.break_glass_allowing(cx, &rec.id, op) {
+                Some(id) => {
+                    note.via = format!("allowed by break-glass grant {id}");
+                    Ok(())
+                }
+                None => Err(refusal.into()),
+            },
+        }
     }
 
     fn check_state(&self, rec: &KeyRecord, op: CryptoOp, as_source: bool) -> Result<()> {
@@ -393,7 +424,7 @@ impl Broker {
         err: Option<&Error>,
     ) -> Event {
         let (outcome, code, reason) = match err {
-            None => (Outcome::Allowed, "OK", String::new()),
+            None => (Outcome::Allowed, "OK", note.via.clone()),
             Some(e) => (e.outcome(), e.code_name(), e.to_string()),
         };
         Event {
@@ -443,7 +474,7 @@ impl Broker {
             policy::require_service(caller, CryptoOp::Encrypt)?;
             self.check_plaintext_len(plaintext.len())?;
             let rec = self.load(key_id)?;
-            policy::check_grant(&rec.grants, caller, CryptoOp::Encrypt, &rec.id)?;
+            self.authorize(cx, &rec, CryptoOp::Encrypt, note)?;
             self.check_state(&rec, CryptoOp::Encrypt, false)?;
             note.key(key_id, rec.primary_version);
             self.seal(&rec, ctx, &plaintext)
@@ -473,7 +504,7 @@ impl Broker {
                 &rec.home_region,
                 CryptoOp::Decrypt.verb(),
             )?;
-            policy::check_grant(&rec.grants, caller, CryptoOp::Decrypt, &rec.id)?;
+            self.authorize(cx, &rec, CryptoOp::Decrypt, note)?;
             self.check_state(&rec, CryptoOp::Decrypt, true)?;
             let plaintext = self.open_checked(&rec, &env, ctx)?;
             Ok(Opened {
@@ -513,7 +544,7 @@ impl Broker {
             if with_plaintext {
                 check_residency(&caller.region, here, &rec.home_region, op.verb())?;
             }
-            policy::check_grant(&rec.grants, caller, op, &rec.id)?;
+            self.authorize(cx, &rec, op, note)?;
             self.check_state(&rec, op, false)?;
             note.key(key_id, rec.primary_version);
             let mut raw = [0u8; KEY_LEN];
@@ -549,12 +580,12 @@ impl Broker {
             note.key(&env.header.key_id, env.header.key_version);
             let src = self.load(&env.header.key_id)?;
             check_residency(&caller.region, here, &src.home_region, op.verb())?;
-            policy::check_grant(&src.grants, caller, op, &src.id)?;
+            self.authorize(cx, &src, op, note)?;
             self.check_state(&src, op, true)?;
             let dst = match destination {
                 Some(d) if *d != src.id => {
                     let dst = self.load(d)?;
-                    policy::check_grant(&dst.grants, caller, op, &dst.id)?;
+                    self.authorize(cx, &dst, op, note)?;
                     dst
                 }
                 _ => src.clone(),
@@ -576,6 +607,7 @@ impl Broker {
 pub(crate) struct Note {
     key_id: String,
     key_version: u32,
+    via: String,
 }
 
 impl Note {

@@ -124,7 +124,7 @@ fn parse_grants(allow: &[String]) -> Result<Vec<pb::Grant>, CliError> {
         .collect()
 }
 
-fn op_pb(o: CryptoOp) -> pb::Operation {
+pub(super) fn op_pb(o: CryptoOp) -> pb::Operation {
     match o {
         CryptoOp::Encrypt => pb::Operation::Encrypt,
         CryptoOp::Decrypt => pb::Operation::Decrypt,

@@ -1,6 +1,7 @@
 //! The `sovkms` command line: one file per command family.
 
 mod audit;
+mod breakglass;
 mod crypto;
 mod demo;
 mod hsm;
@@ -40,6 +41,9 @@ enum Command {
     Decrypt(crypto::DecryptArgs),
     /// Generate a data key (plaintext + wrapped, or wrapped only).
     GenerateDataKey(crypto::DataKeyArgs),
+    /// Break-glass: time-boxed emergency grants approved by a quorum of operators.
+    #[command(subcommand)]
+    BreakGlass(breakglass::BreakGlassCmd),
     /// Audit log: verify, export, fetch, aggregates, the signing public key.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -184,6 +188,7 @@ pub fn main() -> ExitCode {
             Command::GenerateDataKey(a) => crypto::data_key(a).await,
             Command::Health(a) => health(a).await,
             Command::Audit(c) => audit::run(c).await,
+            Command::BreakGlass(c) => breakglass::run(c).await,
             Command::Info(a) => info(a).await,
             Command::Demo(a) => demo::run(a).await,
         }

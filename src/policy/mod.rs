@@ -5,6 +5,8 @@
 //! [`crate::region::check_residency`] and is applied by the broker before
 //! any grant is consulted.
 
+pub mod breakglass;
+
 use crate::keys::KeyId;
 use crate::region::{Caller, Refusal, Region, Role};
 use std::fmt;
@@ -132,6 +134,11 @@ impl Principal {
     /// The principal's role.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// True for a `.../<role>/*` principal.
+    pub fn is_wildcard(&self) -> bool {
+        self.name.is_none()
     }
 
     /// As written.

@@ -10,6 +10,7 @@ mod sled_store;
 pub use sled_store::SledStore;
 
 use crate::keys::{KeyId, KeyRecord};
+use crate::policy::breakglass::BreakGlass;
 use std::io::Write;
 use std::path::Path;
 
@@ -43,6 +44,10 @@ pub trait Store: Send + Sync {
         limit: usize,
         filter: &dyn Fn(&KeyRecord) -> bool,
     ) -> Result<(Vec<KeyRecord>, bool), StoreError>;
+    /// Writes a break-glass grant (insert or replace). Durable on return.
+    fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError>;
+    /// Every break-glass grant ever made.
+    fn list_break_glass(&self) -> Result<Vec<BreakGlass>, StoreError>;
 }
 
 /// Writes a file atomically and durably: temp file, fsync, rename, fsync dir.

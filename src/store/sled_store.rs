@@ -3,11 +3,13 @@
 
 use super::{Store, StoreError};
 use crate::keys::{KeyId, KeyRecord};
+use crate::policy::breakglass::BreakGlass;
 use std::path::Path;
 
 /// sled-backed store.
 pub struct SledStore {
     keys: sled::Tree,
+    break_glass: sled::Tree,
     db: sled::Db,
 }
 
@@ -24,7 +26,12 @@ impl SledStore {
             .open()
             .map_err(unavailable)?;
         let keys = db.open_tree("keys").map_err(unavailable)?;
-        Ok(Self { keys, db })
+        let break_glass = db.open_tree("break-glass").map_err(unavailable)?;
+        Ok(Self {
+            keys,
+            break_glass,
+            db,
+        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -89,5 +96,26 @@ impl Store for SledStore {
             }
         }
         Ok((out, false))
+    }
+
+    fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError> {
+        let v = serde_json::to_vec(bg)
+            .map_err(|e| StoreError::Corrupt(bg.id.clone(), e.to_string()))?;
+        self.break_glass
+            .insert(bg.id.as_str(), v)
+            .map_err(unavailable)?;
+        self.flush()
+    }
+
+    fn list_break_glass(&self) -> Result<Vec<BreakGlass>, StoreError> {
+        self.break_glass
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(unavailable)?;
+                serde_json::from_slice(&v).map_err(|e| {
+                    StoreError::Corrupt(String::from_utf8_lossy(&k).into_owned(), e.to_string())
+                })
+            })
+            .collect()
     }
 }
