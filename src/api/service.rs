@@ -365,8 +365,7 @@ impl pb::broker_service_server::BrokerService for Api {
         req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
         let cx = self.ctx(&req, "get-info")?;
-        let s = self.broker.status();
-        let pk = self.broker.signing_public_key_pem().unwrap_or_default();
+        let (cx, (s, pk)) = self.run(cx, |b, cx| b.info(cx)).await?;
         Ok(reply(
             &cx,
             pb::BrokerInfo {

@@ -187,6 +187,14 @@ impl Broker {
         &self.settings.region
     }
 
+    /// `GetInfo`: the status, audited like every request.
+    pub fn info(&self, cx: &CallCtx) -> Result<(BrokerStatus, String)> {
+        self.audited(cx, "get-info", None, false, |_| {
+            self.admit(&cx.caller)?;
+            Ok((self.status(), self.signing_public_key_pem().unwrap_or_default()))
+        })
+    }
+
     /// Status for `GetInfo` and benchmarks.
     pub fn status(&self) -> BrokerStatus {
         BrokerStatus {
