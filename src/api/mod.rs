@@ -4,6 +4,7 @@
 mod audit;
 mod breakglass;
 pub(crate) mod convert;
+mod echo;
 pub mod proto;
 mod service;
 pub mod tls;
@@ -49,6 +50,7 @@ pub struct RunningServer {
     /// The bound address (useful with port 0).
     pub local_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    extra_stop: Option<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
 
@@ -56,6 +58,9 @@ impl RunningServer {
     /// Stops accepting, lets in-flight requests finish, and waits.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         let _ = self.stop.send(true);
+        if let Some(s) = &self.extra_stop {
+            let _ = s.send(true);
+        }
         match self.task.await {
             Ok(r) => r,
             Err(e) => Err(ServeError::Reflection(format!("server task failed: {e}"))),
@@ -74,19 +79,8 @@ impl RunningServer {
 
 /// Binds the listener and starts serving `broker` with mTLS.
 pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningServer, ServeError> {
-    let tls = Arc::new(TlsServer::new(&settings.tls)?);
-    let listener = TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|err| ServeError::Bind {
-            addr: settings.listen.clone(),
-            err,
-        })?;
-    let local_addr = listener.local_addr().map_err(|err| ServeError::Bind {
-        addr: settings.listen.clone(),
-        err,
-    })?;
-    let (stop, stop_rx) = watch::channel(false);
-    let incoming = accept_loop(listener, tls, stop_rx.clone());
+    let (listener, local_addr, tls) = bind(settings).await?;
+    let (stop_tasks, stop_rx) = watch::channel(false);
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     tokio::spawn(health_monitor(Arc::clone(&broker), health, stop_rx.clone()));
@@ -131,6 +125,38 @@ pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningSe
         .add_service(proto::broker_service_server::BrokerServiceServer::new(
             service::Api::new(broker),
         ));
+    let mut server = launch(router, listener, tls, local_addr);
+    // The health monitor and the sweeper stop with the server.
+    server.extra_stop = Some(stop_tasks);
+    Ok(server)
+}
+
+async fn bind(
+    settings: &Settings,
+) -> Result<(TcpListener, SocketAddr, Arc<TlsServer>), ServeError> {
+    let tls = Arc::new(TlsServer::new(&settings.tls)?);
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|err| ServeError::Bind {
+            addr: settings.listen.clone(),
+            err,
+        })?;
+    let local_addr = listener.local_addr().map_err(|err| ServeError::Bind {
+        addr: settings.listen.clone(),
+        err,
+    })?;
+    Ok((listener, local_addr, tls))
+}
+
+/// Serves `router` on the mTLS listener until stopped.
+fn launch(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Arc<TlsServer>,
+    local_addr: SocketAddr,
+) -> RunningServer {
+    let (stop, stop_rx) = watch::channel(false);
+    let incoming = accept_loop(listener, tls, stop_rx.clone());
     let mut stop_wait = stop_rx;
     let task = tokio::spawn(async move {
         router
@@ -140,11 +166,25 @@ pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningSe
             .await?;
         Ok(())
     });
-    Ok(RunningServer {
+    RunningServer {
         local_addr,
         stop,
+        extra_stop: None,
         task,
-    })
+    }
+}
+
+/// Starts the benchmark's echo service with exactly the broker's TLS setup,
+/// runtime and message limits: the ceiling `sovkms bench` compares the
+/// broker against. Never part of a broker.
+pub async fn start_echo(settings: &Settings) -> Result<RunningServer, ServeError> {
+    let (listener, local_addr, tls) = bind(settings).await?;
+    let router = tonic::transport::Server::builder().add_service(
+        proto::bench_echo_service_server::BenchEchoServiceServer::new(echo::Echo)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    Ok(launch(router, listener, tls, local_addr))
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a

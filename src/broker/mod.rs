@@ -191,7 +191,10 @@ impl Broker {
     pub fn info(&self, cx: &CallCtx) -> Result<(BrokerStatus, String)> {
         self.audited(cx, "get-info", None, false, |_| {
             self.admit(&cx.caller)?;
-            Ok((self.status(), self.signing_public_key_pem().unwrap_or_default()))
+            Ok((
+                self.status(),
+                self.signing_public_key_pem().unwrap_or_default(),
+            ))
         })
     }
 
