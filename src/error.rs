@@ -30,6 +30,10 @@ pub enum Error {
     /// A bug or corrupt state; details are in the broker's log only.
     #[error("internal error")]
     Internal(String),
+    /// Internal: the fast path would have blocked; retried off the runtime,
+    /// never shown to a caller.
+    #[error("internal error")]
+    WouldBlock,
 }
 
 impl Error {
@@ -60,14 +64,16 @@ impl Error {
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Unavailable(_) => "UNAVAILABLE",
             Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-            Self::Internal(_) => "INTERNAL",
+            Self::Internal(_) | Self::WouldBlock => "INTERNAL",
         }
     }
 
     /// Refused (the rules or the input) or failed (the system).
     pub fn outcome(&self) -> crate::audit::Outcome {
         match self {
-            Self::Unavailable(_) | Self::Internal(_) => crate::audit::Outcome::Failed,
+            Self::Unavailable(_) | Self::Internal(_) | Self::WouldBlock => {
+                crate::audit::Outcome::Failed
+            }
             _ => crate::audit::Outcome::Refused,
         }
     }

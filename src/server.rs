@@ -83,7 +83,11 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         "{} ({}); root key {}",
         info.description, info.kind, info.root_key_id
     );
-    audit.append_durable(Event::system(Kind::Start, "start", &start))?;
+    // Waited for on a plain thread: this runs inside the async runtime.
+    let ticket = audit.append_ticket(Event::system(Kind::Start, "start", &start))?;
+    std::thread::spawn(move || ticket.wait())
+        .join()
+        .map_err(|_| AuditError::Io("the audit start record could not be awaited".into()))??;
     let broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
     broker.load_break_glass().map_err(|e| StartError::Store {
         path: settings.data_dir.display().to_string(),

@@ -425,6 +425,42 @@ async fn steady_state_makes_no_root_calls_and_grant_changes_apply_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_share_one_unwrap() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "cold", vec![grant(&app, &ALL_OPS)]).await;
+    let svc = client(&env, "eu-central/service-app", &eu).await;
+    let c = ctx(&[]);
+    let ct = encrypt(&mut svc.clone(), &k, b"v1", &c)
+        .await
+        .unwrap()
+        .ciphertext;
+    // Rekey drops version 1 from the cache: the next decrypts find it cold.
+    let mut op = client(&env, "eu-central/operator-admin", &eu).await;
+    op.keys
+        .re_key(pb::KeyRef { key_id: k.clone() })
+        .await
+        .unwrap();
+    let before = eu.broker.status().root_calls;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (mut s, ct, c) = (svc.clone(), ct.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            decrypt(&mut s, &ct, &c).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), b"v1");
+    }
+    assert_eq!(
+        eu.broker.status().root_calls - before,
+        1,
+        "16 concurrent cold decrypts must share one unwrap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn software_root_says_loudly_it_is_for_development() {
     let env = Env::new();
     let cfg = env.config_with_root("eu-central", "", sovkms::pki::DEV_SOFTWARE_ROOT);

@@ -22,6 +22,7 @@ pub fn to_status(e: Error) -> Status {
         }
         Error::Unavailable(m) => Status::unavailable(m),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::WouldBlock => Status::internal("internal error"),
         Error::Internal(m) => {
             tracing::error!(detail = %m, "internal error");
             Status::internal("internal error; the broker's log has the details")

@@ -20,14 +20,23 @@ pub struct Api {
 pub(super) const REQUEST_ID: &str = "x-request-id";
 
 fn new_request_id() -> String {
-    use ring::rand::SecureRandom;
+    use crate::envelope::Entropy;
     let mut b = [0u8; 12];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let _ = crate::envelope::BatchedRandom.fill(&mut b);
     hex::encode(b)
 }
 
 fn request_id_value(id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
     id.parse().ok()
+}
+
+/// A status carrying the request id.
+pub(super) fn tagged(cx: &CallCtx, e: Error) -> Status {
+    let mut st = to_status(e);
+    if let Some(v) = request_id_value(&cx.request_id) {
+        st.metadata_mut().insert(REQUEST_ID, v);
+    }
+    st
 }
 
 /// A response carrying the request id.
@@ -64,6 +73,20 @@ impl Api {
                 }
                 st
             })
+    }
+
+    /// Runs a core call on this async thread when it cannot block (hot key,
+    /// nothing to wait for), else on the blocking pool.
+    pub(super) async fn run_fast<T: Send + 'static>(
+        &self,
+        cx: CallCtx,
+        f: impl Fn(&Broker, &CallCtx) -> Result<T, Error> + Send + Sync + 'static,
+    ) -> Result<(CallCtx, T), Status> {
+        match self.broker.without_blocking(|| f(&self.broker, &cx)) {
+            Err(Error::WouldBlock) => self.run(cx, move |b, cx| f(b, cx)).await,
+            Ok(t) => Ok((cx, t)),
+            Err(e) => Err(tagged(&cx, e)),
+        }
     }
 
     async fn key_call(
@@ -241,7 +264,7 @@ impl pb::crypto_service_server::CryptoService for Api {
         let ctx = convert::context("context", std::mem::take(&mut r.context))?;
         let pt = Plaintext::new(std::mem::take(&mut r.plaintext));
         let (cx, s) = self
-            .run(cx, move |b, cx| b.encrypt(cx, &id, pt, &ctx))
+            .run_fast(cx, move |b, cx| b.encrypt(cx, &id, &pt, &ctx))
             .await?;
         Ok(reply(
             &cx,
@@ -261,7 +284,10 @@ impl pb::crypto_service_server::CryptoService for Api {
         let r = req.into_inner();
         let ctx = convert::context("context", r.context)?;
         let ct = r.ciphertext;
-        let (cx, o) = self.run(cx, move |b, cx| b.decrypt(cx, &ct, &ctx)).await?;
+        let (cx, o) = self
+            .run_fast(cx, move |b, cx| b.decrypt(cx, &ct, &ctx))
+            .await?;
+        let o = o.released().await.map_err(|e| tagged(&cx, e))?;
         Ok(reply(
             &cx,
             pb::DecryptResponse {
@@ -281,8 +307,9 @@ impl pb::crypto_service_server::CryptoService for Api {
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
         let (cx, d) = self
-            .run(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, true))
+            .run_fast(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, true))
             .await?;
+        let d = d.released().await.map_err(|e| tagged(&cx, e))?;
         let plaintext_key = match &d.plaintext {
             Some(k) => k.expose_secret().to_vec(),
             None => {
@@ -311,8 +338,9 @@ impl pb::crypto_service_server::CryptoService for Api {
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
         let (cx, d) = self
-            .run(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, false))
+            .run_fast(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, false))
             .await?;
+        let d = d.released().await.map_err(|e| tagged(&cx, e))?;
         Ok(reply(
             &cx,
             pb::GenerateDataKeyWithoutPlaintextResponse {
@@ -341,10 +369,11 @@ impl pb::crypto_service_server::CryptoService for Api {
         };
         let ct = r.ciphertext;
         let (cx, o) = self
-            .run(cx, move |b, cx| {
+            .run_fast(cx, move |b, cx| {
                 b.re_encrypt(cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx)
             })
             .await?;
+        let o = o.released().await.map_err(|e| tagged(&cx, e))?;
         Ok(reply(
             &cx,
             pb::ReEncryptResponse {

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest batch written with one sync.
 const MAX_BATCH: usize = 4096;
+/// Buffered records (nobody waits for them) are synced at least this often.
+const SYNC_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 
 /// Checkpoint and identity settings of the log.
 #[derive(Clone, Debug)]
@@ -37,7 +39,7 @@ pub struct LogSettings {
 }
 
 /// Where the writer reports a durable record's sequence number.
-type Waiter = SyncSender<Result<u64, AuditError>>;
+type Waiter = tokio::sync::oneshot::Sender<Result<u64, AuditError>>;
 
 enum Msg {
     Event(Box<Event>, Option<Waiter>),
@@ -123,6 +125,11 @@ struct Writer {
     seq: u64,
     hash: String,
     durable_len: u64,
+    written_len: u64,
+    /// Sequence and hash of the last synced record.
+    synced: (u64, String),
+    /// When the oldest written-but-unsynced record was written.
+    unsynced_since: Option<Instant>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
 }
@@ -166,32 +173,63 @@ impl Writer {
         r
     }
 
-    /// Writes records durably; on failure cuts the file back and leaves the chain as it was.
-    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
+    /// Writes records, and syncs them (and everything written before) when
+    /// `sync`. On failure cuts the file back to the last synced length and
+    /// resets the chain to the last synced record: buffered records written
+    /// since are lost, and nothing after a lost record claims it.
+    fn commit(&mut self, records: &[Record], sync: bool) -> Result<(), AuditError> {
         let mut buf = Vec::with_capacity(records.len() * 512);
         for r in records {
             serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Io(e.to_string()))?;
             buf.push(b'\n');
         }
-        let res = self
-            .file
-            .write_all(&buf)
-            .and_then(|_| self.file.sync_data());
-        match res {
+        if let Err(e) = self.file.write_all(&buf) {
+            return self.fail(e);
+        }
+        self.written_len += buf.len() as u64;
+        if let Some(last) = records.last() {
+            self.seq = last.seq;
+            self.hash = last.hash.clone();
+        }
+        if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+        if sync {
+            self.sync()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), AuditError> {
+        match self.file.sync_data() {
             Ok(()) => {
-                self.durable_len += buf.len() as u64;
-                if let Some(last) = records.last() {
-                    self.seq = last.seq;
-                    self.hash = last.hash.clone();
-                }
+                self.unsynced_since = None;
+                self.durable_len = self.written_len;
+                self.synced = (self.seq, self.hash.clone());
                 Ok(())
             }
-            Err(e) => {
-                let _ = self.file.set_len(self.durable_len);
-                let _ = self.file.seek(SeekFrom::Start(self.durable_len));
-                tracing::error!(error = %e, "audit log write failed; requests that need a durable record are refused");
-                Err(AuditError::Io(e.to_string()))
-            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) -> Result<(), AuditError> {
+        let _ = self.file.set_len(self.durable_len);
+        let _ = self.file.seek(SeekFrom::Start(self.durable_len));
+        self.written_len = self.durable_len;
+        (self.seq, self.hash) = self.synced.clone();
+        self.unsynced_since = None;
+        tracing::error!(error = %e, "audit log write failed; requests that need a durable record are refused");
+        Err(AuditError::Io(e.to_string()))
+    }
+
+    /// Syncs buffered records that have waited long enough.
+    fn sync_if_due(&mut self) {
+        if self
+            .unsynced_since
+            .is_some_and(|t| t.elapsed() >= SYNC_AT_LEAST_EVERY)
+        {
+            let _ = self.sync();
         }
     }
 
@@ -205,7 +243,8 @@ impl Writer {
             prev = r.hash.clone();
             records.push(r);
         }
-        let res = self.commit(&records);
+        let sync = batch.iter().any(|(_, w)| w.is_some());
+        let res = self.commit(&records, sync);
         for ((_, waiter), r) in batch.into_iter().zip(&records) {
             if let Some(w) = waiter {
                 let _ = w.send(res.clone().map(|_| r.seq));
@@ -248,7 +287,7 @@ impl Writer {
             signature: hex::encode(sig),
         });
         r.hash = r.compute_hash();
-        if self.commit(std::slice::from_ref(&r)).is_ok() {
+        if self.commit(std::slice::from_ref(&r), true).is_ok() {
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
         }
@@ -256,9 +295,15 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            let first = match rx.recv_timeout(self.settings.checkpoint_interval) {
+            let wait = if self.unsynced_since.is_some() {
+                SYNC_AT_LEAST_EVERY
+            } else {
+                self.settings.checkpoint_interval
+            };
+            let first = match rx.recv_timeout(wait) {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
+                    self.sync_if_due();
                     if self.checkpoint_due() {
                         self.checkpoint();
                     }
@@ -319,9 +364,12 @@ impl AuditLog {
             file,
             settings,
             root,
+            synced: (seq, hash.clone()),
             seq,
             hash,
             durable_len,
+            written_len: durable_len,
+            unsynced_since: None,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
         };
@@ -363,11 +411,10 @@ impl AuditSink for AuditLog {
         }
     }
 
-    fn append_durable(&self, event: Event) -> Result<u64, AuditError> {
-        let (tx, rx) = mpsc::sync_channel(1);
+    fn append_ticket(&self, event: Event) -> Result<super::Ticket, AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Msg::Event(Box::new(event), Some(tx)))?;
-        rx.recv()
-            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+        Ok(super::Ticket(rx))
     }
 
     fn close(&self) {

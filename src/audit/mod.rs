@@ -92,6 +92,25 @@ impl Event {
     }
 }
 
+/// A record on its way to disk; wait for it before releasing anything.
+pub struct Ticket(pub(crate) tokio::sync::oneshot::Receiver<Result<u64, AuditError>>);
+
+impl Ticket {
+    /// Blocks until the record is durable (or failed). Not on an async thread.
+    pub fn wait(self) -> Result<u64, AuditError> {
+        self.0
+            .blocking_recv()
+            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+    }
+
+    /// Waits asynchronously until the record is durable (or failed).
+    pub async fn wait_async(self) -> Result<u64, AuditError> {
+        self.0
+            .await
+            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+    }
+}
+
 /// Where audit events go.
 ///
 /// Contract: `append_durable` returns only once the record is on stable
@@ -102,8 +121,12 @@ impl Event {
 pub trait AuditSink: Send + Sync {
     /// Buffered append.
     fn append(&self, event: Event);
-    /// Durable append.
-    fn append_durable(&self, event: Event) -> Result<u64, AuditError>;
+    /// Append whose durability the caller waits for through the ticket.
+    fn append_ticket(&self, event: Event) -> Result<Ticket, AuditError>;
+    /// Durable append (blocking).
+    fn append_durable(&self, event: Event) -> Result<u64, AuditError> {
+        self.append_ticket(event)?.wait()
+    }
     /// Writes what is buffered and a final signed checkpoint, then stops.
     fn close(&self);
 }

@@ -234,7 +234,7 @@ impl Broker {
             |(g, mut rec), seq| {
                 self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
                 self.store.update(&rec).map_err(store_err)?;
-                self.cache.invalidate(id);
+                self.forget(id);
                 drop(g);
                 tracing::info!(key = %id, caller = %caller, action = what, "key changed");
                 Ok(rec)
@@ -440,7 +440,7 @@ impl Broker {
                 }
                 rec.updated_at = self.clock.now_unix();
                 self.store.update(&rec).map_err(store_err)?;
-                self.cache.invalidate(id);
+                self.forget(id);
                 drop(g);
                 tracing::warn!(key = %id, "key destroyed: its material is erased");
                 Ok(rec)

@@ -133,6 +133,10 @@ pub struct Broker {
     root_calls: AtomicU64,
     audit: Arc<dyn AuditSink>,
     break_glass: std::sync::RwLock<Vec<crate::policy::breakglass::BreakGlass>>,
+    /// One lock per version being unwrapped right now (single flight).
+    unwrapping: Mutex<std::collections::HashMap<(KeyId, u32), UnwrapSlot>>,
+    /// Decoded key records for the hot path.
+    records: Mutex<std::collections::HashMap<KeyId, Arc<KeyRecord>>>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -179,6 +183,8 @@ impl Broker {
             root_calls: AtomicU64::new(0),
             audit,
             break_glass: std::sync::RwLock::new(Vec::new()),
+            unwrapping: Mutex::new(std::collections::HashMap::new()),
+            records: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -255,6 +261,46 @@ impl Broker {
         }
     }
 
+    /// A key for a crypto request: from the in-memory record cache (every
+    /// lifecycle change replaces its entry), else from the store.
+    fn load_shared(&self, id: &KeyId) -> Result<Arc<KeyRecord>> {
+        let cached = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        let rec = match cached {
+            Some(r) => r,
+            None => {
+                must_not_block()?;
+                let r = Arc::new(self.get_record(id)?);
+                let mut m = self.records.lock().unwrap_or_else(|p| p.into_inner());
+                if m.len() >= self.settings.cache_max_entries {
+                    m.clear();
+                }
+                m.insert(id.clone(), Arc::clone(&r));
+                r
+            }
+        };
+        match rec.destroy_after {
+            Some(t) if rec.state != KeyState::Destroyed && self.clock.now_unix() >= t => {
+                must_not_block()?;
+                Ok(Arc::new(self.finish_destroy(id)?))
+            }
+            _ => Ok(rec),
+        }
+    }
+
+    /// Drops every cached form of a key after a change.
+    fn forget(&self, id: &KeyId) {
+        self.cache.invalidate(id);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     fn get_record(&self, id: &KeyId) -> Result<KeyRecord> {
         self.store.get(id).map_err(store_err)?.ok_or_else(|| {
             Error::NotFound(format!(
@@ -265,8 +311,30 @@ impl Broker {
     }
 
     /// The unwrapped material of one version, from the cache or the root.
+    /// Concurrent first uses of a version share one unwrap (single flight):
+    /// the first caller unwraps, the others wait for it and hit the cache.
     fn kek(&self, rec: &KeyRecord, version: u32) -> Result<Arc<KeyMaterial>> {
-        let epoch = match self.cache.get(&rec.id, version) {
+        if let Ok(k) = self.cache.get(&rec.id, version) {
+            return Ok(k);
+        }
+        must_not_block()?;
+        let slot = {
+            let mut f = self.unwrapping.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(f.entry((rec.id.clone(), version)).or_default())
+        };
+        let result = {
+            let _one = slot.lock().unwrap_or_else(|p| p.into_inner());
+            self.kek_locked(rec, version)
+        };
+        let mut f = self.unwrapping.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&slot) == 2 {
+            f.remove(&(rec.id.clone(), version));
+        }
+        result
+    }
+
+    fn kek_locked(&self, rec: &KeyRecord, version: u32) -> Result<Arc<KeyMaterial>> {
+        let epoch = match self.cache.peek(&rec.id, version) {
             Ok(k) => return Ok(k),
             Err(epoch) => epoch,
         };
@@ -366,7 +434,7 @@ impl Broker {
         let version = rec.primary_version;
         let kek = self.kek(rec, version)?;
         let ciphertext = envelope::seal(
-            &self.rng,
+            &crate::envelope::BatchedRandom,
             &kek,
             &self.settings.region,
             &rec.id,
@@ -389,7 +457,7 @@ impl Broker {
     fn open_checked(
         &self,
         rec: &KeyRecord,
-        env: &Envelope,
+        env: Envelope,
         ctx: &EncryptionContext,
     ) -> Result<Plaintext> {
         let v = env.header.key_version;
@@ -400,7 +468,7 @@ impl Broker {
             )));
         }
         let kek = self.kek(rec, v)?;
-        envelope::open(&kek, env, ctx).map_err(|e| Error::invalid(e.to_string()))
+        envelope::open_owned(&kek, env, ctx).map_err(|e| Error::invalid(e.to_string()))
     }
 
     /// Runs a request and audits its outcome. With `durable`, a success is
@@ -415,15 +483,42 @@ impl Broker {
         durable: bool,
         f: impl FnOnce(&mut Note) -> Result<T>,
     ) -> Result<T> {
+        let r = self.audited_release(cx, operation, context, durable, f)?;
+        r.released_blocking()
+    }
+
+    /// Like [`audited`](Self::audited), but hands back the result sealed
+    /// until its record is durable: the value is only reachable through
+    /// [`AfterAudit::released`] (async) or `released_blocking`.
+    fn audited_release<T>(
+        &self,
+        cx: &CallCtx,
+        operation: &'static str,
+        context: Option<&EncryptionContext>,
+        durable: bool,
+        f: impl FnOnce(&mut Note) -> Result<T>,
+    ) -> Result<AfterAudit<T>> {
         let mut note = Note::default();
         let r = f(&mut note);
+        if matches!(r, Err(Error::WouldBlock)) {
+            // Not a request outcome: the caller retries off the async runtime.
+            return Err(Error::WouldBlock);
+        }
         let ev = self.event(Some(cx), operation, context, &note, r.as_ref().err());
-        if r.is_ok() && durable {
-            self.audit.append_durable(ev).map_err(audit_err)?;
+        let value = match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.audit.append(ev);
+                return Err(e);
+            }
+        };
+        let ticket = if durable {
+            Some(self.audit.append_ticket(ev).map_err(audit_err)?)
         } else {
             self.audit.append(ev);
-        }
-        r
+            None
+        };
+        Ok(AfterAudit { value, ticket })
     }
 
     fn event(
@@ -475,7 +570,7 @@ impl Broker {
         &self,
         cx: &CallCtx,
         key_id: &KeyId,
-        plaintext: Plaintext,
+        plaintext: &Plaintext,
         ctx: &EncryptionContext,
     ) -> Result<Sealed> {
         self.audited(cx, "encrypt", Some(ctx), false, |note| {
@@ -484,22 +579,23 @@ impl Broker {
             self.admit(caller)?;
             policy::require_service(caller, CryptoOp::Encrypt)?;
             self.check_plaintext_len(plaintext.len())?;
-            let rec = self.load(key_id)?;
+            let rec = self.load_shared(key_id)?;
             self.authorize(cx, &rec, CryptoOp::Encrypt, note)?;
             self.check_state(&rec, CryptoOp::Encrypt, false)?;
             note.key(key_id, rec.primary_version);
-            self.seal(&rec, ctx, &plaintext)
+            self.seal(&rec, ctx, plaintext)
         })
     }
 
-    /// Decrypt: in-region services with a grant only.
+    /// Decrypt: in-region services with a grant only. The plaintext is
+    /// released only once the request's audit record is durable.
     pub fn decrypt(
         &self,
         cx: &CallCtx,
         ciphertext: &[u8],
         ctx: &EncryptionContext,
-    ) -> Result<Opened> {
-        self.audited(cx, "decrypt", Some(ctx), true, |note| {
+    ) -> Result<AfterAudit<Opened>> {
+        self.audited_release(cx, "decrypt", Some(ctx), true, |note| {
             let caller = &cx.caller;
             self.admit(caller)?;
             policy::require_service(caller, CryptoOp::Decrypt)?;
@@ -508,7 +604,7 @@ impl Broker {
             check_residency(&caller.region, here, here, CryptoOp::Decrypt.verb())?;
             let env = self.parse_ciphertext(ciphertext)?;
             note.key(&env.header.key_id, env.header.key_version);
-            let rec = self.load(&env.header.key_id)?;
+            let rec = self.load_shared(&env.header.key_id)?;
             check_residency(
                 &caller.region,
                 here,
@@ -517,23 +613,25 @@ impl Broker {
             )?;
             self.authorize(cx, &rec, CryptoOp::Decrypt, note)?;
             self.check_state(&rec, CryptoOp::Decrypt, true)?;
-            let plaintext = self.open_checked(&rec, &env, ctx)?;
+            let key_version = env.header.key_version;
+            let plaintext = self.open_checked(&rec, env, ctx)?;
             Ok(Opened {
                 plaintext,
-                key_id: rec.id,
-                key_version: env.header.key_version,
+                key_id: rec.id.clone(),
+                key_version,
             })
         })
     }
 
-    /// GenerateDataKey: with plaintext, in-region only; without, like Encrypt.
+    /// GenerateDataKey: with plaintext, in-region only (released once
+    /// audited durably); without, like Encrypt.
     pub fn generate_data_key(
         &self,
         cx: &CallCtx,
         key_id: &KeyId,
         ctx: &EncryptionContext,
         with_plaintext: bool,
-    ) -> Result<DataKey> {
+    ) -> Result<AfterAudit<DataKey>> {
         let (op, name) = if with_plaintext {
             (CryptoOp::GenerateDataKey, "generate-data-key")
         } else {
@@ -542,7 +640,7 @@ impl Broker {
                 "generate-data-key-without-plaintext",
             )
         };
-        self.audited(cx, name, Some(ctx), with_plaintext, |note| {
+        self.audited_release(cx, name, Some(ctx), with_plaintext, |note| {
             let caller = &cx.caller;
             note.key(key_id, 0);
             self.admit(caller)?;
@@ -551,13 +649,15 @@ impl Broker {
             if with_plaintext {
                 check_residency(&caller.region, here, here, op.verb())?;
             }
-            let rec = self.load(key_id)?;
+            let rec = self.load_shared(key_id)?;
             if with_plaintext {
                 check_residency(&caller.region, here, &rec.home_region, op.verb())?;
             }
             self.authorize(cx, &rec, op, note)?;
             self.check_state(&rec, op, false)?;
             note.key(key_id, rec.primary_version);
+            // Data keys come straight from the kernel, never from the batched
+            // buffer that holds future salts and nonces.
             let mut raw = [0u8; KEY_LEN];
             self.rng.fill(&mut raw).map_err(|_| rng_err())?;
             let dk = KeyMaterial::from_array(&mut raw);
@@ -579,9 +679,9 @@ impl Broker {
         source_ctx: &EncryptionContext,
         destination: Option<&KeyId>,
         destination_ctx: &EncryptionContext,
-    ) -> Result<ReEncrypted> {
+    ) -> Result<AfterAudit<ReEncrypted>> {
         let op = CryptoOp::ReEncrypt;
-        self.audited(cx, "re-encrypt", Some(source_ctx), true, |note| {
+        self.audited_release(cx, "re-encrypt", Some(source_ctx), true, |note| {
             let caller = &cx.caller;
             self.admit(caller)?;
             policy::require_service(caller, op)?;
@@ -589,27 +689,79 @@ impl Broker {
             check_residency(&caller.region, here, here, op.verb())?;
             let env = self.parse_ciphertext(ciphertext)?;
             note.key(&env.header.key_id, env.header.key_version);
-            let src = self.load(&env.header.key_id)?;
+            let src = self.load_shared(&env.header.key_id)?;
             check_residency(&caller.region, here, &src.home_region, op.verb())?;
             self.authorize(cx, &src, op, note)?;
             self.check_state(&src, op, true)?;
             let dst = match destination {
                 Some(d) if *d != src.id => {
-                    let dst = self.load(d)?;
+                    let dst = self.load_shared(d)?;
                     self.authorize(cx, &dst, op, note)?;
                     dst
                 }
-                _ => src.clone(),
+                _ => Arc::clone(&src),
             };
             self.check_state(&dst, CryptoOp::Encrypt, false)?;
-            let plaintext = self.open_checked(&src, &env, source_ctx)?;
+            let src_version = env.header.key_version;
+            let plaintext = self.open_checked(&src, env, source_ctx)?;
             let sealed = self.seal(&dst, destination_ctx, &plaintext)?;
             Ok(ReEncrypted {
                 ciphertext: sealed.ciphertext,
-                source: (src.id, env.header.key_version),
+                source: (src.id.clone(), src_version),
                 destination: (sealed.key_id, sealed.key_version),
             })
         })
+    }
+
+    /// Runs `f` on the calling (async) thread, refusing anything that would
+    /// block (a root-of-trust call, a store read, a durable-audit wait):
+    /// those return `Error::WouldBlock` and the caller retries off the
+    /// runtime. Steady-state crypto on hot keys never blocks.
+    pub fn without_blocking<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        INLINE.with(|c| c.set(true));
+        let r = f();
+        INLINE.with(|c| c.set(false));
+        r
+    }
+}
+
+thread_local! {
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn must_not_block() -> Result<()> {
+    if INLINE.with(|c| c.get()) {
+        Err(Error::WouldBlock)
+    } else {
+        Ok(())
+    }
+}
+
+/// Held while one request unwraps a version; others wait on it.
+type UnwrapSlot = Arc<Mutex<()>>;
+
+/// A result that may be released only once its audit record is durable.
+pub struct AfterAudit<T> {
+    value: T,
+    ticket: Option<crate::audit::Ticket>,
+}
+
+impl<T> AfterAudit<T> {
+    /// Waits (asynchronously) for the audit record, then releases the value.
+    /// If the record could not be written the value is dropped (zeroized).
+    pub async fn released(self) -> Result<T> {
+        if let Some(t) = self.ticket {
+            t.wait_async().await.map_err(audit_err)?;
+        }
+        Ok(self.value)
+    }
+
+    /// Blocking form of [`released`](Self::released), for non-async callers.
+    pub fn released_blocking(self) -> Result<T> {
+        if let Some(t) = self.ticket {
+            t.wait().map_err(audit_err)?;
+        }
+        Ok(self.value)
     }
 }
 

@@ -5,15 +5,15 @@
 //! scenario, prints what happened, and stops the brokers. Exits non-zero if
 //! any step did not give the expected answer.
 
-use super::{check_health, CliError};
+use super::devenv::{
+    connect_as, err, provision, softhsm_token, start_broker, wait_serving, Broker,
+};
+use super::CliError;
 use crate::api::proto as pb;
-use crate::client::{self, Client, ClientTls};
 use crate::pki;
 use crate::region::Region;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
 use tonic::Code;
 
 /// Arguments of `demo`.
@@ -31,163 +31,6 @@ pub struct DemoArgs {
 }
 
 const TD: &str = "sovkms.example";
-
-fn err(e: impl std::fmt::Display) -> CliError {
-    CliError::new(e.to_string(), "")
-}
-
-struct Broker {
-    child: tokio::process::Child,
-    addr: String,
-}
-
-fn random_hex(n: usize) -> Result<String, CliError> {
-    use ring::rand::SecureRandom;
-    let mut b = vec![0u8; n];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| err("random generator failed"))?;
-    Ok(hex::encode(b))
-}
-
-/// A private SoftHSM2 token directory and config for one broker; creates
-/// and provisions the token. Returns the `[root]` body and SOFTHSM2_CONF.
-fn softhsm_token(
-    exe: &Path,
-    dir: &Path,
-    region: &Region,
-    profile: &Path,
-) -> Result<(String, PathBuf), CliError> {
-    let hsm = dir.join("hsm").join(region.as_str());
-    let tokens = hsm.join("tokens");
-    std::fs::create_dir_all(&tokens).map_err(err)?;
-    let conf = hsm.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .map_err(err)?;
-    let pin = hsm.join("user.pin");
-    let so = hsm.join("so.pin");
-    crate::store::write_file_durably(&pin, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
-    crate::store::write_file_durably(&so, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
-    let label = format!("sovkms-{region}");
-    let o = std::process::Command::new(exe)
-        .args(["hsm", "init-token", "--profile"])
-        .arg(profile)
-        .args(["--label", &label, "--pin-file"])
-        .arg(&pin)
-        .arg("--so-pin-file")
-        .arg(&so)
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .map_err(err)?;
-    if !o.status.success() {
-        return Err(CliError::new(
-            format!(
-                "creating SoftHSM2 token {label} failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            "is softhsm2 installed? (bash deploy/deps.sh installs it)",
-        ));
-    }
-    Ok((pki::pkcs11_root_toml(profile, &label, &pin), conf))
-}
-
-fn provision(exe: &Path, cfg: &Path, conf: &Path) -> Result<String, CliError> {
-    let o = std::process::Command::new(exe)
-        .args(["hsm", "init", "--json", "--config"])
-        .arg(cfg)
-        .env("SOFTHSM2_CONF", conf)
-        .output()
-        .map_err(err)?;
-    if !o.status.success() {
-        return Err(CliError::new(
-            format!(
-                "hsm init failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            "",
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(err)?;
-    Ok(v["check_value"].as_str().unwrap_or("").to_owned())
-}
-
-async fn start_broker(
-    exe: &Path,
-    config: &Path,
-    log: &Path,
-    softhsm_conf: Option<&Path>,
-) -> Result<Broker, CliError> {
-    let log = std::fs::File::create(log).map_err(err)?;
-    let mut cmd = tokio::process::Command::new(exe);
-    if let Some(c) = softhsm_conf {
-        cmd.env("SOFTHSM2_CONF", c);
-    }
-    let mut child = cmd
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| CliError::new(format!("cannot start broker: {e}"), ""))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| err("broker has no stdout"))?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| err("broker did not report its address within 30 s"))?
-        .map_err(err)?
-        .ok_or_else(|| {
-            CliError::new(
-                "broker exited at start",
-                format!("see {}", config.with_extension("log").display()),
-            )
-        })?;
-    let addr = line
-        .strip_prefix("listening on ")
-        .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?
-        .to_owned();
-    Ok(Broker { child, addr })
-}
-
-/// Connects as `who` (e.g. `eu-central/service-app`) to `addr`.
-async fn connect_as(
-    pki_dir: &Path,
-    who: &str,
-    broker_region: &str,
-    addr: &str,
-) -> Result<Client, CliError> {
-    let (region, stem) = who.split_once('/').ok_or_else(|| err("bad identity"))?;
-    let tls = ClientTls::from_files(
-        &pki_dir.join(broker_region).join("ca.pem"),
-        &pki_dir.join(region).join(format!("{stem}.pem")),
-        &pki_dir.join(region).join(format!("{stem}.key")),
-        "localhost",
-    )
-    .map_err(err)?;
-    client::connect(addr, &tls).await.map_err(err)
-}
-
-async fn wait_serving(c: &Client) -> Result<(), CliError> {
-    let start = Instant::now();
-    loop {
-        if let Ok(true) = check_health(c).await {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err(err("broker did not report SERVING within 30 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 struct Row {
     caller: String,

@@ -1,9 +1,11 @@
 //! The `sovkms` command line: one file per command family.
 
 mod audit;
+mod bench;
 mod breakglass;
 mod crypto;
 mod demo;
+mod devenv;
 mod hsm;
 mod key;
 mod pki;
@@ -51,6 +53,12 @@ enum Command {
     Health(ConnArgs),
     /// Show what a broker is (region, root of trust, cache figures).
     Info(ConnArgs),
+    /// Benchmarks: RPC load against the echo ceiling, crypto, lifecycle.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Serve the benchmark's echo ceiling (used by `sovkms bench`).
+    #[command(hide = true)]
+    BenchEcho(bench::EchoArgs),
     /// Run the two-region demonstration: PKI, two brokers, a scenario.
     Demo(demo::DemoArgs),
 }
@@ -191,6 +199,8 @@ pub fn main() -> ExitCode {
             Command::BreakGlass(c) => breakglass::run(c).await,
             Command::Info(a) => info(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Bench(c) => bench::run(c).await,
+            Command::BenchEcho(a) => bench::echo(a).await,
         }
     });
     match result {

@@ -66,22 +66,23 @@ impl KekCache {
     /// Looks up a version's material. On a miss, returns the epoch to pass to
     /// [`insert`](Self::insert).
     pub fn get(&self, id: &KeyId, version: u32) -> Result<Arc<KeyMaterial>, u64> {
+        let r = self.peek(id, version);
+        let counter = if r.is_ok() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Like [`get`](Self::get), without counting (a second look by the same request).
+    pub fn peek(&self, id: &KeyId, version: u32) -> Result<Arc<KeyMaterial>, u64> {
         let mut g = self.lock();
         let k = (id.clone(), version);
         match g.map.get(&k) {
-            Some(e) if e.inserted.elapsed() < self.ttl => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Arc::clone(&e.material))
-            }
+            Some(e) if e.inserted.elapsed() < self.ttl => Ok(Arc::clone(&e.material)),
             Some(_) => {
                 g.map.remove(&k);
-                self.misses.fetch_add(1, Ordering::Relaxed);
                 Err(g.epoch)
             }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                Err(g.epoch)
-            }
+            None => Err(g.epoch),
         }
     }
 

@@ -50,6 +50,21 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Bulk load for benchmarks: insert without a flush per record.
+    pub fn insert_unflushed(&self, rec: &KeyRecord) -> Result<(), StoreError> {
+        self.keys
+            .insert(rec.id.as_str(), Self::encode(rec)?)
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Flushes everything written so far.
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.flush()
+    }
+}
+
 impl Store for SledStore {
     fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         match self.keys.get(id.as_str()).map_err(unavailable)? {
