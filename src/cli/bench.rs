@@ -687,7 +687,8 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
         "create key: {:.0}/s ({} in flight), p50 {:.1} ms, p99 {:.1} ms, server cpu {:.0} µs/key, {} errors",
         m.rps, a.inflight, m.p50_ms, m.p99_ms, m.server_cpu_us_per_req, m.errors
     );
-    drop(broker);
+    let mut broker = broker;
+    let _ = broker.child.kill().await;
     // Start-up, memory and Locate by key count: synthetic records (copies of
     // one real wrapped version) written straight into the store.
     let settings = crate::config::Settings::load(&env.cfg).map_err(err)?;
@@ -747,8 +748,8 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
             by_name.keys.len()
         );
         rows.push(serde_json::json!({"keys": n, "start_s": start_s, "rss_kib": rss, "locate_first_page_ms": first_page_ms, "locate_by_name_ms": by_name_ms}));
-        drop(b);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut b = b;
+        let _ = b.child.kill().await;
     }
     if let Some(p) = a.json {
         std::fs::write(
