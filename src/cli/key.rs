@@ -125,13 +125,7 @@ fn parse_grants(allow: &[String]) -> Result<Vec<pb::Grant>, CliError> {
 }
 
 pub(super) fn op_pb(o: CryptoOp) -> pb::Operation {
-    match o {
-        CryptoOp::Encrypt => pb::Operation::Encrypt,
-        CryptoOp::Decrypt => pb::Operation::Decrypt,
-        CryptoOp::GenerateDataKey => pb::Operation::GenerateDataKey,
-        CryptoOp::GenerateDataKeyWithoutPlaintext => pb::Operation::GenerateDataKeyWithoutPlaintext,
-        CryptoOp::ReEncrypt => pb::Operation::ReEncrypt,
-    }
+    crate::api::convert::op_to_pb(o)
 }
 
 fn state_name(v: i32) -> &'static str {

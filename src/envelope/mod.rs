@@ -348,25 +348,14 @@ pub fn derive_only(kek: &KeyMaterial, env: &Envelope) -> Result<(), OpenError> {
     message_key(kek, &env.header.salt, &env.header_bytes).map(|_| ())
 }
 
-/// Opens a parsed envelope with `kek` and the caller's `context`.
+/// Opens a parsed envelope with `kek` and the caller's `context` (copies
+/// the body; [`open_owned`] decrypts in place).
 pub fn open(
     kek: &KeyMaterial,
     env: &Envelope,
     context: &EncryptionContext,
 ) -> Result<Plaintext, OpenError> {
-    let key = message_key(kek, &env.header.salt, &env.header_bytes)?;
-    let aad = aad(&env.header_bytes, context);
-    let mut buf = zeroize::Zeroizing::new(env.sealed.clone());
-    let n = key
-        .open_in_place(
-            aead::Nonce::assume_unique_for_key(env.header.nonce),
-            aead::Aad::from(&aad),
-            &mut buf,
-        )
-        .map_err(|_| OpenError)?
-        .len();
-    buf.truncate(n);
-    Ok(Plaintext::new(std::mem::take(&mut *buf)))
+    open_owned(kek, env.clone(), context)
 }
 
 #[cfg(test)]
