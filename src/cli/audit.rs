@@ -65,7 +65,12 @@ pub enum AuditCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Print the signing public key of a broker's root of trust (PEM).
+    /// Print a running broker's signing public key (PEM), as GetInfo reports it.
+    FetchPubkey {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print the signing public key of a broker's root of trust (PEM), from its config.
     Pubkey {
         /// Broker config.
         #[arg(long, short)]
@@ -221,6 +226,18 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                     c.day, c.key_id, c.operation, c.outcome, c.count
                 );
             }
+            Ok(())
+        }
+        AuditCmd::FetchPubkey { conn } => {
+            let mut c = conn.connect().await?;
+            let i = c.broker.get_info(pb::GetInfoRequest {}).await?.into_inner();
+            if i.signing_public_key_pem.is_empty() {
+                return Err(CliError::new(
+                    "the broker reported no signing key",
+                    "is its root of trust provisioned?",
+                ));
+            }
+            print!("{}", i.signing_public_key_pem);
             Ok(())
         }
         AuditCmd::Pubkey { config } => {

@@ -55,7 +55,10 @@ pub enum KeyCmd {
     Provenance {
         #[command(flatten)]
         key: KeyArg,
-        /// Verify signatures with this public key (PEM or hex).
+        /// Verify the signatures (needs --pubkey).
+        #[arg(long, requires = "pubkey")]
+        verify: bool,
+        /// The broker's signing public key (PEM or hex); implies --verify.
         #[arg(long)]
         pubkey: Option<std::path::PathBuf>,
     },
@@ -312,7 +315,11 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 .into_inner();
             show(&m, k.conn.json)
         }
-        KeyCmd::Provenance { key, pubkey } => provenance(key, pubkey).await,
+        KeyCmd::Provenance {
+            key,
+            pubkey,
+            verify: _,
+        } => provenance(key, pubkey).await,
         KeyCmd::Activate(k) => {
             let m = k
                 .conn
