@@ -282,24 +282,35 @@ async fn provenance_is_signed_and_linked_to_the_audit_chain() {
         altered.creator = spiffe("eu-central", "operator", "mallory");
         assert!(altered.verify(&pk).is_err());
     }
-    // The CLI verifies and lists the lifecycle events (as an auditor).
-    let pem_file = env.dir.path().join("pub.pem");
-    std::fs::write(&pem_file, sovkms::root::pkcs11::admin::p256_spki_pem(&pk)).unwrap();
+    // The README's auditor steps: fetch the public key, then verify the
+    // provenance and list the lifecycle events.
     let dir = env.pki.join("eu-central");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"))
-        .args([
-            "key",
-            "provenance",
-            &k,
-            "--pubkey",
-            pem_file.to_str().unwrap(),
-        ])
-        .env("SOVKMS_ADDR", &eu.addr)
-        .env("SOVKMS_CA", dir.join("ca.pem"))
-        .env("SOVKMS_CERT", dir.join("auditor-audit.pem"))
-        .env("SOVKMS_KEY", dir.join("auditor-audit.key"))
-        .output()
-        .unwrap();
+    let as_auditor = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args(args)
+            .env("SOVKMS_ADDR", &eu.addr)
+            .env("SOVKMS_CA", dir.join("ca.pem"))
+            .env("SOVKMS_CERT", dir.join("auditor-audit.pem"))
+            .env("SOVKMS_KEY", dir.join("auditor-audit.key"))
+            .output()
+            .unwrap()
+    };
+    let o = as_auditor(&["audit", "fetch-pubkey"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        sovkms::audit::parse_public_key(&String::from_utf8_lossy(&o.stdout)).unwrap(),
+        pk
+    );
+    let pem_file = env.dir.path().join("pub.pem");
+    std::fs::write(&pem_file, &o.stdout).unwrap();
+    let o = as_auditor(&[
+        "key",
+        "provenance",
+        &k,
+        "--verify",
+        "--pubkey",
+        pem_file.to_str().unwrap(),
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(out.matches("signature   verified").count(), 2, "{out}");
