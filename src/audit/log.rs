@@ -14,12 +14,15 @@ use crate::root::RootOfTrust;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest batch written with one sync.
 const MAX_BATCH: usize = 4096;
+/// Buffered records (nobody waits for them) wait at most this long for
+/// company before the writer wakes for them.
+const BUFFER_DELAY: Duration = Duration::from_millis(2);
 /// Buffered records (nobody waits for them) are synced at least this often.
 const SYNC_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 
@@ -41,14 +44,31 @@ pub struct LogSettings {
 /// Where the writer reports a durable record's sequence number.
 type Waiter = tokio::sync::oneshot::Sender<Result<u64, AuditError>>;
 
-enum Msg {
-    Event(Box<Event>, Option<Waiter>),
-    Shutdown(SyncSender<()>),
+/// Events waiting for the writer. Buffered events do not wake it (it
+/// collects them for up to `BUFFER_DELAY`); an event somebody waits for,
+/// a full batch, or a stop does.
+#[derive(Default)]
+struct Queue {
+    events: Vec<(Box<Event>, Option<Waiter>)>,
+    waiters: usize,
+    first_at: Option<Instant>,
+    shutdown: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The file-backed audit log.
 pub struct AuditLog {
-    tx: Mutex<Sender<Msg>>,
+    shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -293,48 +313,46 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, shared: Arc<Shared>) {
         loop {
-            let wait = if self.unsynced_since.is_some() {
-                SYNC_AT_LEAST_EVERY
-            } else {
-                self.settings.checkpoint_interval
-            };
-            let first = match rx.recv_timeout(wait) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.sync_if_due();
-                    if self.checkpoint_due() {
-                        self.checkpoint();
+            let deadline = Instant::now()
+                + if self.unsynced_since.is_some() {
+                    SYNC_AT_LEAST_EVERY
+                } else {
+                    self.settings.checkpoint_interval
+                };
+            let (batch, shutdown) = {
+                let mut q = shared.lock();
+                loop {
+                    if q.shutdown || q.waiters > 0 || q.events.len() >= MAX_BATCH {
+                        break;
                     }
-                    continue;
+                    let now = Instant::now();
+                    let wake_at = match q.first_at {
+                        Some(t) => (t + BUFFER_DELAY).min(deadline),
+                        None => deadline,
+                    };
+                    if now >= wake_at {
+                        break;
+                    }
+                    q = shared
+                        .wake
+                        .wait_timeout(q, wake_at - now)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
+                q.waiters = 0;
+                q.first_at = None;
+                (std::mem::take(&mut q.events), q.shutdown)
             };
-            let mut batch = Vec::new();
-            let mut shutdown = None;
-            match first {
-                Msg::Event(e, w) => batch.push((e, w)),
-                Msg::Shutdown(done) => shutdown = Some(done),
-            }
-            while batch.len() < MAX_BATCH && shutdown.is_none() {
-                match rx.try_recv() {
-                    Ok(Msg::Event(e, w)) => batch.push((e, w)),
-                    Ok(Msg::Shutdown(done)) => shutdown = Some(done),
-                    Err(_) => break,
-                }
-            }
             if !batch.is_empty() {
                 self.write_batch(batch);
             }
-            if self.checkpoint_due() {
+            self.sync_if_due();
+            if self.checkpoint_due() || (shutdown && self.since_checkpoint > 0) {
                 self.checkpoint();
             }
-            if let Some(done) = shutdown {
-                if self.since_checkpoint > 0 {
-                    self.checkpoint();
-                }
-                let _ = done.send(());
+            if shutdown {
                 return;
             }
         }
@@ -373,31 +391,45 @@ impl AuditLog {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
         };
-        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let for_writer = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("sovkms-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(for_writer))
             .map_err(|e| AuditError::Io(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
-            tx: Mutex::new(tx),
+            shared,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    fn send(&self, m: Msg) -> Result<(), AuditError> {
-        self.tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(m)
-            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))
+    fn push(&self, event: Event, waiter: Option<Waiter>) -> Result<(), AuditError> {
+        let mut q = self.shared.lock();
+        if q.shutdown {
+            return Err(AuditError::Io("the audit writer has stopped".into()));
+        }
+        let wake = waiter.is_some() || q.events.len() + 1 >= MAX_BATCH;
+        if waiter.is_some() {
+            q.waiters += 1;
+        }
+        if q.first_at.is_none() {
+            q.first_at = Some(Instant::now());
+        }
+        q.events.push((Box::new(event), waiter));
+        drop(q);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Writes a final checkpoint and stops the writer.
     pub fn shutdown(&self) {
-        let (done_tx, done_rx) = mpsc::sync_channel(1);
-        if self.send(Msg::Shutdown(done_tx)).is_ok() {
-            let _ = done_rx.recv();
-        }
+        self.shared.lock().shutdown = true;
+        self.shared.wake.notify_one();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
@@ -406,14 +438,14 @@ impl AuditLog {
 
 impl AuditSink for AuditLog {
     fn append(&self, event: Event) {
-        if let Err(e) = self.send(Msg::Event(Box::new(event), None)) {
+        if let Err(e) = self.push(event, None) {
             tracing::error!(error = %e, "audit record dropped");
         }
     }
 
     fn append_ticket(&self, event: Event) -> Result<super::Ticket, AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Msg::Event(Box::new(event), Some(tx)))?;
+        self.push(event, Some(tx))?;
         Ok(super::Ticket(rx))
     }
 
