@@ -11,6 +11,23 @@ pub struct SledStore {
     keys: sled::Tree,
     break_glass: sled::Tree,
     db: sled::Db,
+    group: FlushGroup,
+}
+
+/// Group commit for flushes: a writer that asks for durability after its
+/// insert is covered by the first flush that *starts* after it asked;
+/// concurrent writers share that flush instead of queueing one each.
+#[derive(Default)]
+struct FlushGroup {
+    state: std::sync::Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    requested: u64,
+    completed: u64,
+    running: bool,
 }
 
 fn unavailable(e: sled::Error) -> StoreError {
@@ -31,12 +48,36 @@ impl SledStore {
             keys,
             break_glass,
             db,
+            group: FlushGroup::default(),
         })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(unavailable)?;
-        Ok(())
+        let g = &self.group;
+        let lock = || g.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock();
+        s.requested += 1;
+        let mine = s.requested;
+        loop {
+            if s.completed >= mine {
+                return Ok(());
+            }
+            if !s.running {
+                s.running = true;
+                let target = s.requested;
+                drop(s);
+                let r = self.db.flush();
+                s = lock();
+                s.running = false;
+                if r.is_ok() {
+                    s.completed = s.completed.max(target);
+                }
+                g.done.notify_all();
+                r.map_err(unavailable)?;
+                continue;
+            }
+            s = g.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<KeyRecord, StoreError> {
