@@ -18,13 +18,20 @@ pub struct EncryptArgs {
     /// Key id.
     #[arg(long)]
     key_id: String,
+    #[command(flatten)]
+    io: IoArgs,
+}
+
+/// Where the bytes come from and go, and the encryption context.
+#[derive(clap::Args)]
+pub struct IoArgs {
     /// Input file; `-` or absent for stdin.
     #[arg(long = "in")]
     input: Option<PathBuf>,
-    /// Output file; `-` or absent for stdout.
+    /// Output file (created mode 0600); `-` or absent for stdout.
     #[arg(long = "out")]
     output: Option<PathBuf>,
-    /// Encryption context entry KEY=VALUE (repeat). Decrypt needs the same.
+    /// Encryption context entry KEY=VALUE (repeat); decrypt needs the same as encrypt.
     #[arg(long = "context")]
     context: Vec<String>,
 }
@@ -34,15 +41,8 @@ pub struct EncryptArgs {
 pub struct DecryptArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Input file; `-` or absent for stdin.
-    #[arg(long = "in")]
-    input: Option<PathBuf>,
-    /// Output file (created mode 0600); `-` or absent for stdout.
-    #[arg(long = "out")]
-    output: Option<PathBuf>,
-    /// Encryption context entry KEY=VALUE (repeat).
-    #[arg(long = "context")]
-    context: Vec<String>,
+    #[command(flatten)]
+    io: IoArgs,
 }
 
 /// Arguments of `generate-data-key`.
@@ -114,8 +114,8 @@ fn write_output(p: &Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
 }
 
 pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
-    let ctx = context(&a.context)?;
-    let mut pt = read_input(&a.input)?;
+    let ctx = context(&a.io.context)?;
+    let mut pt = read_input(&a.io.input)?;
     let mut c = a.conn.connect().await?;
     let req = pb::EncryptRequest {
         key_id: a.key_id,
@@ -128,12 +128,12 @@ pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
             "ciphertext_base64": B64.encode(&r.ciphertext), "key_id": r.key_id, "key_version": r.key_version,
         }));
     }
-    write_output(&a.output, &r.ciphertext)
+    write_output(&a.io.output, &r.ciphertext)
 }
 
 pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
-    let ctx = context(&a.context)?;
-    let ct = read_input(&a.input)?;
+    let ctx = context(&a.io.context)?;
+    let ct = read_input(&a.io.input)?;
     let mut c = a.conn.connect().await?;
     let mut r = c
         .crypto
@@ -149,7 +149,7 @@ pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
             "plaintext_base64": B64.encode(&*pt), "key_id": r.key_id, "key_version": r.key_version,
         }));
     }
-    write_output(&a.output, &pt)
+    write_output(&a.io.output, &pt)
 }
 
 pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {

@@ -41,7 +41,9 @@ const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the HSM user PIN comes from. Never the command line.
+/// Where the HSM user PIN comes from. Never the command line. Holds only
+/// the PIN's location (a path or a variable name), so its derived `Debug`
+/// cannot print the PIN; the PIN itself is read into a zeroizing `Pin`.
 #[derive(Clone, Debug)]
 pub enum PinSource {
     /// A file (mode 0600), first line.
