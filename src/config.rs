@@ -4,6 +4,7 @@
 use crate::broker::{BrokerSettings, MAX_PLAINTEXT_LIMIT};
 use crate::region::Region;
 use crate::root::pkcs11::{profile::HsmProfile, PinSource, Pkcs11Settings};
+use crate::root::tpm::{PcrPolicy, TpmSettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +37,25 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     break_glass: RawBreakGlass,
+    tpm: Option<RawTpm>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    tcti: String,
+    #[serde(default = "default_pcr_bank")]
+    pcr_bank: String,
+    #[serde(default = "default_pcrs")]
+    pcrs: Vec<u8>,
+    auth_file: Option<PathBuf>,
+}
+
+fn default_pcr_bank() -> String {
+    "sha256".into()
+}
+fn default_pcrs() -> Vec<u8> {
+    vec![7]
 }
 
 #[derive(Deserialize, Default)]
@@ -107,6 +127,8 @@ struct RawRoot {
     pin_env: Option<String>,
     root_key_label: Option<String>,
     signing_key_label: Option<String>,
+    pin_tpm_sealed: Option<PathBuf>,
+    sealed_root: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +186,13 @@ pub enum RootSettings {
     },
     /// Root key in a PKCS#11 HSM.
     Pkcs11(Box<Pkcs11Settings>),
+    /// Root secret sealed to the host's TPM 2.0.
+    Tpm {
+        /// The sealed blob (`sovkms tpm seal-root` writes it).
+        sealed: PathBuf,
+        /// How to reach the TPM.
+        tpm: TpmSettings,
+    },
 }
 
 /// Validated settings of `sovkms serve`.
@@ -181,6 +210,9 @@ pub struct Settings {
     pub root: RootSettings,
     /// Audit log.
     pub audit: AuditSettings,
+    /// The host's TPM, when `[tpm]` is configured (TPM root, TPM-sealed
+    /// HSM PIN, attestation).
+    pub tpm: Option<TpmSettings>,
 }
 
 impl Settings {
@@ -243,7 +275,15 @@ impl Settings {
             });
         }
         let data_dir = abs(raw.data_dir);
-        let root = root_settings(raw.root, &data_dir, &abs)?;
+        let tpm = match raw.tpm {
+            None => None,
+            Some(t) => Some(TpmSettings {
+                tcti: t.tcti,
+                policy: PcrPolicy::new(&t.pcr_bank, &t.pcrs).map_err(|e| format!("tpm: {e}"))?,
+                auth_file: t.auth_file.map(&abs),
+            }),
+        };
+        let root = root_settings(raw.root, &data_dir, &abs, tpm.as_ref())?;
         let bg = &raw.break_glass;
         if bg.quorum == Some(0) {
             return Err("break_glass.quorum must be at least 1 (approvals by operators other than the requester)".into());
@@ -301,6 +341,7 @@ impl Settings {
             },
             root,
             audit,
+            tpm,
         })
     }
 }
@@ -309,7 +350,19 @@ fn root_settings(
     r: RawRoot,
     data_dir: &Path,
     abs: &dyn Fn(PathBuf) -> PathBuf,
+    tpm: Option<&TpmSettings>,
 ) -> Result<RootSettings, String> {
+    let need_tpm = |what: &str| {
+        tpm.cloned().ok_or_else(|| {
+            format!("{what} needs a [tpm] section (at least tcti = \"device:/dev/tpmrm0\")")
+        })
+    };
+    if r.sealed_root.is_some() && r.kind != "tpm" {
+        return Err("root.sealed_root belongs to kind = \"tpm\"".into());
+    }
+    if r.pin_tpm_sealed.is_some() && r.kind != "pkcs11" {
+        return Err("root.pin_tpm_sealed belongs to kind = \"pkcs11\"".into());
+    }
     let pkcs11_fields = r.profile.is_some()
         || r.module.is_some()
         || r.token_label.is_some()
@@ -318,9 +371,19 @@ fn root_settings(
         || r.root_key_label.is_some()
         || r.signing_key_label.is_some();
     match r.kind.as_str() {
-        "software" if pkcs11_fields => {
+        "software" | "tpm" if pkcs11_fields => {
             Err("root: profile, module, token_label, pin_file, pin_env and *_key_label belong to kind = \"pkcs11\"".into())
         }
+        "tpm" if r.danger_development_only => {
+            Err("root.danger_development_only applies only to kind = \"software\"".into())
+        }
+        "tpm" => Ok(RootSettings::Tpm {
+            sealed: r
+                .sealed_root
+                .map(abs)
+                .unwrap_or_else(|| data_dir.join("tpm-root.sealed")),
+            tpm: need_tpm("root.kind = \"tpm\"")?,
+        }),
         "software" if r.danger_development_only => Ok(RootSettings::Software {
             path: data_dir.join("software-root.key"),
         }),
@@ -337,11 +400,15 @@ fn root_settings(
             if token_label.is_empty() || token_label.len() > 32 {
                 return Err("root.token_label must be 1-32 characters (PKCS#11 token labels are 32 bytes)".into());
             }
-            let pin = match (r.pin_file, r.pin_env) {
-                (Some(f), None) => PinSource::File(abs(f)),
-                (None, Some(v)) => PinSource::Env(v),
+            let pin = match (r.pin_file, r.pin_env, r.pin_tpm_sealed) {
+                (Some(f), None, None) => PinSource::File(abs(f)),
+                (None, Some(v), None) => PinSource::Env(v),
+                (None, None, Some(s)) => PinSource::Tpm {
+                    sealed: abs(s),
+                    tpm: Box::new(need_tpm("root.pin_tpm_sealed")?),
+                },
                 _ => {
-                    return Err("root: give exactly one of pin_file or pin_env for the HSM user PIN \
+                    return Err("root: give exactly one of pin_file, pin_env or pin_tpm_sealed for the HSM user PIN \
                          (never put the PIN itself in the config or on the command line)"
                         .into())
                 }
@@ -355,7 +422,7 @@ fn root_settings(
                 signing_label: r.signing_key_label.unwrap_or_else(|| "sovkms-signing".into()),
             })))
         }
-        other => Err(format!("root.kind {other:?} is not known; use \"pkcs11\" or \"software\" (development only)")),
+        other => Err(format!("root.kind {other:?} is not known; use \"pkcs11\", \"tpm\" or \"software\" (development only)")),
     }
 }
 

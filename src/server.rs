@@ -5,7 +5,7 @@ use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
-use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, RootOfTrust};
+use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, tpm::TpmRoot, RootOfTrust};
 use crate::store::{SledStore, Store};
 use std::sync::Arc;
 
@@ -54,6 +54,7 @@ pub fn open_root(settings: &Settings) -> Result<Arc<dyn RootOfTrust>, StartError
             Arc::new(r)
         }
         RootSettings::Pkcs11(p) => Arc::new(Pkcs11Root::open((**p).clone())?),
+        RootSettings::Tpm { sealed, tpm } => Arc::new(TpmRoot::open(tpm, sealed)?),
     };
     Ok(root)
 }

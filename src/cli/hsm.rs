@@ -97,8 +97,8 @@ fn load(c: &ConfigArg) -> Result<(Settings, Pkcs11Settings), CliError> {
             let p = (**p).clone();
             Ok((s, p))
         }
-        RootSettings::Software { .. } => Err(CliError::new(
-            "this broker's root is the development software root, not an HSM",
+        RootSettings::Software { .. } | RootSettings::Tpm { .. } => Err(CliError::new(
+            "this broker's root is not an HSM",
             "set [root] kind = \"pkcs11\" with a profile, token_label and PIN source",
         )),
     }
@@ -166,10 +166,10 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 HsmProfile::load(&profile).map_err(|e| CliError::new(e, "pass --profile"))?;
             let pin = PinSource::File(pin_file)
                 .read()
-                .map_err(|e| CliError::new(e, ""))?;
+                .map_err(|e| CliError::new(e.message, ""))?;
             let so = PinSource::File(so_pin_file)
                 .read()
-                .map_err(|e| CliError::new(e, ""))?;
+                .map_err(|e| CliError::new(e.message, ""))?;
             admin::init_dev_token(&prof.module, &label, &so, &pin).map_err(root_err)?;
             println!("token '{label}' initialized");
             Ok(())

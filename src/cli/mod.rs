@@ -10,6 +10,7 @@ mod hsm;
 mod key;
 mod pki;
 mod serve;
+mod tpm;
 
 use crate::client::{self, Client, ClientTls};
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +35,9 @@ enum Command {
     /// HSM (PKCS#11) operator commands: list, init, status, rotate-root, retire-root, bench.
     #[command(subcommand)]
     Hsm(hsm::HsmCmd),
+    /// TPM 2.0 commands: info, seal-root, seal-pin, check, reseal, attest.
+    #[command(subcommand)]
+    Tpm(tpm::TpmCmd),
     /// Manage keys (operators; auditors may list and show).
     #[command(subcommand)]
     Key(key::KeyCmd),
@@ -191,6 +195,7 @@ pub fn main() -> ExitCode {
             Command::Pki(c) => pki::run(c),
             Command::Key(c) => key::run(c).await,
             Command::Hsm(c) => tokio::task::block_in_place(|| hsm::run(c)),
+            Command::Tpm(c) => tokio::task::block_in_place(|| tpm::run(c)),
             Command::Encrypt(a) => crypto::encrypt(a).await,
             Command::Decrypt(a) => crypto::decrypt(a).await,
             Command::GenerateDataKey(a) => crypto::data_key(a).await,

@@ -1,10 +1,12 @@
 //! THE seam: the root of trust that wraps key version material.
 //!
-//! Implementations: [`software::SoftwareRoot`] (development only). PKCS#11
-//! and TPM 2.0 roots plug in behind the same trait.
+//! Implementations: [`pkcs11::Pkcs11Root`] (an HSM), [`tpm::TpmRoot`] (a
+//! secret sealed to the host's TPM 2.0) and [`software::SoftwareRoot`]
+//! (development only).
 
 pub mod pkcs11;
 pub mod software;
+pub mod tpm;
 
 use crate::secret::KeyMaterial;
 use std::fmt;

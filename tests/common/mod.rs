@@ -518,3 +518,100 @@ pub fn read_records(path: &Path) -> Vec<sovkms::audit::Record> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// A private software TPM (swtpm) on two free loopback ports, with its own
+/// state directory: a fresh TPM with its own seeds. Stopped (by PID) on drop.
+pub struct Swtpm {
+    child: std::process::Child,
+    pub port: u16,
+    pub state: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Swtpm {
+    pub fn start() -> Self {
+        let state = tempfile::tempdir().unwrap();
+        for _ in 0..10 {
+            // The swtpm TCTI reaches the control channel at port + 1.
+            let port = free_port();
+            if port == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
+                continue;
+            }
+            let ctrl = port + 1;
+            let mut child = std::process::Command::new("swtpm")
+                .args(["socket", "--tpm2", "--tpmstate"])
+                .arg(format!("dir={}", state.path().display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("swtpm is not installed (deploy/deps.sh installs it)");
+            // Ready when it answers a command; a port taken by someone else
+            // makes it exit, and we try other ports.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                let tcti = format!("swtpm:host=127.0.0.1,port={port}");
+                if let Ok(mut t) = sovkms::root::tpm::Tpm::connect(&tcti) {
+                    if t.random(1).is_ok() {
+                        return Self { child, port, state };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("swtpm did not start");
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// `[tpm]` section for a broker config.
+    pub fn toml(&self, pcrs: &str) -> String {
+        format!("\n[tpm]\ntcti = \"{}\"\npcrs = {pcrs}\n", self.tcti())
+    }
+
+    pub fn settings(&self, pcrs: &[u8]) -> sovkms::root::tpm::TpmSettings {
+        sovkms::root::tpm::TpmSettings {
+            tcti: self.tcti(),
+            policy: sovkms::root::tpm::PcrPolicy::new("sha256", pcrs).unwrap(),
+            auth_file: None,
+        }
+    }
+
+    /// Extends a sha256 PCR (simulates a changed boot state).
+    pub fn extend(&self, pcr: u8, data: &[u8]) {
+        let d = ring::digest::digest(&ring::digest::SHA256, data);
+        let mut t = sovkms::root::tpm::Tpm::connect(&self.tcti()).unwrap();
+        t.extend_pcr("sha256", pcr, d.as_ref()).unwrap();
+    }
+
+    /// Transient objects left loaded (must be 0 between operations).
+    pub fn transients(&self) -> usize {
+        let mut t = sovkms::root::tpm::Tpm::connect(&self.tcti()).unwrap();
+        t.loaded_transients().unwrap()
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

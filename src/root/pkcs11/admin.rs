@@ -127,10 +127,7 @@ pub struct Provisioned {
 }
 
 fn logged_in(settings: &Pkcs11Settings) -> Result<(std::sync::Arc<Module>, Session), RootError> {
-    let pin = settings
-        .pin
-        .read()
-        .map_err(|m| RootError::new(RootErrorKind::Config, m))?;
+    let pin = settings.pin.read()?;
     let m = Module::get(&settings.module)?;
     let s = {
         let _g = m.enter();
@@ -175,15 +172,20 @@ pub fn provision(settings: &Pkcs11Settings) -> Result<Provisioned, RootError> {
     })
 }
 
-/// SubjectPublicKeyInfo PEM of an uncompressed P-256 point.
-pub fn p256_spki_pem(point: &[u8]) -> String {
-    use base64::Engine;
+/// SubjectPublicKeyInfo DER of an uncompressed P-256 point.
+pub fn p256_spki_der(point: &[u8]) -> Vec<u8> {
     // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
     const PREFIX: [u8; 26] = [
         0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
         0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
     ];
-    let der = [&PREFIX[..], point].concat();
+    [&PREFIX[..], point].concat()
+}
+
+/// SubjectPublicKeyInfo PEM of an uncompressed P-256 point.
+pub fn p256_spki_pem(point: &[u8]) -> String {
+    use base64::Engine;
+    let der = p256_spki_der(point);
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
     for chunk in b64.as_bytes().chunks(64) {

@@ -50,18 +50,30 @@ pub enum PinSource {
     File(PathBuf),
     /// An environment variable.
     Env(String),
+    /// Sealed to this host's TPM (`sovkms tpm seal-pin`): only this host,
+    /// in the boot state it was sealed to, can log in to the HSM.
+    Tpm {
+        /// The sealed blob.
+        sealed: PathBuf,
+        /// How to reach the TPM.
+        tpm: Box<crate::root::tpm::TpmSettings>,
+    },
 }
 
 impl PinSource {
-    /// Reads the PIN.
-    pub fn read(&self) -> Result<Pin, String> {
+    /// Reads (or unseals) the PIN.
+    pub fn read(&self) -> Result<Pin, RootError> {
+        let cfg = |m: String| RootError::new(RootErrorKind::Config, m);
         match self {
             Self::File(p) => std::fs::read_to_string(p)
                 .map(Pin::new)
-                .map_err(|e| format!("cannot read HSM PIN file {}: {e}", p.display())),
+                .map_err(|e| cfg(format!("cannot read HSM PIN file {}: {e}", p.display()))),
             Self::Env(v) => std::env::var(v)
                 .map(Pin::new)
-                .map_err(|_| format!("environment variable {v} (HSM PIN) is not set")),
+                .map_err(|_| cfg(format!("environment variable {v} (HSM PIN) is not set"))),
+            Self::Tpm { sealed, tpm } => crate::root::tpm::unseal_pin(tpm, sealed).map_err(|e| {
+                RootError::new(e.kind, format!("HSM PIN sealed to the TPM: {}", e.message))
+            }),
         }
     }
 }
@@ -424,10 +436,7 @@ impl Pkcs11Root {
     /// the token is missing, the PIN is wrong, a mechanism is missing, or the
     /// token was never provisioned (`sovkms hsm init`).
     pub fn open(settings: Pkcs11Settings) -> Result<Self, RootError> {
-        let pin = settings
-            .pin
-            .read()
-            .map_err(|m| RootError::new(RootErrorKind::Config, m))?;
+        let pin = settings.pin.read()?;
         let module = Module::get(&settings.module)?;
         let root = Self {
             last_info: RwLock::new(RootInfo {
