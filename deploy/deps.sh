@@ -13,6 +13,11 @@ have protoc || need+=(protobuf-compiler)
 have softhsm2-util || need+=(softhsm2)
 have pkcs11-tool || need+=(opensc)
 for p in pkg-config; do pkg_installed "$p" || need+=("$p"); done
+# TPM 2.0: libtss2-dev to build tss-esapi; swtpm for the tests' software
+# TPMs; tpm2-tools for tpm2_checkquote (the auditor's verifier).
+pkg_installed libtss2-dev || need+=(libtss2-dev)
+have swtpm || need+=(swtpm swtpm-tools)
+have tpm2_checkquote || need+=(tpm2-tools)
 
 if ((${#need[@]})); then
     echo "deps: installing ${need[*]}"

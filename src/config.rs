@@ -331,6 +331,7 @@ impl Settings {
                 break_glass_quorum: raw.break_glass.quorum.unwrap_or(2),
                 break_glass_max_minutes: raw.break_glass.max_duration_minutes.unwrap_or(60),
                 break_glass_approval_minutes: raw.break_glass.approval_window_minutes.unwrap_or(60),
+                tpm: tpm.clone(),
             },
             listen: raw.listen,
             data_dir,

@@ -92,4 +92,24 @@ impl pb::audit_service_server::AuditService for Api {
             },
         ))
     }
+
+    async fn attest(
+        &self,
+        req: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let cx = self.ctx(&req, "attest")?;
+        let nonce = req.into_inner().nonce;
+        let (cx, (q, spec)) = self.run(cx, move |b, cx| b.attest(cx, &nonce)).await?;
+        Ok(reply(
+            &cx,
+            pb::AttestResponse {
+                quote_message: q.message,
+                quote_signature: q.signature,
+                pcr_values: q.pcr_values.concat(),
+                pcr_selection: spec,
+                ak_public: q.ak_public,
+                ak_public_pem: crate::root::pkcs11::admin::p256_spki_pem(&q.ak_sec1),
+            },
+        ))
+    }
 }

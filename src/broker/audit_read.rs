@@ -86,3 +86,28 @@ impl Broker {
         })
     }
 }
+
+impl Broker {
+    /// A TPM quote for an auditor of this region. One at a time per broker
+    /// (a TPM without a resource manager takes one client).
+    pub fn attest(&self, cx: &CallCtx, nonce: &[u8]) -> Result<(crate::root::tpm::Quote, String)> {
+        self.audited(cx, "attest", None, false, |_| {
+            self.admit(&cx.caller)?;
+            policy::require_auditor(&cx.caller, &self.settings.region, "request a TPM quote")?;
+            let tpm = self.settings.tpm.as_ref().ok_or_else(|| {
+                Error::FailedPrecondition(
+                    "this broker has no TPM configured ([tpm] in its config)".into(),
+                )
+            })?;
+            if !(8..=64).contains(&nonce.len()) {
+                return Err(Error::invalid("nonce must be 8 to 64 bytes"));
+            }
+            let _one = self.tpm_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (q, _) = crate::root::tpm::quote(tpm, nonce).map_err(|e| {
+                tracing::warn!(error = %e, "TPM quote failed");
+                Error::Unavailable(format!("the TPM could not quote: {}", e.message))
+            })?;
+            Ok((q, tpm.policy.spec()))
+        })
+    }
+}

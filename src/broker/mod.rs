@@ -61,6 +61,8 @@ pub struct BrokerSettings {
     pub break_glass_max_minutes: u32,
     /// How long a break-glass request waits for its quorum, in minutes.
     pub break_glass_approval_minutes: u32,
+    /// The host's TPM, for attestation quotes (None: no TPM configured).
+    pub tpm: Option<crate::root::tpm::TpmSettings>,
 }
 
 /// Result of Encrypt.
@@ -137,6 +139,8 @@ pub struct Broker {
     unwrapping: Mutex<std::collections::HashMap<(KeyId, u32), UnwrapSlot>>,
     /// Decoded key records for the hot path.
     records: Mutex<std::collections::HashMap<KeyId, Arc<KeyRecord>>>,
+    /// One TPM conversation at a time (attestation).
+    tpm_lock: Mutex<()>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -185,6 +189,7 @@ impl Broker {
             break_glass: std::sync::RwLock::new(Vec::new()),
             unwrapping: Mutex::new(std::collections::HashMap::new()),
             records: Mutex::new(std::collections::HashMap::new()),
+            tpm_lock: Mutex::new(()),
         }
     }
 

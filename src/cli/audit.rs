@@ -65,6 +65,18 @@ pub enum AuditCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Ask a broker for a TPM quote of its host (auditors of its region);
+    /// writes files that `tpm2_checkquote` verifies.
+    Attest {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Your nonce, hex (8 to 64 bytes), e.g. `$(openssl rand -hex 16)`.
+        #[arg(long)]
+        nonce: String,
+        /// Directory for the files.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a running broker's signing public key (PEM), as GetInfo reports it.
     FetchPubkey {
         #[command(flatten)]
@@ -226,6 +238,50 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                     c.day, c.key_id, c.operation, c.outcome, c.count
                 );
             }
+            Ok(())
+        }
+        AuditCmd::Attest { conn, nonce, out } => {
+            let nonce = hex::decode(nonce.trim()).map_err(|_| {
+                CliError::new("--nonce is not hex", "e.g. --nonce $(openssl rand -hex 16)")
+            })?;
+            let mut c = conn.connect().await?;
+            let t = std::time::Instant::now();
+            let r = c
+                .audit
+                .attest(pb::AttestRequest {
+                    nonce: nonce.clone(),
+                })
+                .await?
+                .into_inner();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let width = match r.pcr_selection.split(':').next() {
+                Some("sha384") => 48,
+                Some("sha1") => 20,
+                _ => 32,
+            };
+            let q = crate::root::tpm::Quote {
+                message: r.quote_message,
+                signature: r.quote_signature,
+                ak_public: r.ak_public,
+                ak_sec1: audit::parse_public_key(&r.ak_public_pem)
+                    .map_err(|e| CliError::new(format!("attestation key: {e}"), ""))?,
+                pcr_values: r.pcr_values.chunks(width).map(<[u8]>::to_vec).collect(),
+            };
+            let rep = crate::root::tpm::write_attestation(&out, &r.pcr_selection, &nonce, &q, ms)
+                .map_err(|e| CliError::new(e, ""))?;
+            if conn.json {
+                return print_json(
+                    &serde_json::to_value(&rep).map_err(|e| CliError::new(e.to_string(), ""))?,
+                );
+            }
+            println!("quote written to {}", rep.dir);
+            println!(
+                "pcrs             {} = {}",
+                rep.pcrs,
+                rep.pcr_values.join(",")
+            );
+            println!("ak fingerprint   {}", rep.ak_fingerprint);
+            println!("verify with      (cd {} && {})", rep.dir, rep.verify_with);
             Ok(())
         }
         AuditCmd::FetchPubkey { conn } => {

@@ -61,8 +61,8 @@ pub struct Quote {
     pub signature: Vec<u8>,
     /// The attestation key's public area, TPM2B_PUBLIC (`tpm2_checkquote -u`).
     pub ak_public: Vec<u8>,
-    /// The attestation key's point (x, y).
-    pub ak_point: (Vec<u8>, Vec<u8>),
+    /// The attestation key's point, uncompressed SEC1 (65 bytes).
+    pub ak_sec1: Vec<u8>,
     /// The quoted PCR values in selection order (`tpm2_checkquote -f`).
     pub pcr_values: Vec<Vec<u8>>,
 }
@@ -419,7 +419,15 @@ impl Tpm {
         let tss_esapi::structures::Public::Ecc { unique, .. } = &ak.out_public else {
             return Err(unavailable("attestation key is not an ECC key".into()));
         };
-        let ak_point = (unique.x().value().to_vec(), unique.y().value().to_vec());
+        let (x, y) = (unique.x().value(), unique.y().value());
+        if x.len() > 32 || y.len() > 32 {
+            return Err(unavailable("attestation key is not a P-256 key".into()));
+        }
+        let mut ak_sec1 = vec![4u8; 65];
+        ak_sec1[1..33].fill(0);
+        ak_sec1[33 - x.len()..33].copy_from_slice(x);
+        ak_sec1[33..65].fill(0);
+        ak_sec1[65 - y.len()..].copy_from_slice(y);
         let ak_public = tss_esapi::structures::PublicBuffer::try_from(ak.out_public.clone())
             .map_err(|e| tpm_err("attestation key public area", e))?
             .marshall()
@@ -430,7 +438,7 @@ impl Tpm {
                 .marshall()
                 .map_err(|e| tpm_err("marshal signature", e))?,
             ak_public,
-            ak_point,
+            ak_sec1,
             pcr_values: values,
         })
     }

@@ -655,11 +655,11 @@ pub fn write_attestation(
     q: &Quote,
     quote_ms: f64,
 ) -> Result<AttestReport, String> {
-    let point = sec1_point(q)?;
-    let pem = crate::root::pkcs11::admin::p256_spki_pem(&point);
+    let point = &q.ak_sec1;
+    let pem = crate::root::pkcs11::admin::p256_spki_pem(point);
     let fingerprint = hex::encode(digest::digest(
         &digest::SHA256,
-        &crate::root::pkcs11::admin::p256_spki_der(&point),
+        &crate::root::pkcs11::admin::p256_spki_der(point),
     ));
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let pcrs: Vec<u8> = q.pcr_values.concat();
@@ -692,19 +692,6 @@ pub fn write_attestation(
         std::fs::write(&p, bytes).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
     Ok(report)
-}
-
-fn sec1_point(q: &Quote) -> Result<Vec<u8>, String> {
-    let (x, y) = &q.ak_point;
-    if x.len() > 32 || y.len() > 32 {
-        return Err("attestation key point has the wrong size".into());
-    }
-    let mut p = vec![4u8];
-    p.extend(std::iter::repeat_n(0u8, 32 - x.len()));
-    p.extend_from_slice(x);
-    p.extend(std::iter::repeat_n(0u8, 32 - y.len()));
-    p.extend_from_slice(y);
-    Ok(p)
 }
 
 /// The TPM-bound root of trust.
