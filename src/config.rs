@@ -467,6 +467,21 @@ danger_development_only = true
     }
 
     #[test]
+    fn tpm_root_and_defaults() {
+        let s = parse(&OK.replace(
+            "kind = \"software\"\ndanger_development_only = true",
+            "kind = \"tpm\"\n[tpm]\ntcti = \"device:/dev/tpmrm0\"",
+        ))
+        .unwrap();
+        let RootSettings::Tpm { sealed, tpm } = &s.root else {
+            panic!("tpm root expected")
+        };
+        assert_eq!(sealed, &PathBuf::from("/etc/sovkms/data/tpm-root.sealed"));
+        assert_eq!(tpm.policy.spec(), "sha256:7");
+        assert!(s.broker.tpm.is_some(), "attestation available");
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/broker.example.toml");
         let text = std::fs::read_to_string(&path).unwrap().replace(
@@ -504,6 +519,26 @@ danger_development_only = true
                 "root.profile",
             ),
             ("listen", "lisen", "unknown field"),
+            (
+                "kind = \"software\"\ndanger_development_only = true",
+                "kind = \"tpm\"",
+                "needs a [tpm] section",
+            ),
+            (
+                "danger_development_only = true",
+                "danger_development_only = true\nsealed_root = \"x\"",
+                "belongs to kind = \"tpm\"",
+            ),
+            (
+                "danger_development_only = true",
+                "danger_development_only = true\n[tpm]\ntcti = \"device\"\npcrs = [24]",
+                "between 0 and 23",
+            ),
+            (
+                "danger_development_only = true",
+                "danger_development_only = true\n[tpm]\ntcti = \"device\"\npcr_bank = \"md5\"",
+                "not supported",
+            ),
         ] {
             let e = parse(&OK.replace(from, to)).unwrap_err();
             assert!(e.contains(want), "{e}");

@@ -29,6 +29,17 @@ pub enum BenchCmd {
     },
     /// Key creation rate, start-up time, memory and Locate latency by key count.
     Lifecycle(LifecycleArgs),
+    /// TPM: unseal and quote latency against the config's TPM (each round
+    /// connects, loads, runs the policy session, flushes: what a start or an
+    /// auditor's request costs).
+    Tpm {
+        /// Broker config with [tpm] and a provisioned sealed blob.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Rounds of each.
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
     /// The audit log alone: durable (group commit) against buffered appends.
     Audit {
         /// Seconds per measurement.
@@ -862,5 +873,54 @@ pub async fn run(c: BenchCmd) -> Result<(), CliError> {
         BenchCmd::Rpc(a) => rpc(a).await,
         BenchCmd::Crypto { seconds, json } => tokio::task::block_in_place(|| crypto(seconds, json)),
         BenchCmd::Lifecycle(a) => lifecycle(a).await,
+        BenchCmd::Tpm { config, rounds } => {
+            tokio::task::block_in_place(|| tpm_bench(&config, rounds.max(1)))
+        }
     }
+}
+
+fn tpm_bench(config: &std::path::Path, rounds: usize) -> Result<(), CliError> {
+    use crate::config::{RootSettings, Settings};
+    use crate::root::pkcs11::PinSource;
+    use crate::root::tpm::{self, Purpose};
+    let s = Settings::load(config).map_err(|e| CliError::new(e.to_string(), "fix the config"))?;
+    let t = s
+        .tpm
+        .clone()
+        .ok_or_else(|| CliError::new("the config has no [tpm] section", ""))?;
+    let (path, purpose) = match &s.root {
+        RootSettings::Tpm { sealed, .. } => (sealed.clone(), Purpose::Root),
+        RootSettings::Pkcs11(p) => match &p.pin {
+            PinSource::Tpm { sealed, .. } => (sealed.clone(), Purpose::HsmPin),
+            _ => return Err(CliError::new("the config seals nothing to the TPM", "")),
+        },
+        RootSettings::Software { .. } => {
+            return Err(CliError::new("the config seals nothing to the TPM", ""))
+        }
+    };
+    let err = |e: crate::root::RootError| CliError::new(e.message, "");
+    let mut unseal = Vec::with_capacity(rounds);
+    let mut quote = Vec::with_capacity(rounds);
+    let nonce = [0x5au8; 16];
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        tpm::check(&t, &path, purpose).map_err(err)?;
+        unseal.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        tpm::quote(&t, &nonce).map_err(err)?;
+        quote.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    for (name, v) in [("unseal", &mut unseal), ("quote", &mut quote)] {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "tpm {name:<7} {rounds} rounds via {}: min {:.1} ms, median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+            t.tcti,
+            v[0],
+            at(0.5),
+            at(0.9),
+            v[v.len() - 1]
+        );
+    }
+    Ok(())
 }

@@ -443,16 +443,25 @@ impl Tpm {
         })
     }
 
-    /// How many transient objects are loaded (tests check nothing leaks).
+    /// Transient objects plus sessions loaded in the TPM right now (tests
+    /// check that sovkms leaves none behind).
     pub fn loaded_transients(&mut self) -> Result<usize, RootError> {
-        let (data, _) = self
-            .ctx
-            .get_capability(CapabilityType::Handles, 0x8000_0000, 64)
-            .map_err(|e| tpm_err("TPM2_GetCapability(handles)", e))?;
-        match data {
-            CapabilityData::Handles(h) => Ok(h.len()),
-            _ => Ok(0),
+        let mut n = 0;
+        // Transient objects (0x80…), loaded HMAC sessions (0x02…) and policy
+        // sessions (0x03…).
+        for first in [0x8000_0000u32, 0x0200_0000, 0x0300_0000] {
+            let (data, _) = self
+                .ctx
+                .get_capability(CapabilityType::Handles, first, 64)
+                .map_err(|e| tpm_err("TPM2_GetCapability(handles)", e))?;
+            if let CapabilityData::Handles(h) = data {
+                n += h
+                    .iter()
+                    .filter(|t| (u32::from(**t) >> 24) == (first >> 24))
+                    .count();
+            }
         }
+        Ok(n)
     }
 }
 
