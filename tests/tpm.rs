@@ -380,6 +380,18 @@ async fn hsm_pin_sealed_to_the_tpm() {
         .unwrap()
         .into_inner()
         .key_id;
+    let gi = op
+        .broker
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        gi.root_description
+            .contains("PIN sealed to the host's TPM (PCR sha256:7)"),
+        "{}",
+        gi.root_description
+    );
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &proc_.addr).await;
     let cx = ctx(&[("patient", "42")]);
     let ct = encrypt(&mut svc, &key, b"health record", &cx)

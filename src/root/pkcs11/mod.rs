@@ -521,7 +521,13 @@ impl Pkcs11Root {
                 conn.token.model,
                 conn.token.serial,
                 if cur.check_value.is_empty() { "n/a" } else { &cur.check_value }
-            ),
+            ) + &match &self.settings.pin {
+                    PinSource::Tpm { tpm, .. } => format!(
+                        "; user PIN sealed to the host's TPM (PCR {})",
+                        tpm.policy.spec()
+                    ),
+                    _ => String::new(),
+                },
                 root_key_id: cur.id_str.clone(),
                 development_only: false,
                 mechanism: format!(
