@@ -39,7 +39,7 @@ pub struct TpmFacts {
     pub manufacturer: String,
     /// Vendor strings joined.
     pub vendor: String,
-    /// Firmware version as `major.minor.build.patch` words.
+    /// Firmware version: TPM_PT_FIRMWARE_VERSION_1 and _2 in hex.
     pub firmware: String,
     /// PCR banks with at least one PCR allocated (e.g. `sha256`).
     pub pcr_banks: Vec<String>,
@@ -157,7 +157,8 @@ impl Tpm {
             get(PropertyTag::FirmwareVersion1),
             get(PropertyTag::FirmwareVersion2),
         );
-        let firmware = format!("{}.{}.{}.{}", f1 >> 16, f1 & 0xffff, f2 >> 16, f2 & 0xffff);
+        // Vendor-defined words; printed as tpm2_getcap shows them (hex).
+        let firmware = format!("{f1:08x}.{f2:08x}");
         let (pcrs, _) = self
             .ctx
             .get_capability(CapabilityType::AssignedPcr, 0, 16)
