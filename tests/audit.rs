@@ -441,18 +441,7 @@ async fn every_acknowledged_decrypt_survives_kill_9() {
     let c = ctx(&[]);
     let mut p = spawn_broker(&cfg, &[]);
     let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
-    let k = op
-        .keys
-        .create(pb::CreateKeyRequest {
-            name: "k9".into(),
-            grants: vec![grant(&app, &ALL_OPS)],
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id;
+    let k = create_key_as(&mut op, "k9", vec![grant(&app, &ALL_OPS)]).await;
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let pk = signing_key(&mut svc).await;
     let ct = encrypt(&mut svc, &k, b"load", &c).await.unwrap().ciphertext;

@@ -41,18 +41,7 @@ async fn rotate_root_survives_a_crash_and_finishes_when_run_again() {
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let mut cts = Vec::new();
     for i in 0..6 {
-        let id = op
-            .keys
-            .create(pb::CreateKeyRequest {
-                name: format!("r{i}"),
-                grants: vec![grant(&app, &ALL_OPS)],
-                activate: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .key_id;
+        let id = create_key_as(&mut op, &format!("r{i}"), vec![grant(&app, &ALL_OPS)]).await;
         cts.push(
             encrypt(&mut svc, &id, format!("v1 of {i}").as_bytes(), &c)
                 .await
@@ -216,8 +205,8 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let app = spiffe("eu-central", "service", "app");
     let c = ctx(&[]);
-    let hot = create_key_as(&mut op, "hot", &app).await;
-    let cold = create_key_as(&mut op, "cold", &app).await;
+    let hot = create_key_as(&mut op, "hot", vec![grant(&app, &ALL_OPS)]).await;
+    let cold = create_key_as(&mut op, "cold", vec![grant(&app, &ALL_OPS)]).await;
     let hot_ct = encrypt(&mut svc, &hot, b"hot", &c)
         .await
         .unwrap()
@@ -255,20 +244,6 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
         .ciphertext;
     assert_eq!(decrypt(&mut svc, &ct, &c).await.unwrap(), b"back");
     assert_eq!(decrypt(&mut svc, &hot_ct, &c).await.unwrap(), b"hot");
-    create_key_as(&mut op, "after", &app).await;
+    create_key_as(&mut op, "after", vec![grant(&app, &ALL_OPS)]).await;
     stop(&mut p);
-}
-
-async fn create_key_as(op: &mut sovkms::client::Client, name: &str, app: &str) -> String {
-    op.keys
-        .create(pb::CreateKeyRequest {
-            name: name.into(),
-            grants: vec![grant(app, &ALL_OPS)],
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id
 }

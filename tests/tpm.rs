@@ -198,18 +198,12 @@ async fn sealed_in_one_process_serving_in_another_and_refused_after_pcr_change()
         .into_inner();
     assert_eq!(gi.root_kind, "tpm");
     assert!(!gi.development_only);
-    let key = op
-        .keys
-        .create(pb::CreateKeyRequest {
-            name: "tpm-bound".into(),
-            grants: vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id;
+    let key = create_key_as(
+        &mut op,
+        "tpm-bound",
+        vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
+    )
+    .await;
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let cx = ctx(&[("tenant", "t1")]);
     let ct = encrypt(&mut svc, &key, b"in-country record", &cx)
@@ -368,18 +362,12 @@ async fn hsm_pin_sealed_to_the_tpm() {
     // The broker serves the crypto operations on SoftHSM2.
     let mut proc_ = spawn_broker(&cfg, &[]);
     let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &proc_.addr).await;
-    let key = op
-        .keys
-        .create(pb::CreateKeyRequest {
-            name: "pin-sealed".into(),
-            grants: vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id;
+    let key = create_key_as(
+        &mut op,
+        "pin-sealed",
+        vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
+    )
+    .await;
     let gi = op
         .broker
         .get_info(pb::GetInfoRequest {})

@@ -1,6 +1,6 @@
 //! `sovkms hsm`: PKCS#11 operator commands.
 
-use super::{print_json, CliError};
+use super::{print_json, CliError, ConfigArg};
 use crate::config::{RootSettings, Settings};
 use crate::keys::rewrap::{self, DangerCrashAfter};
 use crate::root::pkcs11::{admin, profile::HsmProfile, PinSource, Pkcs11Root, Pkcs11Settings};
@@ -76,17 +76,6 @@ pub enum HsmCmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
-}
-
-/// A broker config.
-#[derive(clap::Args)]
-pub struct ConfigArg {
-    /// Broker config file whose [root] names the HSM.
-    #[arg(long, short)]
-    config: PathBuf,
-    /// JSON output.
-    #[arg(long)]
-    json: bool,
 }
 
 fn load(c: &ConfigArg) -> Result<(Settings, Pkcs11Settings), CliError> {

@@ -67,6 +67,17 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// A broker's config file, for commands run on the broker's host.
+#[derive(Args)]
+pub struct ConfigArg {
+    /// Broker config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
 /// How to reach a broker; every flag also reads an environment variable.
 #[derive(Args, Clone)]
 pub struct ConnArgs {

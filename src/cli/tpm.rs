@@ -1,6 +1,6 @@
 //! `sovkms tpm`: binding the broker to its host's TPM 2.0.
 
-use super::{print_json, CliError};
+use super::{print_json, CliError, ConfigArg};
 use crate::config::{RootSettings, Settings};
 use crate::root::pkcs11::PinSource;
 use crate::root::tpm::{self, Purpose, SealReport, Tpm, TpmSettings};
@@ -65,17 +65,6 @@ pub enum TpmCmd {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-/// A broker config.
-#[derive(clap::Args)]
-pub struct ConfigArg {
-    /// Broker config file with a [tpm] section.
-    #[arg(long, short)]
-    config: PathBuf,
-    /// JSON output.
-    #[arg(long)]
-    json: bool,
 }
 
 fn load(c: &ConfigArg) -> Result<(Settings, TpmSettings), CliError> {

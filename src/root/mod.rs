@@ -34,6 +34,30 @@ impl fmt::Debug for WrappedKey {
     }
 }
 
+impl WrappedKey {
+    /// Refuses material wrapped by a root key other than `root_key_id`.
+    pub fn check_root(&self, root_key_id: &str) -> Result<(), RootError> {
+        if self.root_key_id == root_key_id {
+            return Ok(());
+        }
+        Err(RootError::new(
+            RootErrorKind::UnknownRootKey,
+            format!(
+                "key material was wrapped by root key {}, which this broker does not hold",
+                self.root_key_id
+            ),
+        ))
+    }
+}
+
+/// The error for a wrapped blob that fails its integrity check.
+pub fn integrity_error() -> RootError {
+    RootError::new(
+        RootErrorKind::Integrity,
+        "wrapped key material failed its integrity check",
+    )
+}
+
 /// What kind of failure, so callers can tell "retry later" from "gone".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RootErrorKind {

@@ -148,21 +148,8 @@ impl RootOfTrust for SoftwareRoot {
     }
 
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<KeyMaterial, RootError> {
-        if wrapped.root_key_id != self.key_id {
-            return Err(RootError::new(
-                RootErrorKind::UnknownRootKey,
-                format!(
-                    "key material was wrapped by root key {}, which this broker does not hold",
-                    wrapped.root_key_id
-                ),
-            ));
-        }
-        let integrity = || {
-            RootError::new(
-                RootErrorKind::Integrity,
-                "wrapped key material failed its integrity check",
-            )
-        };
+        wrapped.check_root(&self.key_id)?;
+        let integrity = super::integrity_error;
         if wrapped.blob.len() != 12 + KEY_LEN + 16 {
             return Err(integrity());
         }

@@ -367,6 +367,11 @@ pub const ALL_OPS: [pb::Operation; 5] = [
 /// Creates an active key as the region's operator.
 pub async fn create_key(env: &Env, b: &TestBroker, name: &str, grants: Vec<pb::Grant>) -> String {
     let mut op = client(env, &format!("{}/operator-admin", b.region), b).await;
+    create_key_as(&mut op, name, grants).await
+}
+
+/// Creates an active key through an operator's client; returns its id.
+pub async fn create_key_as(op: &mut Client, name: &str, grants: Vec<pb::Grant>) -> String {
     op.keys
         .create(pb::CreateKeyRequest {
             name: name.into(),
@@ -566,8 +571,15 @@ impl Swtpm {
                 }
                 let tcti = format!("swtpm:host=127.0.0.1,port={port}");
                 if let Ok(mut t) = sovkms::root::tpm::Tpm::connect(&tcti) {
+                    // Answered, and by ours: one that lost the port race
+                    // to another swtpm exits instead of serving.
                     if t.random(1).is_ok() {
-                        return Self { child, port, state };
+                        drop(t);
+                        std::thread::sleep(Duration::from_millis(30));
+                        if child.try_wait().unwrap().is_none() {
+                            return Self { child, port, state };
+                        }
+                        break;
                     }
                 }
                 std::thread::sleep(Duration::from_millis(20));

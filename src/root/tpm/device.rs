@@ -492,23 +492,30 @@ fn flush_session(ctx: &mut Context, s: AuthSession) {
     let _ = ctx.flush_context(h.into());
 }
 
-/// The storage primary key: ECC P-256 restricted decryption key with
-/// AES-128-CFB, the TCG's standard SRK template, so it is re-created
-/// identically from the owner seed on every start (nothing to persist).
-fn srk_template() -> tss_esapi::Result<Public> {
-    let attrs = ObjectAttributesBuilder::new()
+/// Attributes both primaries share: bound to this TPM, generated inside
+/// it, usable without a password, restricted, exempt from lockout.
+fn primary_attributes() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
         .with_restricted(true)
-        .with_decrypt(true)
-        .build()?;
+}
+
+fn ecc_primary(attrs: tss_esapi::attributes::ObjectAttributes) -> PublicBuilder {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attrs)
+}
+
+/// The storage primary key: ECC P-256 restricted decryption key with
+/// AES-128-CFB, the TCG's standard SRK template, so it is re-created
+/// identically from the owner seed on every start (nothing to persist).
+fn srk_template() -> tss_esapi::Result<Public> {
+    ecc_primary(primary_attributes().with_decrypt(true).build()?)
         .with_ecc_parameters(
             PublicEccParametersBuilder::new_restricted_decryption_key(
                 SymmetricDefinitionObject::AES_128_CFB,
@@ -522,19 +529,7 @@ fn srk_template() -> tss_esapi::Result<Public> {
 
 /// The attestation key: restricted ECDSA-SHA256 P-256 signing key.
 fn ak_template() -> tss_esapi::Result<Public> {
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
-        .with_restricted(true)
-        .with_sign_encrypt(true)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attrs)
+    ecc_primary(primary_attributes().with_sign_encrypt(true).build()?)
         .with_ecc_parameters(
             PublicEccParametersBuilder::new()
                 .with_symmetric(SymmetricDefinitionObject::Null)

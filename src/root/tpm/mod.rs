@@ -480,10 +480,7 @@ pub fn check(
     let t = Instant::now();
     let (secret, file, used) = unseal_configured(settings, path, purpose)?;
     let unseal_ms = t.elapsed().as_secs_f64() * 1e3;
-    let root_key_id = match purpose {
-        Purpose::Root => Some(root_key_id(&secret)?),
-        Purpose::HsmPin => None,
-    };
+    let root_key_id = key_id_of(purpose, &secret)?;
     Ok(SealReport {
         path: used.display().to_string(),
         policy: file.policy()?.spec(),
@@ -544,10 +541,7 @@ pub fn reseal(
         path: pending.display().to_string(),
         policy: next.policy()?.spec(),
         pcr_values: next.pcr_values.clone(),
-        root_key_id: match purpose {
-            Purpose::Root => Some(root_key_id(&secret)?),
-            Purpose::HsmPin => None,
-        },
+        root_key_id: key_id_of(purpose, &secret)?,
         unseal_ms: 0.0,
     })
 }
@@ -573,10 +567,7 @@ pub fn confirm_reseal(
         path: path.display().to_string(),
         policy: file.policy()?.spec(),
         pcr_values: file.pcr_values.clone(),
-        root_key_id: match purpose {
-            Purpose::Root => Some(root_key_id(&secret)?),
-            Purpose::HsmPin => None,
-        },
+        root_key_id: key_id_of(purpose, &secret)?,
         unseal_ms,
     })
 }
@@ -587,6 +578,14 @@ pub fn unseal_pin(settings: &TpmSettings, path: &Path) -> Result<crate::secret::
     let s = String::from_utf8(secret.to_vec())
         .map_err(|_| RootError::new(RootErrorKind::Integrity, "the sealed PIN is not UTF-8"))?;
     Ok(crate::secret::Pin::new(s))
+}
+
+/// The root key id a sealed root secret gives (none for a PIN).
+fn key_id_of(purpose: Purpose, secret: &[u8]) -> Result<Option<String>, RootError> {
+    match purpose {
+        Purpose::Root => root_key_id(secret).map(Some),
+        Purpose::HsmPin => Ok(None),
+    }
 }
 
 fn root_key_id(secret: &[u8]) -> Result<String, RootError> {
@@ -818,21 +817,8 @@ impl RootOfTrust for TpmRoot {
     }
 
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<KeyMaterial, RootError> {
-        if wrapped.root_key_id != self.key_id {
-            return Err(RootError::new(
-                RootErrorKind::UnknownRootKey,
-                format!(
-                    "key material was wrapped by root key {}, which this broker does not hold",
-                    wrapped.root_key_id
-                ),
-            ));
-        }
-        let integrity = || {
-            RootError::new(
-                RootErrorKind::Integrity,
-                "wrapped key material failed its integrity check",
-            )
-        };
+        wrapped.check_root(&self.key_id)?;
+        let integrity = super::integrity_error;
         if wrapped.blob.len() != KEY_LEN + 8 {
             return Err(integrity());
         }
