@@ -50,6 +50,15 @@ impl WrappedKey {
     }
 }
 
+/// 256 bits of version material from the system RNG (the roots that wrap
+/// in software draw it there).
+pub fn system_material(rng: &dyn ring::rand::SecureRandom) -> Result<KeyMaterial, RootError> {
+    let mut b = [0u8; crate::secret::KEY_LEN];
+    rng.fill(&mut b)
+        .map_err(|_| RootError::new(RootErrorKind::Unavailable, "random generator failed"))?;
+    Ok(KeyMaterial::from_array(&mut b))
+}
+
 /// The error for a wrapped blob that fails its integrity check.
 pub fn integrity_error() -> RootError {
     RootError::new(

@@ -114,11 +114,7 @@ impl RootOfTrust for SoftwareRoot {
     }
 
     fn generate_material(&self) -> Result<KeyMaterial, RootError> {
-        let mut b = [0u8; KEY_LEN];
-        self.rng
-            .fill(&mut b)
-            .map_err(|_| RootError::new(RootErrorKind::Unavailable, "random generator failed"))?;
-        Ok(KeyMaterial::from_array(&mut b))
+        super::system_material(&self.rng)
     }
 
     fn wrap(&self, material: &KeyMaterial) -> Result<WrappedKey, RootError> {

@@ -289,15 +289,7 @@ impl Tpm {
             .map_err(|e| tpm_err("sealed object template", e))?;
         let data = SensitiveData::try_from(secret.to_vec())
             .map_err(|_| RootError::new(RootErrorKind::Config, "secret too long to seal"))?;
-        let auth = auth
-            .map(|a| Auth::try_from(a.to_vec()))
-            .transpose()
-            .map_err(|_| {
-                RootError::new(
-                    RootErrorKind::Config,
-                    "TPM auth value too long (max 32 bytes)",
-                )
-            })?;
+        let auth = auth.map(tpm_auth).transpose()?;
         let created = self.with_srk(|ctx, srk| {
             ctx.execute_with_nullauth_session(|c| {
                 c.create(srk, public, auth, Some(data), None, None)
@@ -332,15 +324,7 @@ impl Tpm {
         let public = Public::unmarshall(&parts.public).map_err(|_| bad_blob())?;
         let private = Private::try_from(parts.private.clone()).map_err(|_| bad_blob())?;
         let selection = policy.selection()?;
-        let auth = auth
-            .map(|a| Auth::try_from(a.to_vec()))
-            .transpose()
-            .map_err(|_| {
-                RootError::new(
-                    RootErrorKind::Config,
-                    "TPM auth value too long (max 32 bytes)",
-                )
-            })?;
+        let auth = auth.map(tpm_auth).transpose()?;
         self.with_srk(|ctx, srk| {
             let obj = ctx
                 .execute_with_nullauth_session(|c| c.load(srk, private, public))
@@ -464,6 +448,15 @@ impl Tpm {
         }
         Ok(n)
     }
+}
+
+fn tpm_auth(a: &[u8]) -> Result<Auth, RootError> {
+    Auth::try_from(a.to_vec()).map_err(|_| {
+        RootError::new(
+            RootErrorKind::Config,
+            "TPM auth value too long (max 32 bytes)",
+        )
+    })
 }
 
 fn start_session(ctx: &mut Context, kind: SessionType) -> Result<AuthSession, RootError> {

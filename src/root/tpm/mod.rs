@@ -798,11 +798,7 @@ impl RootOfTrust for TpmRoot {
     }
 
     fn generate_material(&self) -> Result<KeyMaterial, RootError> {
-        let mut b = [0u8; KEY_LEN];
-        self.rng
-            .fill(&mut b)
-            .map_err(|_| unavailable("random generator failed".into()))?;
-        Ok(KeyMaterial::from_array(&mut b))
+        super::system_material(&self.rng)
     }
 
     fn wrap(&self, material: &KeyMaterial) -> Result<WrappedKey, RootError> {
