@@ -7,7 +7,6 @@
 #![allow(missing_docs, clippy::all)]
 
 use std::fmt;
-use zeroize::Zeroize;
 
 tonic::include_proto!("sovkms.v1");
 
@@ -16,7 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sovk
 
 impl Drop for EncryptRequest {
     fn drop(&mut self) {
-        self.plaintext.zeroize();
+        crate::secret::wipe(&mut self.plaintext);
     }
 }
 
@@ -35,7 +34,7 @@ impl fmt::Debug for EncryptRequest {
 
 impl Drop for DecryptResponse {
     fn drop(&mut self) {
-        self.plaintext.zeroize();
+        crate::secret::wipe(&mut self.plaintext);
     }
 }
 
@@ -54,7 +53,7 @@ impl fmt::Debug for DecryptResponse {
 
 impl Drop for GenerateDataKeyResponse {
     fn drop(&mut self) {
-        self.plaintext_key.zeroize();
+        crate::secret::wipe(&mut self.plaintext_key);
     }
 }
 
