@@ -4,7 +4,7 @@
 use crate::broker::{BrokerSettings, MAX_PLAINTEXT_LIMIT};
 use crate::region::Region;
 use crate::root::pkcs11::{profile::HsmProfile, PinSource, Pkcs11Settings};
-use crate::root::tpm::{PcrPolicy, TpmSettings};
+use crate::root::tpm::{PcrPolicy, Purpose, TpmSettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -216,6 +216,19 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The blob this config seals to the TPM and what it holds: the root
+    /// (`kind = "tpm"`) or the HSM PIN (`pin_tpm_sealed`); None otherwise.
+    pub fn tpm_sealed(&self) -> Option<(PathBuf, Purpose)> {
+        match &self.root {
+            RootSettings::Tpm { sealed, .. } => Some((sealed.clone(), Purpose::Root)),
+            RootSettings::Pkcs11(p) => match &p.pin {
+                PinSource::Tpm { sealed, .. } => Some((sealed.clone(), Purpose::HsmPin)),
+                _ => None,
+            },
+            RootSettings::Software { .. } => None,
+        }
+    }
+
     /// Reads and validates a config file. Relative paths are relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

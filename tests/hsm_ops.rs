@@ -168,10 +168,7 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
     let conf = hsm.join("softhsm2.conf");
     std::fs::write(
         &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
+        sovkms::root::pkcs11::admin::softhsm_dev_conf(&tokens),
     )
     .unwrap();
     let (pin, so) = (hsm.join("user.pin"), hsm.join("so.pin"));

@@ -29,6 +29,22 @@ fn tpm_config(env: &Env, sw: &Swtpm, r: &str) -> PathBuf {
     path
 }
 
+/// A root sealed to `sw`'s current PCR 7, in a fresh directory.
+fn sealed_root(
+    sw: &Swtpm,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    tpm::TpmSettings,
+    tpm::SealReport,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = dir.path().join("root.sealed");
+    let s = sw.settings(&[7]);
+    let r = tpm::seal_root(&s, &blob).unwrap();
+    (dir, blob, s, r)
+}
+
 fn ok(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -55,10 +71,7 @@ fn sovkms(args: &[&str]) -> std::process::Output {
 #[test]
 fn tpm_root_passes_conformance_and_leaks_no_handles() {
     let sw = Swtpm::start();
-    let dir = tempfile::tempdir().unwrap();
-    let blob = dir.path().join("root.sealed");
-    let s = sw.settings(&[7]);
-    let r = tpm::seal_root(&s, &blob).unwrap();
+    let (dir, blob, s, r) = sealed_root(&sw);
     assert!(r.root_key_id.as_deref().unwrap().starts_with("tpm:"));
     let root = TpmRoot::open(&s, &blob).unwrap();
     sovkms::root::conformance::run(&root);
@@ -95,10 +108,7 @@ fn tpm_root_passes_conformance_and_leaks_no_handles() {
 #[test]
 fn pcr_change_refuses_unseal_naming_the_policy() {
     let sw = Swtpm::start();
-    let dir = tempfile::tempdir().unwrap();
-    let blob = dir.path().join("root.sealed");
-    let s = sw.settings(&[7]);
-    tpm::seal_root(&s, &blob).unwrap();
+    let (_dir, blob, s, _) = sealed_root(&sw);
     let before = hex::encode(
         Tpm::connect(&sw.tcti())
             .unwrap()
@@ -119,9 +129,7 @@ fn pcr_change_refuses_unseal_naming_the_policy() {
 fn blob_from_one_tpm_fails_on_another() {
     let a = Swtpm::start();
     let b = Swtpm::start();
-    let dir = tempfile::tempdir().unwrap();
-    let blob = dir.path().join("root.sealed");
-    tpm::seal_root(&a.settings(&[7]), &blob).unwrap();
+    let (dir, blob, _, _) = sealed_root(&a);
     let e = TpmRoot::open(&b.settings(&[7]), &blob).err().unwrap();
     assert_eq!(e.kind, RootErrorKind::Integrity, "{e}");
     assert!(e.message.contains("another TPM"), "{e}");

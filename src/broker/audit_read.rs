@@ -99,7 +99,7 @@ impl Broker {
                     "this broker has no TPM configured ([tpm] in its config)".into(),
                 )
             })?;
-            if !(8..=64).contains(&nonce.len()) {
+            if !crate::root::tpm::NONCE_BYTES.contains(&nonce.len()) {
                 return Err(Error::invalid("nonce must be 8 to 64 bytes"));
             }
             let _one = self.tpm_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -269,20 +269,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             };
             let rep = crate::root::tpm::write_attestation(&out, &r.pcr_selection, &nonce, &q, ms)
                 .map_err(|e| CliError::new(e, ""))?;
-            if conn.json {
-                return print_json(
-                    &serde_json::to_value(&rep).map_err(|e| CliError::new(e.to_string(), ""))?,
-                );
-            }
-            println!("quote written to {}", rep.dir);
-            println!(
-                "pcrs             {} = {}",
-                rep.pcrs,
-                rep.pcr_values.join(",")
-            );
-            println!("ak fingerprint   {}", rep.ak_fingerprint);
-            println!("verify with      (cd {} && {})", rep.dir, rep.verify_with);
-            Ok(())
+            super::tpm::print_attestation(&rep, conn.json)
         }
         AuditCmd::FetchPubkey { conn } => {
             let mut c = conn.connect().await?;

@@ -880,24 +880,16 @@ pub async fn run(c: BenchCmd) -> Result<(), CliError> {
 }
 
 fn tpm_bench(config: &std::path::Path, rounds: usize) -> Result<(), CliError> {
-    use crate::config::{RootSettings, Settings};
-    use crate::root::pkcs11::PinSource;
-    use crate::root::tpm::{self, Purpose};
+    use crate::config::Settings;
+    use crate::root::tpm;
     let s = Settings::load(config).map_err(|e| CliError::new(e.to_string(), "fix the config"))?;
     let t = s
         .tpm
         .clone()
         .ok_or_else(|| CliError::new("the config has no [tpm] section", ""))?;
-    let (path, purpose) = match &s.root {
-        RootSettings::Tpm { sealed, .. } => (sealed.clone(), Purpose::Root),
-        RootSettings::Pkcs11(p) => match &p.pin {
-            PinSource::Tpm { sealed, .. } => (sealed.clone(), Purpose::HsmPin),
-            _ => return Err(CliError::new("the config seals nothing to the TPM", "")),
-        },
-        RootSettings::Software { .. } => {
-            return Err(CliError::new("the config seals nothing to the TPM", ""))
-        }
-    };
+    let (path, purpose) = s
+        .tpm_sealed()
+        .ok_or_else(|| CliError::new("the config seals nothing to the TPM", ""))?;
     let err = |e: crate::root::RootError| CliError::new(e.message, "");
     let mut connect = Vec::with_capacity(rounds);
     let mut unseal = Vec::with_capacity(rounds);

@@ -40,14 +40,7 @@ pub(super) fn softhsm_token(
     let tokens = hsm.join("tokens");
     std::fs::create_dir_all(&tokens).map_err(err)?;
     let conf = hsm.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .map_err(err)?;
+    std::fs::write(&conf, crate::root::pkcs11::admin::softhsm_dev_conf(&tokens)).map_err(err)?;
     let pin = hsm.join("user.pin");
     let so = hsm.join("so.pin");
     crate::store::write_file_durably(&pin, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;

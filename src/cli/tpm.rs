@@ -1,7 +1,7 @@
 //! `sovkms tpm`: binding the broker to its host's TPM 2.0.
 
 use super::{print_json, CliError, ConfigArg};
-use crate::config::{RootSettings, Settings};
+use crate::config::Settings;
 use crate::root::pkcs11::PinSource;
 use crate::root::tpm::{self, Purpose, SealReport, Tpm, TpmSettings};
 use crate::root::RootError;
@@ -81,14 +81,7 @@ fn load(c: &ConfigArg) -> Result<(Settings, TpmSettings), CliError> {
 
 /// The blob the config names, and what it holds.
 fn sealed_target(s: &Settings) -> Result<(PathBuf, Purpose), CliError> {
-    match &s.root {
-        RootSettings::Tpm { sealed, .. } => Ok((sealed.clone(), Purpose::Root)),
-        RootSettings::Pkcs11(p) => match &p.pin {
-            PinSource::Tpm { sealed, .. } => Ok((sealed.clone(), Purpose::HsmPin)),
-            _ => Err(no_target()),
-        },
-        RootSettings::Software { .. } => Err(no_target()),
-    }
+    s.tpm_sealed().ok_or_else(no_target)
 }
 
 fn no_target() -> CliError {
@@ -160,6 +153,19 @@ fn parse_expected(specs: &[String], t: &TpmSettings) -> Result<Option<Vec<Vec<u8
         .collect::<Option<Vec<_>>>()
         .map(Some)
         .ok_or_else(|| CliError::new("an expected value is missing", hint))
+}
+
+/// Prints where a quote's files went and how to verify them.
+pub(super) fn print_attestation(r: &tpm::AttestReport, json: bool) -> Result<(), CliError> {
+    if json {
+        return print_json(&serde_json::to_value(r).map_err(|e| CliError::new(e.to_string(), ""))?);
+    }
+    println!("quote written to {}", r.dir);
+    println!("pcrs             {} = {}", r.pcrs, r.pcr_values.join(","));
+    println!("ak fingerprint   {}", r.ak_fingerprint);
+    println!("quote            {:.1} ms", r.quote_ms);
+    println!("verify with      (cd {} && {})", r.dir, r.verify_with);
+    Ok(())
 }
 
 /// Runs a `sovkms tpm` command (blocking: TPM I/O).
@@ -259,17 +265,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             let (q, ms) = tpm::quote(&t, &nonce).map_err(tpm_err)?;
             let r = tpm::write_attestation(&out, &t.policy.spec(), &nonce, &q, ms)
                 .map_err(|e| CliError::new(e, ""))?;
-            if c.json {
-                return print_json(
-                    &serde_json::to_value(&r).map_err(|e| CliError::new(e.to_string(), ""))?,
-                );
-            }
-            println!("quote written to {}", r.dir);
-            println!("pcrs             {} = {}", r.pcrs, r.pcr_values.join(","));
-            println!("ak fingerprint   {}", r.ak_fingerprint);
-            println!("quote            {:.1} ms", r.quote_ms);
-            println!("verify with      (cd {} && {})", r.dir, r.verify_with);
-            Ok(())
+            print_attestation(&r, c.json)
         }
     }
 }

@@ -267,10 +267,7 @@ pub fn ensure_softhsm_conf() {
         let tokens = dir.join("tokens");
         std::fs::create_dir_all(&tokens).unwrap();
         if !conf.exists() {
-            let text = format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            );
+            let text = sovkms::root::pkcs11::admin::softhsm_dev_conf(&tokens);
             let tmp = dir.join(format!("softhsm2.conf.{}", std::process::id()));
             std::fs::write(&tmp, text).unwrap();
             std::fs::rename(&tmp, &conf).unwrap();

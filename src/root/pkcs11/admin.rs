@@ -63,6 +63,15 @@ pub fn list(module_path: &Path) -> Result<Vec<SlotReport>, RootError> {
     Ok(out)
 }
 
+/// A SoftHSM2 config keeping its tokens in `tokens` (file backend, errors
+/// only): what development brokers and the tests point SOFTHSM2_CONF at.
+pub fn softhsm_dev_conf(tokens: &std::path::Path) -> String {
+    format!(
+        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+        tokens.display()
+    )
+}
+
 /// Initializes a fresh token in the first uninitialized slot and sets its
 /// user PIN. For development tokens (SoftHSM2) and tests; real HSMs are
 /// initialized with their vendor's tools.

@@ -314,15 +314,15 @@ fn unseal_file(
         })
 }
 
-/// Unseals the configured blob, falling back to a pending reseal (`.new`)
-/// when the current blob's policy no longer matches. Returns the secret,
-/// the file it came from and that file's path.
+/// Unseals the configured blob through `tpm`, falling back to a pending
+/// reseal (`.new`) when the current blob's policy no longer matches.
+/// Returns the secret, the file it came from and that file's path.
 pub fn unseal_configured(
+    tpm: &mut Tpm,
     settings: &TpmSettings,
     path: &Path,
     purpose: Purpose,
 ) -> Result<(Zeroizing<Vec<u8>>, SealedFile, PathBuf), RootError> {
-    let mut tpm = Tpm::connect(&settings.tcti)?;
     let file = SealedFile::read(path)?;
     if file.purpose != purpose {
         return Err(RootError::new(
@@ -335,14 +335,14 @@ pub fn unseal_configured(
             ),
         ));
     }
-    match unseal_file(&mut tpm, settings, path, &file) {
+    match unseal_file(tpm, settings, path, &file) {
         Ok(s) => Ok((s, file, path.to_path_buf())),
         Err(e) if e.kind == RootErrorKind::Auth => {
             let pending = pending_path(path);
             let Ok(next) = SealedFile::read(&pending) else {
                 return Err(e);
             };
-            match unseal_file(&mut tpm, settings, &pending, &next) {
+            match unseal_file(tpm, settings, &pending, &next) {
                 Ok(s) if next.purpose == purpose => {
                     tracing::warn!(
                         blob = %pending.display(),
@@ -478,7 +478,8 @@ pub fn check(
     purpose: Purpose,
 ) -> Result<SealReport, RootError> {
     let t = Instant::now();
-    let (secret, file, used) = unseal_configured(settings, path, purpose)?;
+    let mut tpm = Tpm::connect(&settings.tcti)?;
+    let (secret, file, used) = unseal_configured(&mut tpm, settings, path, purpose)?;
     let unseal_ms = t.elapsed().as_secs_f64() * 1e3;
     let root_key_id = key_id_of(purpose, &secret)?;
     Ok(SealReport {
@@ -574,7 +575,8 @@ pub fn confirm_reseal(
 
 /// Unseals a sealed HSM PIN (the PKCS#11 root's `pin_tpm_sealed`).
 pub fn unseal_pin(settings: &TpmSettings, path: &Path) -> Result<crate::secret::Pin, RootError> {
-    let (secret, _, _) = unseal_configured(settings, path, Purpose::HsmPin)?;
+    let mut tpm = Tpm::connect(&settings.tcti)?;
+    let (secret, _, _) = unseal_configured(&mut tpm, settings, path, Purpose::HsmPin)?;
     let s = String::from_utf8(secret.to_vec())
         .map_err(|_| RootError::new(RootErrorKind::Integrity, "the sealed PIN is not UTF-8"))?;
     Ok(crate::secret::Pin::new(s))
@@ -632,9 +634,12 @@ pub mod files {
     pub const SUMMARY: &str = "attest.json";
 }
 
-/// Quotes the configured PCRs with `nonce` (8 to 64 bytes).
+/// Accepted nonce lengths for a quote, in bytes (the TPM takes up to 64).
+pub const NONCE_BYTES: std::ops::RangeInclusive<usize> = 8..=64;
+
+/// Quotes the configured PCRs with `nonce` ([`NONCE_BYTES`]).
 pub fn quote(settings: &TpmSettings, nonce: &[u8]) -> Result<(Quote, f64), RootError> {
-    if !(8..=64).contains(&nonce.len()) {
+    if !NONCE_BYTES.contains(&nonce.len()) {
         return Err(RootError::new(
             RootErrorKind::Config,
             "the nonce must be 8 to 64 bytes (16 or more random bytes recommended)",
@@ -695,7 +700,9 @@ pub fn write_attestation(
 
 /// The TPM-bound root of trust.
 pub struct TpmRoot {
-    wrap_key: KeyMaterial,
+    /// AES-256 key wrap under the key derived from the unsealed secret; its
+    /// key schedule zeroizes on drop (`aes` with its `zeroize` feature).
+    kek: aes_kw::KekAes256,
     key_id: String,
     signer: EcdsaKeyPair,
     rng: SystemRandom,
@@ -707,7 +714,8 @@ impl TpmRoot {
     /// or blob problem is an error and the broker does not start).
     pub fn open(settings: &TpmSettings, sealed: &Path) -> Result<Self, RootError> {
         let t = Instant::now();
-        let (secret, file, used) = unseal_configured(settings, sealed, Purpose::Root)?;
+        let mut tpm = Tpm::connect(&settings.tcti)?;
+        let (secret, file, used) = unseal_configured(&mut tpm, settings, sealed, Purpose::Root)?;
         let unseal_ms = t.elapsed().as_secs_f64() * 1e3;
         let policy = file.policy()?;
         if policy != settings.policy {
@@ -753,16 +761,19 @@ impl TpmRoot {
         let rng = SystemRandom::new();
         let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
             .map_err(|_| RootError::new(RootErrorKind::Integrity, "signing key is corrupt"))?;
-        let mut wk = derive(&secret, WRAP_LABEL)?;
-        let wrap_key = KeyMaterial::from_array(&mut wk);
+        // Built from a reference: no stray copy of the key on the stack.
+        let wk = derive(&secret, WRAP_LABEL)?;
+        let kek = aes_kw::KekAes256::new(aes::cipher::generic_array::GenericArray::from_slice(
+            &wk[..],
+        ));
         let key_id = root_key_id(&secret)?;
-        let facts = Tpm::connect(&settings.tcti)
-            .and_then(|mut t| t.facts())
+        let facts = tpm
+            .facts()
             .map(|f| format!("{} {} firmware {}", f.manufacturer, f.vendor, f.firmware))
             .unwrap_or_else(|_| "TPM 2.0".into());
         tracing::info!(unseal_ms, blob = %used.display(), policy = %policy.spec(), "TPM root unsealed");
         Ok(Self {
-            wrap_key,
+            kek,
             key_id,
             signer,
             rng,
@@ -772,10 +783,6 @@ impl TpmRoot {
                 policy.spec()
             ),
         })
-    }
-
-    fn kek(&self) -> aes_kw::KekAes256 {
-        aes_kw::KekAes256::from(*self.wrap_key.expose_secret())
     }
 }
 
@@ -803,7 +810,7 @@ impl RootOfTrust for TpmRoot {
 
     fn wrap(&self, material: &KeyMaterial) -> Result<WrappedKey, RootError> {
         let mut out = vec![0u8; KEY_LEN + 8];
-        self.kek()
+        self.kek
             .wrap(material.expose_secret(), &mut out)
             .map_err(|_| cfg("AES key wrap failed"))?;
         Ok(WrappedKey {
@@ -819,7 +826,7 @@ impl RootOfTrust for TpmRoot {
             return Err(integrity());
         }
         let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        self.kek()
+        self.kek
             .unwrap(&wrapped.blob, &mut out[..])
             .map_err(|_| integrity())?;
         Ok(KeyMaterial::from_array(&mut out))
