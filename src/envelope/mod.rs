@@ -328,17 +328,25 @@ pub fn open_owned(
 ) -> Result<Plaintext, OpenError> {
     let key = message_key(kek, &env.header.salt, &env.header_bytes)?;
     let aad = aad(&env.header_bytes, context);
-    let mut buf = zeroize::Zeroizing::new(env.sealed);
-    let n = key
+    let mut buf = env.sealed;
+    let opened = key
         .open_in_place(
             aead::Nonce::assume_unique_for_key(env.header.nonce),
             aead::Aad::from(&aad),
             &mut buf,
         )
-        .map_err(|_| OpenError)?
-        .len();
-    buf.truncate(n);
-    Ok(Plaintext::new(std::mem::take(&mut *buf)))
+        .map(|pt| pt.len());
+    match opened {
+        // The tag stays in the spare capacity, which Plaintext wipes too.
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Plaintext::new(buf))
+        }
+        Err(_) => {
+            crate::secret::wipe(&mut buf);
+            Err(OpenError)
+        }
+    }
 }
 
 /// Derives the message key of an envelope and nothing else (benchmarks:
