@@ -78,7 +78,8 @@ impl PinSource {
     }
 }
 
-/// Settings of a PKCS#11 root.
+/// Settings of a PKCS#11 root. Paths, labels and the PIN's *source*
+/// only (see [`PinSource`]), so the derived `Debug` prints no secret.
 #[derive(Clone, Debug)]
 pub struct Pkcs11Settings {
     /// The HSM profile.

@@ -78,6 +78,8 @@ impl PcrPolicy {
 }
 
 /// How to reach the TPM and what to bind secrets to (`[tpm]` in the config).
+/// Holds the auth value's file path, never the value, so the derived
+/// `Debug` prints no secret.
 #[derive(Clone, Debug)]
 pub struct TpmSettings {
     /// TCTI: `device:/dev/tpmrm0` in production, `swtpm:host=…,port=…` in tests.
