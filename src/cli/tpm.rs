@@ -79,9 +79,11 @@ fn load(c: &ConfigArg) -> Result<(Settings, TpmSettings), CliError> {
     Ok((s, t))
 }
 
-/// The blob the config names, and what it holds.
-fn sealed_target(s: &Settings) -> Result<(PathBuf, Purpose), CliError> {
-    s.tpm_sealed().ok_or_else(no_target)
+/// The TPM settings and the blob the config names, and what it holds.
+fn load_sealed(c: &ConfigArg) -> Result<(TpmSettings, PathBuf, Purpose), CliError> {
+    let (s, t) = load(c)?;
+    let (path, purpose) = s.tpm_sealed().ok_or_else(no_target)?;
+    Ok((t, path, purpose))
 }
 
 fn no_target() -> CliError {
@@ -194,8 +196,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             Ok(())
         }
         TpmCmd::SealRoot { c } => {
-            let (s, t) = load(&c)?;
-            let (path, purpose) = sealed_target(&s)?;
+            let (t, path, purpose) = load_sealed(&c)?;
             if purpose != Purpose::Root {
                 return Err(CliError::new(
                     "this config's root is an HSM; seal its PIN with `sovkms tpm seal-pin`",
@@ -210,8 +211,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             pin_file,
             pin_env,
         } => {
-            let (s, t) = load(&c)?;
-            let (path, purpose) = sealed_target(&s)?;
+            let (t, path, purpose) = load_sealed(&c)?;
             if purpose != Purpose::HsmPin {
                 return Err(CliError::new(
                     "this config's root is the TPM itself; use `sovkms tpm seal-root`",
@@ -233,8 +233,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             report(&r, c.json, "sealed HSM PIN written")
         }
         TpmCmd::Check { c } => {
-            let (s, t) = load(&c)?;
-            let (path, purpose) = sealed_target(&s)?;
+            let (t, path, purpose) = load_sealed(&c)?;
             let r = tpm::check(&t, &path, purpose).map_err(tpm_err)?;
             report(&r, c.json, "unseals")
         }
@@ -243,8 +242,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             expect_pcr,
             confirm,
         } => {
-            let (s, t) = load(&c)?;
-            let (path, purpose) = sealed_target(&s)?;
+            let (t, path, purpose) = load_sealed(&c)?;
             if confirm {
                 let r = tpm::confirm_reseal(&t, &path, purpose).map_err(tpm_err)?;
                 return report(&r, c.json, "reseal confirmed");
