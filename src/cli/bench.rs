@@ -66,9 +66,12 @@ pub struct RpcArgs {
     /// mTLS connections.
     #[arg(long, default_value_t = 4)]
     connections: usize,
-    /// Seconds per measurement.
+    /// Seconds per measurement (of the broker, and again of the ceiling).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Slices each measurement is cut into, alternating broker and ceiling.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Working directory (PKI, token, data); wiped first.
     #[arg(long, default_value = "target/bench")]
     dir: PathBuf,
@@ -269,13 +272,61 @@ struct Measure {
     server_cpu_us_per_req: f64,
 }
 
-/// Runs `inflight` loops over `conns` for `secs`, each calling `call`.
-async fn drive<F, Fut>(inflight: usize, secs: f64, pid: u32, call: F) -> Measure
+/// Raw samples of one or more measurement slices.
+#[derive(Default)]
+struct Samples {
+    lat_us: Vec<u32>,
+    errors: u64,
+    elapsed: f64,
+    cpu: f64,
+}
+
+impl Samples {
+    fn merge(&mut self, o: Samples) {
+        self.lat_us.extend(o.lat_us);
+        self.errors += o.errors;
+        self.elapsed += o.elapsed;
+        self.cpu += o.cpu;
+    }
+
+    fn summary(mut self) -> Measure {
+        self.lat_us.sort_unstable();
+        let all = &self.lat_us;
+        let pct = |p: f64| -> f64 {
+            if all.is_empty() {
+                return 0.0;
+            }
+            let i = ((all.len() as f64 - 1.0) * p).round() as usize;
+            f64::from(all[i]) / 1000.0
+        };
+        let n = all.len() as u64;
+        Measure {
+            requests: n,
+            errors: self.errors,
+            rps: if self.elapsed > 0.0 {
+                n as f64 / self.elapsed
+            } else {
+                0.0
+            },
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            server_cpu_us_per_req: if n > 0 {
+                self.cpu * 1e6 / n as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// Runs `inflight` loops for `secs`, each calling `call`; `pid` is the
+/// server whose CPU time is charged to the requests.
+async fn drive<F, Fut>(inflight: usize, secs: f64, pid: u32, call: Arc<F>) -> Samples
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
-    let call = Arc::new(call);
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
@@ -298,34 +349,16 @@ where
             (lat, errors)
         }));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let mut out = Samples::default();
     for t in tasks {
         if let Ok((l, e)) = t.await {
-            all.extend(l);
-            errors += e;
+            out.lat_us.extend(l);
+            out.errors += e;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
-    all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
-        }
-        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(all[i]) / 1000.0
-    };
-    let n = all.len() as u64;
-    Measure {
-        requests: n,
-        errors,
-        rps: n as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        p999_ms: pct(0.999),
-        server_cpu_us_per_req: if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 },
-    }
+    out.elapsed = start.elapsed().as_secs_f64();
+    out.cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    out
 }
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Result<T, CliError>) -> Result<Vec<T>, CliError> {
@@ -426,17 +459,11 @@ pub async fn rpc(a: RpcArgs) -> Result<(), CliError> {
             };
             let ec = Arc::clone(&echo_c);
             let p2 = payload.clone();
-            let ceiling = drive(a.inflight, a.seconds, epid, move |w, _| {
+            let echo_call = Arc::new(move |w: usize, _| {
                 let mut c = ec[w % ec.len()].clone();
                 let p = p2.clone();
                 async move { c.echo(pb::EchoMessage { payload: p }).await.is_ok() }
-            })
-            .await;
-            let info0 = op
-                .broker
-                .get_info(pb::GetInfoRequest {})
-                .await?
-                .into_inner();
+            });
             let (s2, k2, c2, pt2, ct2) = (
                 Arc::clone(&svc),
                 key.clone(),
@@ -444,7 +471,7 @@ pub async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                 pt.clone(),
                 ct.clone(),
             );
-            let m = drive(a.inflight, a.seconds, bpid, move |w, i| {
+            let broker_call = Arc::new(move |w: usize, i: u64| {
                 let mut c = s2[w % s2.len()].crypto.clone();
                 let (k, cx, pt, ct) = (k2.clone(), c2.clone(), pt2.clone(), ct2.clone());
                 let which = match o {
@@ -481,8 +508,22 @@ pub async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                             .is_ok(),
                     }
                 }
-            })
-            .await;
+            });
+            let info0 = op
+                .broker
+                .get_info(pb::GetInfoRequest {})
+                .await?
+                .into_inner();
+            // Interleaved slices: a machine whose speed drifts during the
+            // run (shared, noisy) slows both sides alike.
+            let rounds = a.rounds.max(1);
+            let slice = a.seconds / rounds as f64;
+            let (mut ce, mut br) = (Samples::default(), Samples::default());
+            for _ in 0..rounds {
+                ce.merge(drive(a.inflight, slice, epid, Arc::clone(&echo_call)).await);
+                br.merge(drive(a.inflight, slice, bpid, Arc::clone(&broker_call)).await);
+            }
+            let (ceiling, m) = (ce.summary(), br.summary());
             let info1 = op
                 .broker
                 .get_info(pb::GetInfoRequest {})
@@ -690,7 +731,7 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
     let op = env.connect("operator-admin", &broker.addr).await?;
     devenv::wait_serving(&op).await?;
     let pid = broker.child.id().unwrap_or(0);
-    let m = drive(a.inflight, a.seconds, pid, move |_, i| {
+    let create = Arc::new(move |_, i| {
         let mut c = op.keys.clone();
         async move {
             c.create(pb::CreateKeyRequest {
@@ -701,8 +742,8 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
             .await
             .is_ok()
         }
-    })
-    .await;
+    });
+    let m = drive(a.inflight, a.seconds, pid, create).await.summary();
     println!(
         "create key: {:.0}/s ({} in flight), p50 {:.1} ms, p99 {:.1} ms, server cpu {:.0} µs/key, {} errors",
         m.rps, a.inflight, m.p50_ms, m.p99_ms, m.server_cpu_us_per_req, m.errors
