@@ -23,11 +23,16 @@ fn new_request_id() -> String {
     use crate::envelope::Entropy;
     let mut b = [0u8; 12];
     let _ = crate::envelope::BatchedRandom.fill(&mut b);
-    hex::encode(b)
+    crate::hex_lower(&b)
 }
 
+/// The response header. Marked sensitive only so that HPACK sends it as a
+/// literal: a value unique per response would just churn both ends'
+/// dynamic tables (it is not secret).
 fn request_id_value(id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-    id.parse().ok()
+    let mut v: tonic::metadata::MetadataValue<_> = id.parse().ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// A status carrying the request id.

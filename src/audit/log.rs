@@ -53,6 +53,9 @@ struct Queue {
     waiters: usize,
     first_at: Option<Instant>,
     shutdown: bool,
+    /// The writer sleeps on the condvar: only then is a notify (a futex
+    /// syscall per request under load) worth making.
+    writer_waiting: bool,
 }
 
 struct Shared {
@@ -155,15 +158,19 @@ struct Writer {
 }
 
 impl Writer {
-    fn build(&self, seq: u64, prev: &str, e: &Event, time_unix_ms: u64) -> Record {
-        let (td, region, role, name, id) = match &e.caller {
-            Some(c) => (
-                c.trust_domain.clone(),
-                c.region.to_string(),
-                c.role.as_str().to_owned(),
-                c.name.clone(),
-                c.spiffe_id(),
-            ),
+    /// The record of an event (consumed: its strings move into the record).
+    fn build(&self, seq: u64, prev_hash: String, e: Event, time_unix_ms: u64) -> Record {
+        let (td, region, role, name, id) = match e.caller {
+            Some(c) => {
+                let id = c.spiffe_id();
+                (
+                    c.trust_domain,
+                    c.region.to_string(),
+                    c.role.as_str().to_owned(),
+                    c.name,
+                    id,
+                )
+            }
             None => Default::default(),
         };
         let mut r = Record {
@@ -171,22 +178,22 @@ impl Writer {
             time_unix_ms,
             region: self.settings.region.clone(),
             broker_id: self.settings.broker_id.clone(),
-            kind: e.kind.clone(),
-            request_id: e.request_id.clone(),
+            kind: e.kind,
+            request_id: e.request_id,
             caller: id,
             caller_trust_domain: td,
             caller_region: region,
             caller_role: role,
             caller_name: name,
             operation: e.operation.to_owned(),
-            key_id: e.key_id.clone(),
+            key_id: e.key_id,
             key_version: e.key_version,
-            context_sha256: e.context_sha256.clone(),
+            context_sha256: e.context_sha256,
             outcome: e.outcome.as_str().to_owned(),
             code: e.code.to_owned(),
-            reason: e.reason.clone(),
+            reason: e.reason,
             checkpoint: None,
-            prev_hash: prev.to_owned(),
+            prev_hash,
             hash: String::new(),
         };
         r.hash = r.compute_hash();
@@ -256,16 +263,18 @@ impl Writer {
     fn write_batch(&mut self, batch: Vec<(Box<Event>, Option<Waiter>)>) {
         let t = now_ms();
         let mut records = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
         let (mut seq, mut prev) = (self.seq, self.hash.clone());
-        for (e, _) in &batch {
+        for (e, w) in batch {
             seq += 1;
-            let r = self.build(seq, &prev, e, t);
+            let r = self.build(seq, prev, *e, t);
             prev = r.hash.clone();
             records.push(r);
+            waiters.push(w);
         }
-        let sync = batch.iter().any(|(_, w)| w.is_some());
+        let sync = waiters.iter().any(Option::is_some);
         let res = self.commit(&records, sync);
-        for ((_, waiter), r) in batch.into_iter().zip(&records) {
+        for (waiter, r) in waiters.into_iter().zip(&records) {
             if let Some(w) = waiter {
                 let _ = w.send(res.clone().map(|_| r.seq));
             }
@@ -299,7 +308,7 @@ impl Writer {
             }
         };
         let ev = Event::system(Kind::Checkpoint, "checkpoint", "");
-        let mut r = self.build(self.seq + 1, &self.hash.clone(), &ev, t);
+        let mut r = self.build(self.seq + 1, self.hash.clone(), ev, t);
         r.checkpoint = Some(CheckpointBody {
             head_seq: self.seq,
             head_hash: self.hash.clone(),
@@ -335,11 +344,13 @@ impl Writer {
                     if now >= wake_at {
                         break;
                     }
+                    q.writer_waiting = true;
                     q = shared
                         .wake
                         .wait_timeout(q, wake_at - now)
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
+                    q.writer_waiting = false;
                 }
                 q.waiters = 0;
                 q.first_at = None;
@@ -413,7 +424,8 @@ impl AuditLog {
         }
         // The first buffered event of a window wakes the writer once, so that
         // it arms its BUFFER_DELAY timer; later ones ride along silently.
-        let wake = waiter.is_some() || q.first_at.is_none() || q.events.len() + 1 >= MAX_BATCH;
+        let wake = q.writer_waiting
+            && (waiter.is_some() || q.first_at.is_none() || q.events.len() + 1 >= MAX_BATCH);
         if waiter.is_some() {
             q.waiters += 1;
         }
@@ -499,6 +511,26 @@ mod tests {
                 "buffered record not written"
             );
             std::thread::sleep(Duration::from_millis(2));
+        }
+        log.close();
+    }
+
+    #[test]
+    fn a_durable_append_wakes_an_idle_writer() {
+        // The writer sleeps up to the checkpoint interval (60 s here) when
+        // idle; only the push's notify can make this return in time.
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..3 {
+            let start = Instant::now();
+            log.append_durable(Event::system(Kind::Request, "decrypt", ""))
+                .unwrap();
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "writer not woken"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
         log.close();
     }

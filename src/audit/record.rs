@@ -144,7 +144,7 @@ impl Record {
 
     /// The hash this record must carry.
     pub fn compute_hash(&self) -> String {
-        hex::encode(digest::digest(&digest::SHA256, &self.canonical()))
+        crate::hex_lower(digest::digest(&digest::SHA256, &self.canonical()).as_ref())
     }
 }
 

@@ -47,7 +47,7 @@ impl EncryptionContext {
         }
         let mut b = Vec::new();
         self.encode_into(&mut b);
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, &b))
+        crate::hex_lower(ring::digest::digest(&ring::digest::SHA256, &b).as_ref())
     }
 
     /// Canonical encoding: u32 count, then per pair (sorted by key bytes)
