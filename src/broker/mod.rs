@@ -421,7 +421,7 @@ impl Broker {
         Ok(())
     }
 
-    fn parse_ciphertext(&self, bytes: &[u8]) -> Result<Envelope> {
+    fn parse_ciphertext<'a>(&self, bytes: &'a [u8]) -> Result<Envelope<'a>> {
         if bytes.is_empty() {
             return Err(Error::invalid("ciphertext is empty"));
         }
@@ -462,7 +462,7 @@ impl Broker {
     fn open_checked(
         &self,
         rec: &KeyRecord,
-        env: Envelope,
+        env: Envelope<'_>,
         ctx: &EncryptionContext,
     ) -> Result<Plaintext> {
         let v = env.header.key_version;
@@ -473,7 +473,7 @@ impl Broker {
             )));
         }
         let kek = self.kek(rec, v)?;
-        envelope::open_owned(&kek, env, ctx).map_err(|e| Error::invalid(e.to_string()))
+        envelope::open(&kek, &env, ctx).map_err(|e| Error::invalid(e.to_string()))
     }
 
     /// Runs a request and audits its outcome. With `durable`, a success is

@@ -33,7 +33,7 @@ pub use entropy::{BatchedRandom, Entropy};
 use crate::keys::KeyId;
 use crate::region::Region;
 use crate::secret::{KeyMaterial, Plaintext};
-use ring::{aead, hkdf};
+use aws_lc_rs::{aead, hkdf};
 
 /// First four bytes of every sovkms ciphertext.
 pub const MAGIC: [u8; 4] = *b"SKMS";
@@ -117,13 +117,15 @@ impl Header {
     }
 }
 
-/// A parsed envelope: header, the exact header bytes, and ciphertext+tag.
+/// A parsed envelope: the typed header over the caller's bytes (header,
+/// then ciphertext+tag), which it borrows: opening decrypts from them
+/// into a fresh buffer, with no copy of the ciphertext.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
+pub struct Envelope<'a> {
     /// Typed header.
     pub header: Header,
-    header_bytes: Vec<u8>,
-    sealed: Vec<u8>,
+    bytes: &'a [u8],
+    header_len: usize,
 }
 
 struct Reader<'a> {
@@ -155,9 +157,20 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl Envelope {
+impl<'a> Envelope<'a> {
     /// Strictly parses `bytes`. Never panics; every defect is a `FormatError`.
-    pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, FormatError> {
+        let (header, header_len) = Self::parse_header(bytes)?;
+        Ok(Self {
+            header,
+            bytes,
+            header_len,
+        })
+    }
+
+    /// The typed header and its length; checks that exactly the declared
+    /// ciphertext follows.
+    fn parse_header(bytes: &[u8]) -> Result<(Header, usize), FormatError> {
         let mut r = Reader { buf: bytes, pos: 0 };
         if r.array::<4>("magic")? != MAGIC {
             return Err(FormatError::BadMagic);
@@ -194,35 +207,36 @@ impl Envelope {
             ));
         }
         let header_end = r.pos;
-        let sealed = r.take(ct_len, "ciphertext")?;
+        r.take(ct_len, "ciphertext")?;
         let trailing = bytes.len() - r.pos;
         if trailing != 0 {
             return Err(FormatError::TrailingBytes(trailing));
         }
-        Ok(Self {
-            header: Header {
+        Ok((
+            Header {
                 region,
                 key_id,
                 key_version,
                 salt,
                 nonce,
             },
-            header_bytes: bytes[..header_end].to_vec(),
-            sealed: sealed.to_vec(),
-        })
+            header_end,
+        ))
     }
 
     /// The serialized envelope.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.header_bytes.len() + self.sealed.len());
-        out.extend_from_slice(&self.header_bytes);
-        out.extend_from_slice(&self.sealed);
-        out
+        self.bytes.to_vec()
+    }
+
+    /// The header's exact bytes.
+    fn header_bytes(&self) -> &[u8] {
+        &self.bytes[..self.header_len]
     }
 
     /// Length of ciphertext+tag.
     pub fn sealed_len(&self) -> usize {
-        self.sealed.len()
+        self.bytes.len() - self.header_len
     }
 }
 
@@ -304,46 +318,49 @@ pub fn seal_with_header(
 ) -> Result<Vec<u8>, SealError> {
     let ct_len = u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| SealError::TooLarge)?;
     let header_bytes = header.encode(ct_len);
-    let mut out = Vec::with_capacity(header_bytes.len() + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(&header_bytes);
-    out.extend_from_slice(plaintext);
+    let hl = header_bytes.len();
+    let mut out = vec![0u8; hl + plaintext.len() + TAG_LEN];
+    out[..hl].copy_from_slice(&header_bytes);
     let aad = aad(&header_bytes, context);
     let key = message_key(kek, &header.salt, &header_bytes).map_err(|_| SealError::TooLarge)?;
-    let tag = key
-        .seal_in_place_separate_tag(
-            aead::Nonce::assume_unique_for_key(header.nonce),
-            aead::Aad::from(&aad),
-            &mut out[header_bytes.len()..],
-        )
-        .map_err(|_| SealError::TooLarge)?;
-    out.extend_from_slice(tag.as_ref());
+    // Out of place: the plaintext is read once, never copied.
+    let (ciphertext, tag) = out[hl..].split_at_mut(plaintext.len());
+    key.seal_out_of_place_scatter(
+        aead::Nonce::assume_unique_for_key(header.nonce),
+        aead::Aad::from(&aad),
+        plaintext,
+        ciphertext,
+        &[],
+        tag,
+    )
+    .map_err(|_| SealError::TooLarge)?;
     Ok(out)
 }
 
-/// Opens an envelope it owns, decrypting in place (no copy of the body).
-pub fn open_owned(
+/// Opens a parsed envelope with `kek` and the caller's `context`,
+/// decrypting out of place from the envelope's bytes (read once, not copied).
+pub fn open(
     kek: &KeyMaterial,
-    env: Envelope,
+    env: &Envelope<'_>,
     context: &EncryptionContext,
 ) -> Result<Plaintext, OpenError> {
-    let key = message_key(kek, &env.header.salt, &env.header_bytes)?;
-    let aad = aad(&env.header_bytes, context);
-    let mut buf = env.sealed;
-    let opened = key
-        .open_in_place(
-            aead::Nonce::assume_unique_for_key(env.header.nonce),
-            aead::Aad::from(&aad),
-            &mut buf,
-        )
-        .map(|pt| pt.len());
-    match opened {
-        // The tag stays in the spare capacity, which Plaintext wipes too.
-        Ok(n) => {
-            buf.truncate(n);
-            Ok(Plaintext::new(buf))
-        }
+    let key = message_key(kek, &env.header.salt, env.header_bytes())?;
+    let aad = aad(env.header_bytes(), context);
+    // The parser guarantees at least a tag's worth of bytes.
+    let body = &env.bytes[env.header_len..];
+    let (ciphertext, tag) = body.split_at(body.len().saturating_sub(TAG_LEN));
+    let mut out = vec![0u8; ciphertext.len()];
+    match key.open_separate_gather(
+        aead::Nonce::assume_unique_for_key(env.header.nonce),
+        aead::Aad::from(&aad),
+        ciphertext,
+        tag,
+        &mut out,
+    ) {
+        Ok(()) => Ok(Plaintext::new(out)),
         Err(_) => {
-            crate::secret::wipe(&mut buf);
+            // Whatever was written before the tag check failed goes too.
+            crate::secret::wipe(&mut out);
             Err(OpenError)
         }
     }
@@ -352,18 +369,8 @@ pub fn open_owned(
 /// Derives the message key of an envelope and nothing else (benchmarks:
 /// the fixed per-message cost of the construction).
 #[doc(hidden)]
-pub fn derive_only(kek: &KeyMaterial, env: &Envelope) -> Result<(), OpenError> {
-    message_key(kek, &env.header.salt, &env.header_bytes).map(|_| ())
-}
-
-/// Opens a parsed envelope with `kek` and the caller's `context` (copies
-/// the body; [`open_owned`] decrypts in place).
-pub fn open(
-    kek: &KeyMaterial,
-    env: &Envelope,
-    context: &EncryptionContext,
-) -> Result<Plaintext, OpenError> {
-    open_owned(kek, env.clone(), context)
+pub fn derive_only(kek: &KeyMaterial, env: &Envelope<'_>) -> Result<(), OpenError> {
+    message_key(kek, &env.header.salt, env.header_bytes()).map(|_| ())
 }
 
 #[cfg(test)]
