@@ -1,6 +1,6 @@
 //! The ciphertext envelope (format v1) and AES-256-GCM seal/open.
 //!
-//! Byte layout, all integers big-endian (documented in docs/ENVELOPE.md):
+//! Byte layout, all integers big-endian (ARCHITECTURE.md, "Ciphertext format v1"):
 //!
 //! ```text
 //! off  len  field
@@ -96,11 +96,10 @@ pub struct Header {
 }
 
 impl Header {
-    /// Serializes the header followed by the ciphertext length `ct_len`.
-    fn encode(&self, ct_len: u32) -> Vec<u8> {
+    /// Appends the header followed by the ciphertext length `ct_len`.
+    fn encode_into(&self, ct_len: u32, out: &mut Vec<u8>) {
         let region = self.region.as_str().as_bytes();
         let kid = self.key_id.as_str().as_bytes();
-        let mut out = Vec::with_capacity(MAX_HEADER_LEN);
         out.extend_from_slice(&MAGIC);
         out.push(FORMAT_V1);
         out.push(ALG_AES256GCM_HKDF_SHA256);
@@ -113,7 +112,6 @@ impl Header {
         out.extend_from_slice(&self.salt);
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&ct_len.to_be_bytes());
-        out
     }
 }
 
@@ -317,14 +315,16 @@ pub fn seal_with_header(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
     let ct_len = u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| SealError::TooLarge)?;
-    let header_bytes = header.encode(ct_len);
-    let hl = header_bytes.len();
-    let mut out = vec![0u8; hl + plaintext.len() + TAG_LEN];
-    out[..hl].copy_from_slice(&header_bytes);
-    let aad = aad(&header_bytes, context);
-    let key = message_key(kek, &header.salt, &header_bytes).map_err(|_| SealError::TooLarge)?;
+    // The header is written once, straight into the output.
+    let mut out = Vec::with_capacity(MAX_HEADER_LEN + plaintext.len() + TAG_LEN);
+    header.encode_into(ct_len, &mut out);
+    let hl = out.len();
+    out.resize(hl + plaintext.len() + TAG_LEN, 0);
+    let (header_bytes, body) = out.split_at_mut(hl);
+    let aad = aad(header_bytes, context);
+    let key = message_key(kek, &header.salt, header_bytes).map_err(|_| SealError::TooLarge)?;
     // Out of place: the plaintext is read once, never copied.
-    let (ciphertext, tag) = out[hl..].split_at_mut(plaintext.len());
+    let (ciphertext, tag) = body.split_at_mut(plaintext.len());
     key.seal_out_of_place_scatter(
         aead::Nonce::assume_unique_for_key(header.nonce),
         aead::Aad::from(&aad),
