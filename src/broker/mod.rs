@@ -166,6 +166,14 @@ fn rng_err() -> Error {
     Error::Unavailable("the random number generator failed".into())
 }
 
+fn seal_err(e: envelope::SealError) -> Error {
+    match e {
+        envelope::SealError::Random => rng_err(),
+        envelope::SealError::TooLarge => Error::ResourceExhausted(e.to_string()),
+        envelope::SealError::Derive => Error::Internal(e.to_string()),
+    }
+}
+
 impl Broker {
     /// Assembles a broker.
     pub fn new(
@@ -318,7 +326,7 @@ impl Broker {
     /// The unwrapped material of one version, from the cache or the root.
     /// Concurrent first uses of a version share one unwrap (single flight):
     /// the first caller unwraps, the others wait for it and hit the cache.
-    fn kek(&self, rec: &KeyRecord, version: u32) -> Result<Arc<KeyMaterial>> {
+    fn kek(&self, rec: &KeyRecord, version: u32) -> Result<Arc<envelope::Kek>> {
         if let Ok(k) = self.cache.get(&rec.id, version) {
             return Ok(k);
         }
@@ -338,7 +346,7 @@ impl Broker {
         result
     }
 
-    fn kek_locked(&self, rec: &KeyRecord, version: u32) -> Result<Arc<KeyMaterial>> {
+    fn kek_locked(&self, rec: &KeyRecord, version: u32) -> Result<Arc<envelope::Kek>> {
         let epoch = match self.cache.peek(&rec.id, version) {
             Ok(k) => return Ok(k),
             Err(epoch) => epoch,
@@ -352,7 +360,8 @@ impl Broker {
                     rec.id
                 ))
             })?;
-        let material = Arc::new(self.with_root(|r| r.unwrap(wrapped))?);
+        let material = self.with_root(|r| r.unwrap(wrapped))?;
+        let material = Arc::new(envelope::Kek::new(material).map_err(seal_err)?);
         self.cache
             .insert(&rec.id, version, Arc::clone(&material), epoch);
         Ok(material)
@@ -447,10 +456,7 @@ impl Broker {
             ctx,
             pt,
         )
-        .map_err(|e| match e {
-            envelope::SealError::Random => rng_err(),
-            envelope::SealError::TooLarge => Error::ResourceExhausted(e.to_string()),
-        })?;
+        .map_err(seal_err)?;
         Ok(Sealed {
             ciphertext,
             key_id: rec.id.clone(),

@@ -6,23 +6,30 @@
 //! off  len  field
 //! 0    4    magic "SKMS"
 //! 4    1    format version (1)
-//! 5    1    algorithm (1 = AES-256-GCM, per-message key by HKDF-SHA256)
+//! 5    1    algorithm (1 or 2, below)
 //! 6    1    R = region length (1..=32)
 //! 7    R    home region (ASCII)
 //! ..   1    K = key id length (1..=64)
 //! ..   K    key id (ASCII)
 //! ..   4    key version (>= 1)
-//! ..   32   salt
-//! ..   12   nonce
+//! ..   32   salt (random per message)
+//! ..   12   nonce (random per message)
 //! ..   4    L = length of ciphertext+tag (>= 16)
 //! ..   L    ciphertext || 16-byte GCM tag
 //! ```
 //!
-//! Per-message key: `HKDF-SHA256(ikm = version material, salt, info =
-//! "sovkms/v1/message-key" || header)`. AES-GCM associated data:
-//! `header || canonical(context)`, where `header` is every byte before the
-//! ciphertext (including L). Any change to a header byte or to the context
-//! therefore fails authentication.
+//! Every message has its own AES-256-GCM key, derived with HKDF-SHA256
+//! (RFC 5869) from the version material `M`; `info = "sovkms/v1/message-key"
+//! || header`, where `header` is every byte before the ciphertext
+//! (including L), so it holds the message's random salt:
+//! - algorithm 2 (written): `HKDF(salt = "sovkms/v1/version-prk", ikm = M, info)`.
+//!   The extract step depends only on the version, so it runs once per
+//!   unwrap ([`Kek::new`]); a message costs one HMAC (the expand).
+//! - algorithm 1 (read only, written before): `HKDF(salt = header salt, ikm = M, info)`,
+//!   a full extract and expand per message.
+//!
+//! AES-GCM associated data: `header || canonical(context)`. Any change to a
+//! header byte or to the context therefore fails authentication.
 
 mod context;
 mod entropy;
@@ -33,14 +40,21 @@ pub use entropy::{BatchedRandom, Entropy};
 use crate::keys::KeyId;
 use crate::region::Region;
 use crate::secret::{KeyMaterial, Plaintext};
-use aws_lc_rs::{aead, hkdf};
+use aws_lc_rs::{aead, hkdf, hmac};
+use zeroize::Zeroizing;
 
 /// First four bytes of every sovkms ciphertext.
 pub const MAGIC: [u8; 4] = *b"SKMS";
 /// The only format version this build reads and writes.
 pub const FORMAT_V1: u8 = 1;
-/// Algorithm id: AES-256-GCM under an HKDF-SHA256 per-message key.
+/// Algorithm id 1 (read only): AES-256-GCM under a per-message key,
+/// HKDF-SHA256 with the header's salt as the extract salt.
 pub const ALG_AES256GCM_HKDF_SHA256: u8 = 1;
+/// Algorithm id 2 (written): AES-256-GCM under a per-message key,
+/// HKDF-SHA256 with a fixed extract salt (one extract per version).
+pub const ALG_AES256GCM_HKDF_EXPAND: u8 = 2;
+/// HKDF extract salt of algorithm 2.
+pub const PRK_SALT: &[u8] = b"sovkms/v1/version-prk";
 /// Salt length.
 pub const SALT_LEN: usize = 32;
 /// GCM nonce length.
@@ -83,13 +97,15 @@ pub enum FormatError {
 /// The parsed, typed header of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Algorithm id ([`ALG_AES256GCM_HKDF_EXPAND`] for everything sealed now).
+    pub algorithm: u8,
     /// Region whose broker holds the key.
     pub region: Region,
     /// Key id.
     pub key_id: KeyId,
     /// Key version (>= 1).
     pub key_version: u32,
-    /// HKDF salt.
+    /// Random per message; part of the key derivation.
     pub salt: [u8; SALT_LEN],
     /// GCM nonce.
     pub nonce: [u8; NONCE_LEN],
@@ -102,7 +118,7 @@ impl Header {
         let kid = self.key_id.as_str().as_bytes();
         out.extend_from_slice(&MAGIC);
         out.push(FORMAT_V1);
-        out.push(ALG_AES256GCM_HKDF_SHA256);
+        out.push(self.algorithm);
         // Lengths are bounded by the Region and KeyId types (<= 32, <= 64).
         out.push(region.len() as u8);
         out.extend_from_slice(region);
@@ -177,9 +193,9 @@ impl<'a> Envelope<'a> {
         if version != FORMAT_V1 {
             return Err(FormatError::UnknownVersion(version));
         }
-        let alg = r.byte("algorithm")?;
-        if alg != ALG_AES256GCM_HKDF_SHA256 {
-            return Err(FormatError::UnknownAlgorithm(alg));
+        let algorithm = r.byte("algorithm")?;
+        if algorithm != ALG_AES256GCM_HKDF_EXPAND && algorithm != ALG_AES256GCM_HKDF_SHA256 {
+            return Err(FormatError::UnknownAlgorithm(algorithm));
         }
         let rlen = r.byte("region length")? as usize;
         let region_bytes = r.take(rlen, "region")?;
@@ -212,6 +228,7 @@ impl<'a> Envelope<'a> {
         }
         Ok((
             Header {
+                algorithm,
                 region,
                 key_id,
                 key_version,
@@ -248,17 +265,67 @@ fn bad(field: &'static str, why: String) -> FormatError {
 #[error("ciphertext failed authentication: it was altered, or the encryption context differs from the one used to encrypt")]
 pub struct OpenError;
 
+/// One key version as the envelope uses it: the material (algorithm 1
+/// derives from it per message) and the HMAC state keyed with the
+/// version's PRK (algorithm 2 expands each message key from it). Both are
+/// wiped on drop: the material by [`KeyMaterial`], the HMAC state by
+/// aws-lc's `HMAC_CTX_cleanup`.
+pub struct Kek {
+    material: KeyMaterial,
+    prk: hmac::Key,
+}
+
+impl Kek {
+    /// Runs algorithm 2's extract step, once per version.
+    pub fn new(material: KeyMaterial) -> Result<Self, SealError> {
+        let mut prk = Zeroizing::new([0u8; 32]);
+        let salt = hmac::Key::new(hmac::HMAC_SHA256, PRK_SALT);
+        hmac::sign_to_buffer(&salt, material.expose_secret(), &mut prk[..])
+            .map_err(|_| SealError::Derive)?;
+        let prk = hmac::Key::new(hmac::HMAC_SHA256, &prk[..]);
+        Ok(Self { material, prk })
+    }
+
+    /// The version's material (for wrapping, never for output).
+    pub fn material(&self) -> &KeyMaterial {
+        &self.material
+    }
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek([redacted])")
+    }
+}
+
 fn message_key(
-    kek: &KeyMaterial,
+    kek: &Kek,
+    algorithm: u8,
     salt: &[u8; SALT_LEN],
     header_bytes: &[u8],
 ) -> Result<aead::LessSafeKey, OpenError> {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.expose_secret());
-    let info = [HKDF_LABEL, header_bytes];
-    let okm = prk
-        .expand(&info, &aead::AES_256_GCM)
-        .map_err(|_| OpenError)?;
-    Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
+    if algorithm == ALG_AES256GCM_HKDF_SHA256 {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.material.expose_secret());
+        let info = [HKDF_LABEL, header_bytes];
+        let okm = prk
+            .expand(&info, &aead::AES_256_GCM)
+            .map_err(|_| OpenError)?;
+        return Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)));
+    }
+    // HKDF-Expand for one 32-byte block: T(1) = HMAC(PRK, info || 0x01).
+    const INFO_MAX: usize = HKDF_LABEL.len() + MAX_HEADER_LEN + 1;
+    let end = HKDF_LABEL.len() + header_bytes.len();
+    let mut info = [0u8; INFO_MAX];
+    let (label, rest) = info.split_at_mut(HKDF_LABEL.len());
+    label.copy_from_slice(HKDF_LABEL);
+    rest.get_mut(..header_bytes.len())
+        .ok_or(OpenError)?
+        .copy_from_slice(header_bytes);
+    *info.get_mut(end).ok_or(OpenError)? = 1;
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hmac::sign_to_buffer(&kek.prk, &info[..=end], &mut okm[..]).map_err(|_| OpenError)?;
+    let key = aead::UnboundKey::new(&aead::AES_256_GCM, &okm[..]).map_err(|_| OpenError)?;
+    Ok(aead::LessSafeKey::new(key))
 }
 
 fn aad(header_bytes: &[u8], context: &EncryptionContext) -> Vec<u8> {
@@ -267,8 +334,8 @@ fn aad(header_bytes: &[u8], context: &EncryptionContext) -> Vec<u8> {
     a
 }
 
-/// Sealing failed: the random generator failed, or the input is too large
-/// for one envelope.
+/// Sealing failed: the random generator or the crypto library failed, or
+/// the input is too large for one envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
     /// Salts and nonces could not be drawn.
@@ -277,12 +344,15 @@ pub enum SealError {
     /// Larger than one envelope holds (4 GiB); the broker's limit is far lower.
     #[error("plaintext too large for one envelope")]
     TooLarge,
+    /// The crypto library refused a key derivation.
+    #[error("key derivation failed")]
+    Derive,
 }
 
 /// Seals `plaintext` under `kek` for key `key_id` version `key_version`.
 pub fn seal(
     rng: &dyn Entropy,
-    kek: &KeyMaterial,
+    kek: &Kek,
     region: &Region,
     key_id: &KeyId,
     key_version: u32,
@@ -296,6 +366,7 @@ pub fn seal(
     salt.copy_from_slice(&r[..SALT_LEN]);
     nonce.copy_from_slice(&r[SALT_LEN..]);
     let header = Header {
+        algorithm: ALG_AES256GCM_HKDF_EXPAND,
         region: region.clone(),
         key_id: key_id.clone(),
         key_version,
@@ -309,7 +380,7 @@ pub fn seal(
 /// production code calls [`seal`], which draws both at random.
 #[doc(hidden)]
 pub fn seal_with_header(
-    kek: &KeyMaterial,
+    kek: &Kek,
     header: &Header,
     context: &EncryptionContext,
     plaintext: &[u8],
@@ -322,8 +393,10 @@ pub fn seal_with_header(
     out.resize(hl + plaintext.len() + TAG_LEN, 0);
     let (header_bytes, body) = out.split_at_mut(hl);
     let aad = aad(header_bytes, context);
-    let key = message_key(kek, &header.salt, header_bytes).map_err(|_| SealError::TooLarge)?;
-    // Out of place: the plaintext is read once, never copied.
+    let key = message_key(kek, header.algorithm, &header.salt, header_bytes)
+        .map_err(|_| SealError::Derive)?;
+    // Out of place: the plaintext is read once, never copied (measured
+    // faster here than copying it in and sealing in place).
     let (ciphertext, tag) = body.split_at_mut(plaintext.len());
     key.seal_out_of_place_scatter(
         aead::Nonce::assume_unique_for_key(header.nonce),
@@ -340,11 +413,16 @@ pub fn seal_with_header(
 /// Opens a parsed envelope with `kek` and the caller's `context`,
 /// decrypting out of place from the envelope's bytes (read once, not copied).
 pub fn open(
-    kek: &KeyMaterial,
+    kek: &Kek,
     env: &Envelope<'_>,
     context: &EncryptionContext,
 ) -> Result<Plaintext, OpenError> {
-    let key = message_key(kek, &env.header.salt, env.header_bytes())?;
+    let key = message_key(
+        kek,
+        env.header.algorithm,
+        &env.header.salt,
+        env.header_bytes(),
+    )?;
     let aad = aad(env.header_bytes(), context);
     // The parser guarantees at least a tag's worth of bytes.
     let body = &env.bytes[env.header_len..];
@@ -369,8 +447,14 @@ pub fn open(
 /// Derives the message key of an envelope and nothing else (benchmarks:
 /// the fixed per-message cost of the construction).
 #[doc(hidden)]
-pub fn derive_only(kek: &KeyMaterial, env: &Envelope<'_>) -> Result<(), OpenError> {
-    message_key(kek, &env.header.salt, env.header_bytes()).map(|_| ())
+pub fn derive_only(kek: &Kek, env: &Envelope<'_>) -> Result<(), OpenError> {
+    message_key(
+        kek,
+        env.header.algorithm,
+        &env.header.salt,
+        env.header_bytes(),
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]

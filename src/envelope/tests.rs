@@ -1,8 +1,8 @@
 use super::*;
 use proptest::prelude::*;
 
-fn kek() -> KeyMaterial {
-    KeyMaterial::from_slice(&[0x42; 32]).unwrap()
+fn kek() -> Kek {
+    Kek::new(KeyMaterial::from_slice(&[0x42; 32]).unwrap()).unwrap()
 }
 
 fn region() -> Region {
@@ -37,7 +37,7 @@ fn round_trip_and_layout() {
     let ct = sealed(b"hello", &c);
     assert_eq!(&ct[..4], b"SKMS");
     assert_eq!(ct[4], FORMAT_V1);
-    assert_eq!(ct[5], ALG_AES256GCM_HKDF_SHA256);
+    assert_eq!(ct[5], ALG_AES256GCM_HKDF_EXPAND);
     let header_len = 4 + 1 + 1 + 1 + 10 + 1 + 6 + 4 + 32 + 12 + 4;
     assert_eq!(ct.len(), header_len + 5 + TAG_LEN);
     let env = Envelope::parse(&ct).unwrap();
@@ -64,7 +64,7 @@ fn context_and_header_are_authenticated() {
     let env = Envelope::parse(&ct).unwrap();
     assert!(open(&kek(), &env, &ctx(&[("a", "1")])).is_err());
     assert!(open(&kek(), &env, &ctx(&[("a", "1"), ("b", "3")])).is_err());
-    let wrong = KeyMaterial::from_slice(&[0x43; 32]).unwrap();
+    let wrong = Kek::new(KeyMaterial::from_slice(&[0x43; 32]).unwrap()).unwrap();
     assert!(open(&wrong, &env, &c).is_err());
     // Every byte flip either fails to parse or fails to open.
     for i in 0..ct.len() {
@@ -74,6 +74,50 @@ fn context_and_header_are_authenticated() {
             assert!(open(&kek(), &env, &c).is_err(), "flip at {i} opened");
         }
     }
+}
+
+#[test]
+fn both_algorithms_open_and_neither_opens_as_the_other() {
+    let c = ctx(&[("a", "1")]);
+    let header = Header {
+        algorithm: ALG_AES256GCM_HKDF_SHA256,
+        region: region(),
+        key_id: kid(),
+        key_version: 2,
+        salt: [5; SALT_LEN],
+        nonce: [6; NONCE_LEN],
+    };
+    let v1 = seal_with_header(&kek(), &header, &c, b"legacy").unwrap();
+    let v2 = seal_with_header(
+        &kek(),
+        &Header {
+            algorithm: ALG_AES256GCM_HKDF_EXPAND,
+            ..header.clone()
+        },
+        &c,
+        b"legacy",
+    )
+    .unwrap();
+    assert_eq!(v1[5], 1);
+    assert_eq!(v2[5], 2);
+    for ct in [&v1, &v2] {
+        let env = Envelope::parse(ct).unwrap();
+        assert_eq!(open(&kek(), &env, &c).unwrap().expose_secret(), b"legacy");
+    }
+    // Same salt, nonce and key, different derivation: relabelling the
+    // algorithm byte never opens.
+    let (mut a, mut b) = (v1.clone(), v2.clone());
+    a[5] = 2;
+    b[5] = 1;
+    for ct in [&a, &b] {
+        let env = Envelope::parse(ct).unwrap();
+        assert_eq!(open(&kek(), &env, &c).err(), Some(OpenError));
+    }
+}
+
+#[test]
+fn kek_debug_is_redacted() {
+    assert_eq!(format!("{:?}", kek()), "Kek([redacted])");
 }
 
 #[test]
@@ -138,8 +182,11 @@ proptest! {
         salt in any::<[u8; 32]>(),
         nonce in any::<[u8; 12]>(),
         pt in proptest::collection::vec(any::<u8>(), 0..300),
+        legacy in any::<bool>(),
     ) {
+        let algorithm = if legacy { ALG_AES256GCM_HKDF_SHA256 } else { ALG_AES256GCM_HKDF_EXPAND };
         let header = Header {
+            algorithm,
             region: Region::parse(&region).unwrap(),
             key_id: KeyId::parse(&key).unwrap(),
             key_version: version,

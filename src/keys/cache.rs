@@ -6,14 +6,14 @@
 //! before an invalidation from re-inserting what was just invalidated.
 
 use super::KeyId;
-use crate::secret::KeyMaterial;
+use crate::envelope::Kek;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 struct Entry {
-    material: Arc<KeyMaterial>,
+    material: Arc<Kek>,
     inserted: Instant,
 }
 
@@ -65,7 +65,7 @@ impl KekCache {
 
     /// Looks up a version's material. On a miss, returns the epoch to pass to
     /// [`insert`](Self::insert).
-    pub fn get(&self, id: &KeyId, version: u32) -> Result<Arc<KeyMaterial>, u64> {
+    pub fn get(&self, id: &KeyId, version: u32) -> Result<Arc<Kek>, u64> {
         let r = self.peek(id, version);
         let counter = if r.is_ok() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -73,7 +73,7 @@ impl KekCache {
     }
 
     /// Like [`get`](Self::get), without counting (a second look by the same request).
-    pub fn peek(&self, id: &KeyId, version: u32) -> Result<Arc<KeyMaterial>, u64> {
+    pub fn peek(&self, id: &KeyId, version: u32) -> Result<Arc<Kek>, u64> {
         let mut g = self.lock();
         let k = (id.clone(), version);
         match g.map.get(&k) {
@@ -88,7 +88,7 @@ impl KekCache {
 
     /// Inserts material unwrapped after a miss at `epoch`; ignored if an
     /// invalidation happened since.
-    pub fn insert(&self, id: &KeyId, version: u32, material: Arc<KeyMaterial>, epoch: u64) {
+    pub fn insert(&self, id: &KeyId, version: u32, material: Arc<Kek>, epoch: u64) {
         let mut g = self.lock();
         if g.epoch != epoch {
             return;
@@ -149,8 +149,8 @@ mod tests {
         KeyId::parse(s).unwrap()
     }
 
-    fn mat() -> Arc<KeyMaterial> {
-        Arc::new(KeyMaterial::from_slice(&[1; 32]).unwrap())
+    fn mat() -> Arc<Kek> {
+        Arc::new(Kek::new(crate::secret::KeyMaterial::from_slice(&[1; 32]).unwrap()).unwrap())
     }
 
     #[test]
