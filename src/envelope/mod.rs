@@ -112,6 +112,30 @@ pub struct Header {
 }
 
 impl Header {
+    fn fields(&self) -> Fields<'_> {
+        Fields {
+            algorithm: self.algorithm,
+            region: &self.region,
+            key_id: &self.key_id,
+            key_version: self.key_version,
+            salt: &self.salt,
+            nonce: &self.nonce,
+        }
+    }
+}
+
+/// A header's fields, borrowed: sealing writes them without cloning the
+/// region and key id into a [`Header`].
+struct Fields<'a> {
+    algorithm: u8,
+    region: &'a Region,
+    key_id: &'a KeyId,
+    key_version: u32,
+    salt: &'a [u8; SALT_LEN],
+    nonce: &'a [u8; NONCE_LEN],
+}
+
+impl Fields<'_> {
     /// Appends the header followed by the ciphertext length `ct_len`.
     fn encode_into(&self, ct_len: u32, out: &mut Vec<u8>) {
         let region = self.region.as_str().as_bytes();
@@ -125,8 +149,8 @@ impl Header {
         out.push(kid.len() as u8);
         out.extend_from_slice(kid);
         out.extend_from_slice(&self.key_version.to_be_bytes());
-        out.extend_from_slice(&self.salt);
-        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(self.salt);
+        out.extend_from_slice(self.nonce);
         out.extend_from_slice(&ct_len.to_be_bytes());
     }
 }
@@ -359,21 +383,19 @@ pub fn seal(
     context: &EncryptionContext,
     plaintext: &Plaintext,
 ) -> Result<Vec<u8>, SealError> {
-    let mut r = [0u8; SALT_LEN + NONCE_LEN];
-    rng.fill(&mut r).map_err(|_| SealError::Random)?;
     let mut salt = [0u8; SALT_LEN];
     let mut nonce = [0u8; NONCE_LEN];
-    salt.copy_from_slice(&r[..SALT_LEN]);
-    nonce.copy_from_slice(&r[SALT_LEN..]);
-    let header = Header {
+    rng.fill(&mut salt).map_err(|_| SealError::Random)?;
+    rng.fill(&mut nonce).map_err(|_| SealError::Random)?;
+    let header = Fields {
         algorithm: ALG_AES256GCM_HKDF_EXPAND,
-        region: region.clone(),
-        key_id: key_id.clone(),
+        region,
+        key_id,
         key_version,
-        salt,
-        nonce,
+        salt: &salt,
+        nonce: &nonce,
     };
-    seal_with_header(kek, &header, context, plaintext.expose_secret())
+    seal_fields(kek, &header, context, plaintext.expose_secret())
 }
 
 /// Seals with a caller-chosen salt and nonce. Only for known-answer tests:
@@ -385,6 +407,15 @@ pub fn seal_with_header(
     context: &EncryptionContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
+    seal_fields(kek, &header.fields(), context, plaintext)
+}
+
+fn seal_fields(
+    kek: &Kek,
+    header: &Fields<'_>,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
     let ct_len = u32::try_from(plaintext.len() + TAG_LEN).map_err(|_| SealError::TooLarge)?;
     // The header is written once, straight into the output.
     let mut out = Vec::with_capacity(MAX_HEADER_LEN + plaintext.len() + TAG_LEN);
@@ -393,13 +424,13 @@ pub fn seal_with_header(
     out.resize(hl + plaintext.len() + TAG_LEN, 0);
     let (header_bytes, body) = out.split_at_mut(hl);
     let aad = aad(header_bytes, context);
-    let key = message_key(kek, header.algorithm, &header.salt, header_bytes)
+    let key = message_key(kek, header.algorithm, header.salt, header_bytes)
         .map_err(|_| SealError::Derive)?;
     // Out of place: the plaintext is read once, never copied (measured
     // faster here than copying it in and sealing in place).
     let (ciphertext, tag) = body.split_at_mut(plaintext.len());
     key.seal_out_of_place_scatter(
-        aead::Nonce::assume_unique_for_key(header.nonce),
+        aead::Nonce::assume_unique_for_key(*header.nonce),
         aead::Aad::from(&aad),
         plaintext,
         ciphertext,
