@@ -331,16 +331,30 @@ async fn locate_filters_and_pages() {
     let mut dedup = seen.clone();
     dedup.dedup();
     assert_eq!(dedup.len(), 7);
-    let r = op
-        .keys
-        .locate(pb::LocateRequest {
-            name: "n0".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.keys.len(), 4);
+    // By name (read through the store's name index), in pages of 3.
+    let mut by_name = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = op
+            .keys
+            .locate(pb::LocateRequest {
+                name: "n0".into(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.keys.iter().all(|k| k.name == "n0"));
+        by_name.extend(r.keys.into_iter().map(|k| k.key_id));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(by_name.len(), 4);
+    assert!(by_name.windows(2).all(|w| w[0] < w[1]), "{by_name:?}");
     let r = op
         .keys
         .locate(pb::LocateRequest {

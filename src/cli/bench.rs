@@ -835,13 +835,21 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
             .await?
             .into_inner();
         let by_name_ms = t.elapsed().as_secs_f64() * 1000.0;
+        // A name no key has: the worst case for a search that scans.
+        let t = Instant::now();
+        k.locate(pb::LocateRequest {
+            name: "no-such-name".into(),
+            ..Default::default()
+        })
+        .await?;
+        let absent_ms = t.elapsed().as_secs_f64() * 1000.0;
         println!(
-            "{n:>8} keys: start {start_s:.2} s, RSS {:.1} MiB, Locate first page {first_page_ms:.1} ms ({} keys), Locate by name {by_name_ms:.1} ms ({} keys)",
+            "{n:>8} keys: start {start_s:.2} s, RSS {:.1} MiB, Locate first page {first_page_ms:.1} ms ({} keys), by name {by_name_ms:.1} ms ({} keys), by absent name {absent_ms:.1} ms",
             rss as f64 / 1024.0,
             first.keys.len(),
             by_name.keys.len()
         );
-        rows.push(serde_json::json!({"keys": n, "start_s": start_s, "rss_kib": rss, "locate_first_page_ms": first_page_ms, "locate_by_name_ms": by_name_ms}));
+        rows.push(serde_json::json!({"keys": n, "start_s": start_s, "rss_kib": rss, "locate_first_page_ms": first_page_ms, "locate_by_name_ms": by_name_ms, "locate_absent_name_ms": absent_ms}));
         let mut b = b;
         let _ = b.child.kill().await;
     }
