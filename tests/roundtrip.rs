@@ -291,6 +291,31 @@ async fn destroy_is_scheduled_cancellable_and_final() {
     );
 }
 
+/// Every key `Locate` finds for `name` ("" = any), read in pages of 3.
+async fn locate_pages(op: &mut sovkms::client::Client, name: &str) -> Vec<pb::KeyMetadata> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = op
+            .keys
+            .locate(pb::LocateRequest {
+                name: name.into(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.keys.len() <= 3);
+        out.extend(r.keys);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        token = r.next_page_token;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locate_filters_and_pages() {
     let env = Env::new();
@@ -307,54 +332,19 @@ async fn locate_filters_and_pages() {
             .await
             .unwrap();
     }
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = op
-            .keys
-            .locate(pb::LocateRequest {
-                page_size: 3,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.keys.len() <= 3);
-        seen.extend(r.keys.into_iter().map(|k| k.key_id));
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        token = r.next_page_token;
-    }
+    let seen = locate_pages(&mut op, "").await;
     assert_eq!(seen.len(), 7);
-    let mut dedup = seen.clone();
+    let mut dedup: Vec<_> = seen.iter().map(|k| &k.key_id).collect();
     dedup.dedup();
     assert_eq!(dedup.len(), 7);
-    // By name (read through the store's name index), in pages of 3.
-    let mut by_name = Vec::new();
-    let mut token = String::new();
-    loop {
-        let r = op
-            .keys
-            .locate(pb::LocateRequest {
-                name: "n0".into(),
-                page_size: 3,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(r.keys.iter().all(|k| k.name == "n0"));
-        by_name.extend(r.keys.into_iter().map(|k| k.key_id));
-        if r.next_page_token.is_empty() {
-            break;
-        }
-        token = r.next_page_token;
-    }
+    // By name, in pages of 3: the token carries over the filter's gaps.
+    let by_name = locate_pages(&mut op, "n0").await;
     assert_eq!(by_name.len(), 4);
-    assert!(by_name.windows(2).all(|w| w[0] < w[1]), "{by_name:?}");
+    assert!(by_name.iter().all(|k| k.name == "n0"));
+    assert!(
+        by_name.windows(2).all(|w| w[0].key_id < w[1].key_id),
+        "{by_name:?}"
+    );
     let r = op
         .keys
         .locate(pb::LocateRequest {

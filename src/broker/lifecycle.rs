@@ -397,11 +397,10 @@ impl Broker {
                     && filter.tenant.as_ref().is_none_or(|t| *t == r.tenant)
                     && filter.state.is_none_or(|s| s == state)
             };
-            let (mut page, more) = match &filter.name {
-                Some(name) => self.store.scan_name(name, page_token, page_size, &matches),
-                None => self.store.scan(page_token, page_size, &matches),
-            }
-            .map_err(store_err)?;
+            let (mut page, more) = self
+                .store
+                .scan(page_token, page_size, &matches)
+                .map_err(store_err)?;
             for r in &mut page {
                 if effective_state(r, now) == KeyState::Destroyed && r.state != KeyState::Destroyed
                 {

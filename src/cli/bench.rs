@@ -835,7 +835,7 @@ pub async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
             .await?
             .into_inner();
         let by_name_ms = t.elapsed().as_secs_f64() * 1000.0;
-        // A name no key has: the worst case for a search that scans.
+        // A name no key has: Locate scans every key (no name index).
         let t = Instant::now();
         k.locate(pb::LocateRequest {
             name: "no-such-name".into(),

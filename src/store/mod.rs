@@ -34,22 +34,12 @@ pub trait Store: Send + Sync {
     fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
     /// Adds a new key; `AlreadyExists` if the id is taken. Durable on return.
     fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError>;
-    /// Replaces an existing key's record (its name never changes). Durable
-    /// on return.
+    /// Replaces an existing key's record. Durable on return.
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError>;
     /// Up to `limit` records with ids greater than `after`, in id order,
     /// that satisfy `filter`; and whether more may follow.
     fn scan(
         &self,
-        after: Option<&KeyId>,
-        limit: usize,
-        filter: &dyn Fn(&KeyRecord) -> bool,
-    ) -> Result<(Vec<KeyRecord>, bool), StoreError>;
-    /// Like `scan`, over the keys called `name` only (read through an index,
-    /// not the whole store).
-    fn scan_name(
-        &self,
-        name: &str,
         after: Option<&KeyId>,
         limit: usize,
         filter: &dyn Fn(&KeyRecord) -> bool,
