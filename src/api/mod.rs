@@ -221,7 +221,10 @@ fn accept_loop(
                         }
                         let conn = TlsConn {
                             stream,
-                            info: PeerInfo { remote, caller },
+                            info: PeerInfo {
+                                remote,
+                                caller: caller.map(Arc::new),
+                            },
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }

@@ -155,7 +155,9 @@ pub struct PeerInfo {
     /// Client address.
     pub remote: SocketAddr,
     /// The identity, or why the certificate carries none usable.
-    pub caller: Result<Caller, String>,
+    /// Shared: every request of the connection, and its audit records,
+    /// point at it instead of copying its strings.
+    pub caller: Result<Arc<Caller>, String>,
 }
 
 /// A server-side TLS connection with its peer's identity.

@@ -161,16 +161,13 @@ impl Writer {
     /// The record of an event (consumed: its strings move into the record).
     fn build(&self, seq: u64, prev_hash: String, e: Event, time_unix_ms: u64) -> Record {
         let (td, region, role, name, id) = match e.caller {
-            Some(c) => {
-                let id = c.spiffe_id();
-                (
-                    c.trust_domain,
-                    c.region.to_string(),
-                    c.role.as_str().to_owned(),
-                    c.name,
-                    id,
-                )
-            }
+            Some(c) => (
+                c.trust_domain.clone(),
+                c.region.to_string(),
+                c.role.as_str().to_owned(),
+                c.name.clone(),
+                c.spiffe_id(),
+            ),
             None => Default::default(),
         };
         let mut r = Record {

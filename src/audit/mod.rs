@@ -57,7 +57,7 @@ pub struct Event {
     /// Request id.
     pub request_id: String,
     /// Authenticated caller, if any.
-    pub caller: Option<Caller>,
+    pub caller: Option<std::sync::Arc<Caller>>,
     /// Operation name.
     pub operation: &'static str,
     /// Key id, if known.

@@ -794,8 +794,8 @@ impl Note {
 /// Who is asking, and the request's id (in audit records and responses).
 #[derive(Clone, Debug)]
 pub struct CallCtx {
-    /// Authenticated caller.
-    pub caller: Caller,
+    /// Authenticated caller (shared with the connection).
+    pub caller: Arc<Caller>,
     /// Request id.
     pub request_id: String,
 }
