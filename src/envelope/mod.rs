@@ -309,11 +309,6 @@ impl Kek {
         let prk = hmac::Key::new(hmac::HMAC_SHA256, &prk[..]);
         Ok(Self { material, prk })
     }
-
-    /// The version's material (for wrapping, never for output).
-    pub fn material(&self) -> &KeyMaterial {
-        &self.material
-    }
 }
 
 impl std::fmt::Debug for Kek {
@@ -328,13 +323,19 @@ fn message_key(
     salt: &[u8; SALT_LEN],
     header_bytes: &[u8],
 ) -> Result<aead::LessSafeKey, OpenError> {
-    if algorithm == ALG_AES256GCM_HKDF_SHA256 {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.material.expose_secret());
-        let info = [HKDF_LABEL, header_bytes];
-        let okm = prk
-            .expand(&info, &aead::AES_256_GCM)
-            .map_err(|_| OpenError)?;
-        return Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)));
+    match algorithm {
+        ALG_AES256GCM_HKDF_EXPAND => {}
+        ALG_AES256GCM_HKDF_SHA256 => {
+            let prk =
+                hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.material.expose_secret());
+            let info = [HKDF_LABEL, header_bytes];
+            let okm = prk
+                .expand(&info, &aead::AES_256_GCM)
+                .map_err(|_| OpenError)?;
+            return Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)));
+        }
+        // Unreachable through the parser; a hand-built header gets nothing.
+        _ => return Err(OpenError),
     }
     // HKDF-Expand for one 32-byte block: T(1) = HMAC(PRK, info || 0x01).
     const INFO_MAX: usize = HKDF_LABEL.len() + MAX_HEADER_LEN + 1;

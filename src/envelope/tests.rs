@@ -116,6 +116,22 @@ fn both_algorithms_open_and_neither_opens_as_the_other() {
 }
 
 #[test]
+fn an_unknown_algorithm_seals_nothing() {
+    let header = Header {
+        algorithm: 3,
+        region: region(),
+        key_id: kid(),
+        key_version: 1,
+        salt: [0; SALT_LEN],
+        nonce: [0; NONCE_LEN],
+    };
+    assert_eq!(
+        seal_with_header(&kek(), &header, &ctx(&[]), b"x"),
+        Err(SealError::Derive)
+    );
+}
+
+#[test]
 fn kek_debug_is_redacted() {
     assert_eq!(format!("{:?}", kek()), "Kek([redacted])");
 }
