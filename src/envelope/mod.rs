@@ -324,7 +324,7 @@ fn message_key(
     header_bytes: &[u8],
 ) -> Result<aead::LessSafeKey, OpenError> {
     match algorithm {
-        ALG_AES256GCM_HKDF_EXPAND => {}
+        ALG_AES256GCM_HKDF_EXPAND => expand_key(kek, header_bytes),
         ALG_AES256GCM_HKDF_SHA256 => {
             let prk =
                 hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(kek.material.expose_secret());
@@ -332,23 +332,26 @@ fn message_key(
             let okm = prk
                 .expand(&info, &aead::AES_256_GCM)
                 .map_err(|_| OpenError)?;
-            return Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)));
+            Ok(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
         }
         // Unreachable through the parser; a hand-built header gets nothing.
-        _ => return Err(OpenError),
+        _ => Err(OpenError),
     }
-    // HKDF-Expand for one 32-byte block: T(1) = HMAC(PRK, info || 0x01).
-    const INFO_MAX: usize = HKDF_LABEL.len() + MAX_HEADER_LEN + 1;
+}
+
+/// Algorithm 2: HKDF-Expand for one 32-byte block,
+/// `T(1) = HMAC(PRK, label || header || 0x01)`, from the PRK's HMAC state.
+fn expand_key(kek: &Kek, header_bytes: &[u8]) -> Result<aead::LessSafeKey, OpenError> {
+    let mut info = [0u8; HKDF_LABEL.len() + MAX_HEADER_LEN + 1];
     let end = HKDF_LABEL.len() + header_bytes.len();
-    let mut info = [0u8; INFO_MAX];
-    let (label, rest) = info.split_at_mut(HKDF_LABEL.len());
+    let filled = info.get_mut(..=end).ok_or(OpenError)?;
+    let (label, rest) = filled.split_at_mut(HKDF_LABEL.len());
     label.copy_from_slice(HKDF_LABEL);
-    rest.get_mut(..header_bytes.len())
-        .ok_or(OpenError)?
-        .copy_from_slice(header_bytes);
-    *info.get_mut(end).ok_or(OpenError)? = 1;
+    let (header, counter) = rest.split_at_mut(header_bytes.len());
+    header.copy_from_slice(header_bytes);
+    counter.fill(1);
     let mut okm = Zeroizing::new([0u8; 32]);
-    hmac::sign_to_buffer(&kek.prk, &info[..=end], &mut okm[..]).map_err(|_| OpenError)?;
+    hmac::sign_to_buffer(&kek.prk, filled, &mut okm[..]).map_err(|_| OpenError)?;
     let key = aead::UnboundKey::new(&aead::AES_256_GCM, &okm[..]).map_err(|_| OpenError)?;
     Ok(aead::LessSafeKey::new(key))
 }
