@@ -3,8 +3,9 @@
 
 use crate::broker::{BrokerSettings, MAX_PLAINTEXT_LIMIT};
 use crate::region::Region;
-use crate::root::pkcs11::{profile::HsmProfile, PinSource, Pkcs11Settings};
+use crate::root::pkcs11::{profile::HsmProfile, Pkcs11Settings};
 use crate::root::tpm::{PcrPolicy, Purpose, TpmSettings};
+use crate::root::PinSource;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -344,7 +345,6 @@ impl Settings {
                 break_glass_quorum: raw.break_glass.quorum.unwrap_or(2),
                 break_glass_max_minutes: raw.break_glass.max_duration_minutes.unwrap_or(60),
                 break_glass_approval_minutes: raw.break_glass.approval_window_minutes.unwrap_or(60),
-                tpm: tpm.clone(),
             },
             listen: raw.listen,
             data_dir,
@@ -491,7 +491,7 @@ danger_development_only = true
         };
         assert_eq!(sealed, &PathBuf::from("/etc/sovkms/data/tpm-root.sealed"));
         assert_eq!(tpm.policy.spec(), "sha256:7");
-        assert!(s.broker.tpm.is_some(), "attestation available");
+        assert!(s.tpm.is_some(), "attestation available");
     }
 
     #[test]

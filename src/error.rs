@@ -1,80 +1,343 @@
-//! The core's error: a kind that maps to one gRPC code, and a message that
-//! is safe to show the caller (never a secret, never an internal detail).
+//! The core's error: typed facts, one sentence each, no protocol codes.
+//!
+//! Every variant's `Display` is what the caller is told (never a secret,
+//! never an internal detail). Each front end maps the top-level variant to
+//! its protocol once (gRPC: `api::convert::to_status`). [`Fault`] carries
+//! the internal detail for the log only.
 
-use crate::region::Refusal;
+use crate::envelope::{FormatError, OpenError};
+use crate::id::KeyId;
+use crate::keys::KeyState;
+use crate::policy::breakglass::BreakGlassInvalid;
+use crate::policy::{GrantError, Operation, Refusal};
+use crate::region::Region;
 
 /// Result alias of the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, from the caller's point of view.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The request is malformed (bad id, bad ciphertext, limits of shape).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The named key does not exist in this broker.
-    #[error("{0}")]
-    NotFound(String),
-    /// The key or ciphertext is in a state that does not allow this.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// Identity, role, grant or region rule refused the call.
-    #[error("{0}")]
-    PermissionDenied(Refusal),
-    /// The root of trust or the store is unavailable; retry later.
-    #[error("{0}")]
-    Unavailable(String),
-    /// A size or count limit was exceeded.
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// A bug or corrupt state; details are in the broker's log only.
-    #[error("internal error")]
-    Internal(String),
-    /// Internal: the fast path would have blocked; retried off the runtime,
-    /// never shown to a caller.
-    #[error("internal error")]
-    WouldBlock,
+    /// Identity, role, region or grant rules said no.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The request or ciphertext is malformed.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The named thing does not exist here.
+    #[error(transparent)]
+    NotFound(#[from] NotFound),
+    /// The key, grant or ciphertext is in a state that does not allow this.
+    #[error(transparent)]
+    Precondition(#[from] Precondition),
+    /// A size or count limit.
+    #[error(transparent)]
+    Limit(#[from] Limit),
+    /// A component the request needs is down; retry later.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    /// A bug or corrupt state; the detail goes to the log only.
+    #[error("internal error; the broker's log has the details")]
+    Internal(#[from] Fault),
+}
+
+/// Malformed input.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Invalid {
+    /// Zero bytes.
+    #[error("ciphertext is empty")]
+    EmptyCiphertext,
+    /// Not a well-formed envelope.
+    #[error(transparent)]
+    Ciphertext(#[from] FormatError),
+    /// Altered, or another context.
+    #[error(transparent)]
+    Authentication(#[from] OpenError),
+    /// The header names a version the key never had.
+    #[error("ciphertext names version {version} of key {key}, which does not exist")]
+    NoSuchVersion {
+        /// Key.
+        key: KeyId,
+        /// Version named.
+        version: u32,
+    },
+    /// A required text field is empty.
+    #[error("{field} must not be empty")]
+    Empty {
+        /// Field name.
+        field: &'static str,
+    },
+    /// A text field over its limit.
+    #[error("{field} is longer than {max} characters")]
+    TooLong {
+        /// Field name.
+        field: &'static str,
+        /// Limit.
+        max: usize,
+    },
+    /// A text field with control characters.
+    #[error("{field} must not contain control characters")]
+    ControlCharacters {
+        /// Field name.
+        field: &'static str,
+    },
+    /// A grant that could never take effect.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    /// Locate page size over 1000.
+    #[error("page size {0} is over the maximum of 1000")]
+    PageSize(usize),
+    /// Destroy window outside 1..=3650 days.
+    #[error("a pending window of {0} days is not allowed; it must be between 1 and 3650 days")]
+    DestroyWindow(u32),
+    /// A break-glass request the rules never allow.
+    #[error(transparent)]
+    BreakGlass(#[from] BreakGlassInvalid),
+    /// TPM quote nonce length.
+    #[error("a quote nonce must be 8 to 64 bytes long; this one is {0}")]
+    NonceLength(usize),
+}
+
+/// Something named that does not exist here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotFound {
+    /// A key.
+    #[error("key {key} not found in region {region}")]
+    Key {
+        /// Id.
+        key: KeyId,
+        /// This broker's region.
+        region: Region,
+    },
+    /// A break-glass grant.
+    #[error("break-glass grant {0} not found")]
+    BreakGlass(String),
+}
+
+/// A state that does not allow the request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Precondition {
+    /// The key's lifecycle state does not allow this cryptographic operation.
+    #[error("{}", key_state_sentence(key, *state, *op))]
+    KeyState {
+        /// Key.
+        key: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// What was asked.
+        op: Operation,
+    },
+    /// Scheduled keys are unusable until the schedule is cancelled.
+    #[error("key {key} is scheduled for destruction at {} and cannot be used; an operator can cancel the destruction", rfc3339(*at))]
+    ScheduledForDestruction {
+        /// Key.
+        key: KeyId,
+        /// Unix seconds.
+        at: i64,
+    },
+    /// A destroyed key cannot change.
+    #[error("key {0} is destroyed")]
+    KeyDestroyed(KeyId),
+    /// The version's material was erased.
+    #[error("version {version} of key {key} is destroyed and has no key material")]
+    VersionDestroyed {
+        /// Key.
+        key: KeyId,
+        /// Version.
+        version: u32,
+    },
+    /// Activate on a key that is not pre-active.
+    #[error("key {key} is {}; only a pre-active key can be activated", state.as_str())]
+    NotPreActive {
+        /// Key.
+        key: KeyId,
+        /// Its state.
+        state: KeyState,
+    },
+    /// Destroy twice.
+    #[error("key {key} is already scheduled for destruction at {}", rfc3339(*at))]
+    AlreadyScheduled {
+        /// Key.
+        key: KeyId,
+        /// Unix seconds.
+        at: i64,
+    },
+    /// Cancel without a schedule.
+    #[error("key {0} is not scheduled for destruction")]
+    NotScheduled(KeyId),
+    /// Rekey of a key that is not active.
+    #[error("key {key} is {}; only an active key can be rekeyed", state.as_str())]
+    NotRekeyable {
+        /// Key.
+        key: KeyId,
+        /// Its state.
+        state: KeyState,
+    },
+    /// Rekey of a key scheduled for destruction.
+    #[error("key {0} is scheduled for destruction; only an active key that is not can be rekeyed")]
+    RekeyScheduled(KeyId),
+    /// A ciphertext of another region.
+    #[error("ciphertext belongs to region {data}; this broker serves region {broker} (send it to the {data} broker)")]
+    ForeignCiphertext {
+        /// The region in the header.
+        data: Region,
+        /// This broker's.
+        broker: Region,
+    },
+    /// A break-glass grant in the wrong state.
+    #[error("break-glass grant {id} is {state}")]
+    BreakGlassState {
+        /// Grant.
+        id: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The same operator approving twice.
+    #[error("{principal} already approved break-glass grant {id}")]
+    AlreadyApproved {
+        /// Approver.
+        principal: String,
+        /// Grant.
+        id: String,
+    },
+    /// Attest without `[tpm]`.
+    #[error("this broker has no TPM configured ([tpm] in its config)")]
+    NoTpm,
+}
+
+fn key_state_sentence(key: &KeyId, state: KeyState, op: Operation) -> String {
+    let action = op.action();
+    match state {
+        KeyState::PreActive => format!(
+            "key {key} is pre-active and cannot {action}; an operator must activate it first"
+        ),
+        KeyState::Compromised => format!(
+            "key {key} is compromised and cannot {action}; use ReEncrypt to move data under another key"
+        ),
+        KeyState::Deactivated => {
+            format!("key {key} is deactivated and cannot {action}; it can only decrypt")
+        }
+        KeyState::Destroyed => format!("key {key} is destroyed and cannot {action}"),
+        KeyState::Active => format!("key {key} is active and cannot {action}"),
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC (the audit log's rendering).
+fn rfc3339(unix: i64) -> String {
+    crate::audit::rfc3339(u64::try_from(unix).unwrap_or(0).saturating_mul(1000))
+}
+
+/// A limit the request exceeds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Limit {
+    /// Encrypt's plaintext limit.
+    #[error("plaintext is {len} bytes; this broker accepts at most {max} per request (use GenerateDataKey for larger data)")]
+    Plaintext {
+        /// Given.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// Grants per key.
+    #[error("a key holds at most {max} grants; the request names {len}")]
+    Grants {
+        /// Given.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Versions per key.
+    #[error("key {0} holds as many versions as a key can")]
+    Versions(KeyId),
+    /// Larger than one envelope holds.
+    #[error("plaintext is too large for one envelope")]
+    Envelope,
+}
+
+/// A component that is down. The sentence names it and nothing more: the
+/// device's own words go to the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// The key store.
+    #[error("the key store is unavailable; retry later")]
+    Store,
+    /// The HSM or TPM.
+    #[error("the root of trust is unavailable; retry later")]
+    RootOfTrust,
+    /// The audit log cannot take the request's record.
+    #[error(
+        "the audit log cannot be written; the request was not carried out and nothing was released"
+    )]
+    AuditWrite,
+    /// The audit log cannot be read.
+    #[error("the audit log cannot be read; retry later")]
+    AuditRead,
+    /// The random number generator.
+    #[error("the random number generator failed; retry later")]
+    Random,
+    /// The TPM refused or failed a quote.
+    #[error("the TPM could not produce a quote; retry later")]
+    Tpm,
+}
+
+/// An internal failure: logged with its source, told as "internal error".
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The store returned something inconsistent.
+    #[error("store: {0}")]
+    Store(#[source] crate::store::StoreError),
+    /// Wrapped material failed its check, or names an unknown root key.
+    #[error("root of trust: {0}")]
+    Root(#[source] crate::root::RootError),
+    /// The crypto library refused a key derivation.
+    #[error("key derivation failed")]
+    Derive,
+    /// An audit record that does not parse.
+    #[error("audit log record does not parse: {0}")]
+    AuditRecord(#[source] serde_json::Error),
+    /// A handler task died.
+    #[error("handler task failed: {0}")]
+    Task(String),
 }
 
 impl Error {
-    /// Shorthand for `InvalidArgument`.
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        Self::InvalidArgument(msg.into())
-    }
-
-    /// Shorthand for `FailedPrecondition`.
-    pub fn precondition(msg: impl Into<String>) -> Self {
-        Self::FailedPrecondition(msg.into())
-    }
-}
-
-impl From<Refusal> for Error {
-    fn from(r: Refusal) -> Self {
-        Self::PermissionDenied(r)
-    }
-}
-
-impl Error {
-    /// The gRPC status code name this error maps to.
+    /// The gRPC status code name this error maps to (kept in audit records).
     pub fn code_name(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::Invalid(_) => "INVALID_ARGUMENT",
             Self::NotFound(_) => "NOT_FOUND",
-            Self::FailedPrecondition(_) => "FAILED_PRECONDITION",
-            Self::PermissionDenied(_) => "PERMISSION_DENIED",
+            Self::Precondition(_) => "FAILED_PRECONDITION",
+            Self::Refused(_) => "PERMISSION_DENIED",
             Self::Unavailable(_) => "UNAVAILABLE",
-            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
-            Self::Internal(_) | Self::WouldBlock => "INTERNAL",
+            Self::Limit(_) => "RESOURCE_EXHAUSTED",
+            Self::Internal(_) => "INTERNAL",
         }
     }
 
     /// Refused (the rules or the input) or failed (the system).
     pub fn outcome(&self) -> crate::audit::Outcome {
         match self {
-            Self::Unavailable(_) | Self::Internal(_) | Self::WouldBlock => {
-                crate::audit::Outcome::Failed
-            }
+            Self::Unavailable(_) | Self::Internal(_) => crate::audit::Outcome::Failed,
             _ => crate::audit::Outcome::Refused,
         }
     }
 }
+
+/// Input errors of lower layers become `Error::Invalid` in one step.
+macro_rules! invalid_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Self::Invalid(e.into())
+            }
+        }
+    )*};
+}
+invalid_from!(FormatError, OpenError, GrantError, BreakGlassInvalid);

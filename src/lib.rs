@@ -29,6 +29,8 @@ pub mod clock;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod files;
+pub mod id;
 pub mod keys;
 pub mod pki;
 pub mod policy;

@@ -146,9 +146,9 @@ pub fn write(dir: &Path, stem: &str, issued: &Issued) -> Result<(), PkiError> {
     };
     let cert = dir.join(format!("{stem}.pem"));
     let key = dir.join(format!("{stem}.key"));
-    crate::store::write_file_durably(&cert, issued.cert_pem.as_bytes(), 0o644)
+    crate::files::write_file_durably(&cert, issued.cert_pem.as_bytes(), 0o644)
         .map_err(|e| io(&cert, e))?;
-    crate::store::write_file_durably(&key, issued.key_pem.as_bytes(), 0o600)
+    crate::files::write_file_durably(&key, issued.key_pem.as_bytes(), 0o600)
         .map_err(|e| io(&key, e))?;
     Ok(())
 }

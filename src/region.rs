@@ -2,7 +2,9 @@
 //!
 //! This file holds the line that refuses a cross-region decrypt:
 //! [`check_residency`]. It is a pure function of three regions, with no
-//! configuration input, so there is nothing to switch off.
+//! configuration input, so there is nothing to switch off. The broker's
+//! one gate (`broker/gate.rs`) calls it for every operation that the table
+//! (`policy/table.rs`) marks resident.
 
 use std::fmt;
 
@@ -13,7 +15,7 @@ pub struct Region(String);
 
 impl Region {
     /// Parses and validates a region name.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, RegionError> {
         let ok_len = (1..=32).contains(&s.len());
         let ok_chars = s
             .bytes()
@@ -22,9 +24,9 @@ impl Region {
         if ok_len && ok_chars && ok_start && !s.ends_with('-') {
             Ok(Self(s.to_owned()))
         } else {
-            Err(format!(
-                "invalid region name {s:?}: use 1-32 lowercase letters, digits and '-', starting with a letter"
-            ))
+            Err(RegionError {
+                name: s.chars().take(64).collect(),
+            })
         }
     }
 
@@ -34,9 +36,16 @@ impl Region {
     }
 }
 
+/// A string that is not a region name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid region name {name:?}: use 1-32 lowercase letters, digits and '-', starting with a letter")]
+pub struct RegionError {
+    name: String,
+}
+
 impl TryFrom<String> for Region {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = RegionError;
+    fn try_from(s: String) -> Result<Self, RegionError> {
         Self::parse(&s)
     }
 }
@@ -110,26 +119,99 @@ fn valid_segment(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Why a URI is not a sovkms SPIFFE id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpiffeError {
+    /// Another scheme.
+    #[error("{0:?} is not a spiffe:// URI")]
+    NotSpiffe(String),
+    /// Not five segments of the expected shape.
+    #[error("{0:?} does not have the shape spiffe://<trust-domain>/region/<region>/<service|operator|auditor>/<name>")]
+    Shape(String),
+    /// Empty or invalid trust domain.
+    #[error("{0:?} has an invalid trust domain")]
+    TrustDomain(String),
+    /// Invalid region segment.
+    #[error("{uri:?} names an {source}")]
+    Region {
+        /// The URI.
+        uri: String,
+        /// Why.
+        source: RegionError,
+    },
+    /// A role other than service, operator or auditor.
+    #[error("{uri:?} names the unknown role {role:?}; roles are service, operator and auditor")]
+    Role {
+        /// The URI.
+        uri: String,
+        /// The segment.
+        role: String,
+    },
+    /// Invalid name segment.
+    #[error("{0:?} has an invalid name")]
+    Name(String),
+}
+
+/// Why a connection carries no usable caller identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// A plain connection reached a handler.
+    #[error("the connection is not mutual TLS")]
+    NotMutualTls,
+    /// No client certificate.
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    /// DER that does not parse.
+    #[error("the client certificate cannot be parsed")]
+    Unparseable,
+    /// subjectAltName that does not parse.
+    #[error("the client certificate has a malformed subjectAltName")]
+    MalformedSan,
+    /// No spiffe:// URI SAN.
+    #[error("the client certificate has no URI SAN with a SPIFFE id")]
+    NoSpiffeId,
+    /// More than one.
+    #[error("the client certificate has more than one SPIFFE id")]
+    SeveralSpiffeIds,
+    /// One that does not parse.
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    /// Issued by a CA that may not vouch for the region it names.
+    #[error("the certificate of {caller} was not issued by a CA trusted for region {region}")]
+    UntrustedForRegion {
+        /// The identity it claims.
+        caller: String,
+        /// Its region.
+        region: Region,
+    },
+}
+
 impl Caller {
     /// Parses a SPIFFE id of the sovkms shape.
-    pub fn parse_spiffe(uri: &str) -> Result<Self, String> {
+    pub fn parse_spiffe(uri: &str) -> Result<Self, SpiffeError> {
+        let shown = || uri.chars().take(300).collect::<String>();
         let rest = uri
             .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("{uri:?} is not a spiffe:// URI"))?;
+            .ok_or_else(|| SpiffeError::NotSpiffe(shown()))?;
         let parts: Vec<&str> = rest.split('/').collect();
-        let shape =
-            "expected spiffe://<trust-domain>/region/<region>/<service|operator|auditor>/<name>";
         let [td, "region", region, role, name] = parts.as_slice() else {
-            return Err(format!("{uri:?}: {shape}"));
+            return Err(SpiffeError::Shape(shown()));
         };
         if !valid_segment(td, 255) {
-            return Err(format!("{uri:?}: invalid trust domain"));
+            return Err(SpiffeError::TrustDomain(shown()));
         }
-        let region = Region::parse(region)?;
-        let role =
-            Role::parse(role).ok_or_else(|| format!("{uri:?}: unknown role {role:?}; {shape}"))?;
+        let region = Region::parse(region).map_err(|source| SpiffeError::Region {
+            uri: shown(),
+            source,
+        })?;
+        let role = Role::parse(role).ok_or_else(|| SpiffeError::Role {
+            uri: shown(),
+            role: role.chars().take(64).collect(),
+        })?;
         if !valid_segment(name, 128) {
-            return Err(format!("{uri:?}: invalid name"));
+            return Err(SpiffeError::Name(shown()));
         }
         Ok(Self {
             trust_domain: (*td).to_owned(),
@@ -157,74 +239,24 @@ impl fmt::Display for Caller {
     }
 }
 
-/// Why a call was refused. Shown to the caller as is, and (later) audited.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The client certificate carries no usable identity.
-    #[error("no valid caller identity: {0}")]
-    NoIdentity(String),
-    /// The identity's trust domain is not the broker's.
-    #[error("caller trust domain {caller} is not this broker's trust domain {broker}")]
-    TrustDomain {
-        /// caller's
-        caller: String,
-        /// broker's
-        broker: String,
-    },
-    /// The residency rule: plaintext stays in its region.
-    #[error("caller region {caller} may not {op} data of region {data}")]
-    Region {
-        /// caller's region
-        caller: Region,
-        /// what it tried
-        op: &'static str,
-        /// the data's (key's) home region
-        data: Region,
-    },
-    /// Separation of duties.
-    #[error("{role} identities may not {op}: {why}")]
-    Role {
-        /// caller's role
-        role: &'static str,
-        /// what it tried
-        op: &'static str,
-        /// the rule
-        why: &'static str,
-    },
-    /// No grant names this caller for this operation on this key.
-    #[error("{caller} has no grant to {op} with key {key_id}")]
-    NoGrant {
-        /// caller's SPIFFE id
-        caller: String,
-        /// what it tried
-        op: &'static str,
-        /// the key
-        key_id: String,
-    },
+/// Which part of the residency rule a request breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Breach {
+    /// The caller is not of the broker's region.
+    CallerOutsideBroker,
+    /// The data (its key) is not of the caller's region.
+    DataElsewhere,
 }
 
 /// The residency rule for operations that release plaintext or key material
 /// (decrypt, re-encrypt, data-key plaintext, export): the caller, the broker
 /// and the data must all be in the same region. Not configurable.
-pub fn check_residency(
-    caller: &Region,
-    broker: &Region,
-    data_home: &Region,
-    op: &'static str,
-) -> Result<(), Refusal> {
-    if caller != data_home {
-        return Err(Refusal::Region {
-            caller: caller.clone(),
-            op,
-            data: data_home.clone(),
-        });
-    }
+pub fn check_residency(caller: &Region, broker: &Region, data_home: &Region) -> Result<(), Breach> {
     if caller != broker {
-        return Err(Refusal::Region {
-            caller: caller.clone(),
-            op,
-            data: broker.clone(),
-        });
+        return Err(Breach::CallerOutsideBroker);
+    }
+    if caller != data_home {
+        return Err(Breach::DataElsewhere);
     }
     Ok(())
 }
@@ -243,7 +275,7 @@ mod tests {
         for c in &regions {
             for b in &regions {
                 for d in &regions {
-                    let res = check_residency(c, b, d, "decrypt");
+                    let res = check_residency(c, b, d);
                     assert_eq!(res.is_ok(), c == b && b == d, "{c} {b} {d}");
                 }
             }
@@ -251,13 +283,13 @@ mod tests {
     }
 
     #[test]
-    fn refusal_names_both_regions() {
-        let e = check_residency(&r("us-east"), &r("eu-central"), &r("eu-central"), "decrypt")
-            .unwrap_err();
+    fn which_part_breaks() {
+        let (eu, us) = (r("eu-central"), r("us-east"));
         assert_eq!(
-            e.to_string(),
-            "caller region us-east may not decrypt data of region eu-central"
+            check_residency(&us, &eu, &eu),
+            Err(Breach::CallerOutsideBroker)
         );
+        assert_eq!(check_residency(&eu, &eu, &us), Err(Breach::DataElsewhere));
     }
 
     #[test]

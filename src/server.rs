@@ -5,7 +5,8 @@ use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
-use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, tpm::TpmRoot, RootOfTrust};
+use crate::root::tpm::{TpmAttestor, TpmRoot};
+use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, RootOfTrust};
 use crate::store::{SledStore, Store};
 use std::sync::Arc;
 
@@ -89,7 +90,10 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     std::thread::spawn(move || ticket.wait())
         .join()
         .map_err(|_| AuditError::Io("the audit start record could not be awaited".into()))??;
-    let broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
+    let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
+    if let Some(tpm) = &settings.tpm {
+        broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
+    }
     broker.load_break_glass().map_err(|e| StartError::Store {
         path: settings.data_dir.display().to_string(),
         err: crate::store::StoreError::Unavailable(e.to_string()),

@@ -168,7 +168,7 @@ async fn honest_chain_verifies_and_tampering_is_found_where_it_happened() {
     assert!(f.why.contains("signature does not verify"), "{f}");
 
     // The CLI says the same, with the PEM from GetInfo.
-    let pem = sovkms::root::pkcs11::admin::p256_spki_pem(&pk);
+    let pem = sovkms::root::p256_spki_pem(&pk);
     let pem_file = env.dir.path().join("pub.pem");
     std::fs::write(&pem_file, pem).unwrap();
     let o = run_sovkms(

@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use sovkms::root::pkcs11::{admin, PinSource, Pkcs11Root};
+use sovkms::root::pkcs11::{admin, Pkcs11Root};
+use sovkms::root::PinSource;
 use sovkms::root::{RootErrorKind, RootOfTrust};
 use std::process::Command;
 

@@ -219,9 +219,19 @@ async fn cross_region_matrix() {
     // Reasons are precise.
     let mut us_at_eu = client(&env, "us-east/service-app", &eu).await;
     let e = decrypt(&mut us_at_eu, &eu_ct, &context).await.unwrap_err();
+    // Refused before the ciphertext is parsed, so the sentence names the
+    // broker's region, not a data region the broker has not read.
     assert_eq!(
         e.message(),
-        "caller region us-east may not decrypt data of region eu-central"
+        "caller region us-east may not decrypt at the broker of region eu-central"
+    );
+    // An eu-central caller sending eu-central data to the us-east broker: the
+    // sentence must not call the data us-east's.
+    let mut eu_at_us = client(&env, "eu-central/service-app", &us).await;
+    let e = decrypt(&mut eu_at_us, &eu_ct, &context).await.unwrap_err();
+    assert_eq!(
+        e.message(),
+        "caller region eu-central may not decrypt at the broker of region us-east"
     );
     let mut forged = client(&env, "eu-central/forged-eu-service", &eu).await;
     let e = decrypt(&mut forged, &eu_ct, &context).await.unwrap_err();

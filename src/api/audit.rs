@@ -21,7 +21,7 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::ExportRecordsRequest>,
     ) -> Result<Response<Self::ExportRecordsStream>, Status> {
-        let cx = self.ctx(&req, "export-audit-records")?;
+        let cx = self.ctx(&req, crate::policy::Operation::ExportAuditRecords)?;
         let r = req.into_inner();
         let format = match r.format.as_str() {
             "" | "jsonl" => ExportFormat::JsonLines,
@@ -68,7 +68,7 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::AggregatesRequest>,
     ) -> Result<Response<pb::AggregatesResponse>, Status> {
-        let cx = self.ctx(&req, "read-audit-aggregates")?;
+        let cx = self.ctx(&req, crate::policy::Operation::ReadAuditAggregates)?;
         let r = req.into_inner();
         let (cx, (rows, min)) = self
             .run(cx, move |b, cx| {
@@ -97,7 +97,7 @@ impl pb::audit_service_server::AuditService for Api {
         &self,
         req: Request<pb::AttestRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
-        let cx = self.ctx(&req, "attest")?;
+        let cx = self.ctx(&req, crate::policy::Operation::Attest)?;
         let nonce = req.into_inner().nonce;
         let (cx, (q, spec)) = self.run(cx, move |b, cx| b.attest(cx, &nonce)).await?;
         Ok(reply(
@@ -108,7 +108,7 @@ impl pb::audit_service_server::AuditService for Api {
                 pcr_values: q.pcr_values.concat(),
                 pcr_selection: spec,
                 ak_public: q.ak_public,
-                ak_public_pem: crate::root::pkcs11::admin::p256_spki_pem(&q.ak_sec1),
+                ak_public_pem: crate::root::p256_spki_pem(&q.ak_sec1),
             },
         ))
     }

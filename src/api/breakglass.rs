@@ -49,10 +49,11 @@ impl pb::break_glass_service_server::BreakGlassService for Api {
         &self,
         req: Request<pb::BreakGlassRequest>,
     ) -> Result<Response<pb::BreakGlassGrant>, Status> {
-        let cx = self.ctx(&req, "request-break-glass")?;
+        let cx = self.ctx(&req, crate::policy::Operation::RequestBreakGlass)?;
         let r = req.into_inner();
         let ask = BreakGlassAsk {
-            principal: Principal::parse(&r.principal).map_err(Status::invalid_argument)?,
+            principal: Principal::parse(&r.principal)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
             key_id: convert::key_id("key_id", &r.key_id)?,
             operations: r
                 .operations
@@ -72,7 +73,7 @@ impl pb::break_glass_service_server::BreakGlassService for Api {
         &self,
         req: Request<pb::BreakGlassRef>,
     ) -> Result<Response<pb::BreakGlassGrant>, Status> {
-        let cx = self.ctx(&req, "approve-break-glass")?;
+        let cx = self.ctx(&req, crate::policy::Operation::ApproveBreakGlass)?;
         let id = bg_id(&req.get_ref().id)?;
         let (cx, g) = self
             .run(cx, move |b, cx| b.approve_break_glass(cx, &id))
@@ -89,7 +90,7 @@ impl pb::break_glass_service_server::BreakGlassService for Api {
         &self,
         req: Request<pb::BreakGlassRef>,
     ) -> Result<Response<pb::BreakGlassGrant>, Status> {
-        let cx = self.ctx(&req, "revoke-break-glass")?;
+        let cx = self.ctx(&req, crate::policy::Operation::RevokeBreakGlass)?;
         let id = bg_id(&req.get_ref().id)?;
         let (cx, g) = self
             .run(cx, move |b, cx| b.revoke_break_glass(cx, &id))
@@ -101,7 +102,7 @@ impl pb::break_glass_service_server::BreakGlassService for Api {
         &self,
         req: Request<pb::ListBreakGlassRequest>,
     ) -> Result<Response<pb::ListBreakGlassResponse>, Status> {
-        let cx = self.ctx(&req, "list-break-glass")?;
+        let cx = self.ctx(&req, crate::policy::Operation::ListBreakGlass)?;
         let (cx, all) = self.run(cx, move |b, cx| b.list_break_glass(cx)).await?;
         Ok(reply(
             &cx,

@@ -12,20 +12,20 @@ use tonic::Status;
 /// The only place a core error becomes a gRPC status. Internal details are
 /// logged here and replaced by a generic message.
 pub fn to_status(e: Error) -> Status {
+    let text = e.to_string();
     match e {
-        Error::InvalidArgument(m) => Status::invalid_argument(m),
-        Error::NotFound(m) => Status::not_found(m),
-        Error::FailedPrecondition(m) => Status::failed_precondition(m),
-        Error::PermissionDenied(r) => {
-            tracing::info!(reason = %r, "request refused");
-            Status::permission_denied(r.to_string())
+        Error::Invalid(_) => Status::invalid_argument(text),
+        Error::NotFound(_) => Status::not_found(text),
+        Error::Precondition(_) => Status::failed_precondition(text),
+        Error::Refused(_) => {
+            tracing::info!(reason = %text, "request refused");
+            Status::permission_denied(text)
         }
-        Error::Unavailable(m) => Status::unavailable(m),
-        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        Error::WouldBlock => Status::internal("internal error"),
-        Error::Internal(m) => {
-            tracing::error!(detail = %m, "internal error");
-            Status::internal("internal error; the broker's log has the details")
+        Error::Unavailable(_) => Status::unavailable(text),
+        Error::Limit(_) => Status::resource_exhausted(text),
+        Error::Internal(fault) => {
+            tracing::error!(detail = %fault, "internal error");
+            Status::internal(text)
         }
     }
 }
@@ -69,7 +69,8 @@ pub fn op_to_pb(o: CryptoOp) -> pb::Operation {
 pub fn grants(gs: Vec<pb::Grant>) -> Result<Vec<GrantRequest>, Status> {
     gs.into_iter()
         .map(|g| {
-            let principal = Principal::parse(&g.principal).map_err(Status::invalid_argument)?;
+            let principal = Principal::parse(&g.principal)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let operations = g
                 .operations
                 .into_iter()

@@ -5,9 +5,10 @@ use super::convert::{self, to_status};
 use super::proto as pb;
 use super::tls::PeerInfo;
 use crate::broker::{Broker, CallCtx, LocateFilter};
-use crate::error::Error;
-use crate::keys::KeyRecord;
-use crate::region::Refusal;
+use crate::error::{Error, Fault};
+use crate::keys::{Halt, KeyRecord, Wait};
+use crate::policy::{Operation, Refusal};
+use crate::region::IdentityError;
 use crate::secret::Plaintext;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -69,7 +70,7 @@ impl Api {
         let id = request_id_value(&cx.request_id);
         let joined = tokio::task::spawn_blocking(move || f(&b, &cx).map(|t| (cx, t))).await;
         joined
-            .map_err(|e| Error::Internal(format!("handler task failed: {e}")))
+            .map_err(|e| Error::from(Fault::Task(e.to_string())))
             .and_then(|r| r)
             .map_err(|e| {
                 let mut st = to_status(e);
@@ -80,17 +81,26 @@ impl Api {
             })
     }
 
-    /// Runs a core call on this async thread when it cannot block (hot key,
-    /// nothing to wait for), else on the blocking pool.
+    /// Runs a core call on this async thread when it need not wait (hot
+    /// key, nothing to read), else again on the blocking pool.
     pub(super) async fn run_fast<T: Send + 'static>(
         &self,
         cx: CallCtx,
-        f: impl Fn(&Broker, &CallCtx) -> Result<T, Error> + Send + Sync + 'static,
+        f: impl Fn(&Broker, &CallCtx, Wait) -> Result<T, Halt<Error>> + Send + Sync + 'static,
     ) -> Result<(CallCtx, T), Status> {
-        match self.broker.without_blocking(|| f(&self.broker, &cx)) {
-            Err(Error::WouldBlock) => self.run(cx, move |b, cx| f(b, cx)).await,
+        match f(&self.broker, &cx, Wait::Refused) {
+            Err(Halt::WouldBlock) => {
+                self.run(cx, move |b, cx| match f(b, cx, Wait::Allowed) {
+                    Ok(t) => Ok(t),
+                    Err(Halt::Failed(e)) => Err(e),
+                    Err(Halt::WouldBlock) => {
+                        Err(Fault::Task("a blocking call was refused a wait".into()).into())
+                    }
+                })
+                .await
+            }
             Ok(t) => Ok((cx, t)),
-            Err(e) => Err(tagged(&cx, e)),
+            Err(Halt::Failed(e)) => Err(tagged(&cx, e)),
         }
     }
 
@@ -106,11 +116,7 @@ impl Api {
     /// The call context of a request: its authenticated caller and request
     /// id (the client's `x-request-id` if well-formed). A connection without
     /// an identity is refused, and the refusal audited.
-    pub(super) fn ctx<T>(
-        &self,
-        req: &Request<T>,
-        operation: &'static str,
-    ) -> Result<CallCtx, Status> {
+    pub(super) fn ctx<T>(&self, req: &Request<T>, op: Operation) -> Result<CallCtx, Status> {
         let request_id = req
             .metadata()
             .get(REQUEST_ID)
@@ -122,15 +128,14 @@ impl Api {
             .map(str::to_owned)
             .unwrap_or_else(new_request_id);
         let caller = match req.extensions().get::<PeerInfo>() {
-            None => Err("connection is not mutual TLS".to_string()),
+            None => Err(IdentityError::NotMutualTls),
             Some(info) => info.caller.clone(),
         };
         match caller {
             Ok(caller) => Ok(CallCtx { caller, request_id }),
             Err(why) => {
                 let refusal = Refusal::NoIdentity(why);
-                self.broker
-                    .audit_unauthenticated(&request_id, operation, &refusal.to_string());
+                self.broker.audit_unauthenticated(&request_id, op, &refusal);
                 Err(to_status(refusal.into()))
             }
         }
@@ -143,7 +148,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "create-key")?;
+        let cx = self.ctx(&req, Operation::CreateKey)?;
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
             name: r.name,
@@ -160,7 +165,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::KeyRef>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "activate-key")?;
+        let cx = self.ctx(&req, Operation::ActivateKey)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(cx, move |b, cx| b.activate(cx, &id)).await
     }
@@ -169,7 +174,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "revoke-key")?;
+        let cx = self.ctx(&req, Operation::RevokeKey)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let reason = convert::reason_from_pb(r.reason)?;
@@ -181,7 +186,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::DestroyRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "schedule-key-destruction")?;
+        let cx = self.ctx(&req, Operation::ScheduleKeyDestruction)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let days = (r.pending_window_days != 0).then_some(r.pending_window_days);
@@ -193,14 +198,14 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::KeyRef>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "cancel-key-destruction")?;
+        let cx = self.ctx(&req, Operation::CancelKeyDestruction)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(cx, move |b, cx| b.cancel_destroy(cx, &id))
             .await
     }
 
     async fn re_key(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "rekey")?;
+        let cx = self.ctx(&req, Operation::Rekey)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(cx, move |b, cx| b.rekey(cx, &id)).await
     }
@@ -209,7 +214,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::KeyRef>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "get-attributes")?;
+        let cx = self.ctx(&req, Operation::GetAttributes)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
         self.key_call(cx, move |b, cx| b.get_attributes(cx, &id))
             .await
@@ -219,7 +224,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
-        let cx = self.ctx(&req, "locate")?;
+        let cx = self.ctx(&req, Operation::Locate)?;
         let r = req.into_inner();
         let filter = LocateFilter {
             name: (!r.name.is_empty()).then_some(r.name),
@@ -248,7 +253,7 @@ impl pb::key_service_server::KeyService for Api {
         &self,
         req: Request<pb::SetGrantsRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
-        let cx = self.ctx(&req, "set-grants")?;
+        let cx = self.ctx(&req, Operation::SetGrants)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grants = convert::grants(r.grants)?;
@@ -263,13 +268,13 @@ impl pb::crypto_service_server::CryptoService for Api {
         &self,
         req: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let cx = self.ctx(&req, "encrypt")?;
+        let cx = self.ctx(&req, Operation::Encrypt)?;
         let mut r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", std::mem::take(&mut r.context))?;
         let pt = Plaintext::new(std::mem::take(&mut r.plaintext));
         let (cx, s) = self
-            .run_fast(cx, move |b, cx| b.encrypt(cx, &id, &pt, &ctx))
+            .run_fast(cx, move |b, cx, w| b.encrypt_with(w, cx, &id, &pt, &ctx))
             .await?;
         Ok(reply(
             &cx,
@@ -285,12 +290,12 @@ impl pb::crypto_service_server::CryptoService for Api {
         &self,
         req: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let cx = self.ctx(&req, "decrypt")?;
+        let cx = self.ctx(&req, Operation::Decrypt)?;
         let r = req.into_inner();
         let ctx = convert::context("context", r.context)?;
         let ct = r.ciphertext;
         let (cx, o) = self
-            .run_fast(cx, move |b, cx| b.decrypt(cx, &ct, &ctx))
+            .run_fast(cx, move |b, cx, w| b.decrypt_with(w, cx, &ct, &ctx))
             .await?;
         let o = o.released().await.map_err(|e| tagged(&cx, e))?;
         Ok(reply(
@@ -307,20 +312,23 @@ impl pb::crypto_service_server::CryptoService for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        let cx = self.ctx(&req, "generate-data-key")?;
+        let cx = self.ctx(&req, Operation::GenerateDataKey)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
         let (cx, d) = self
-            .run_fast(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, true))
+            .run_fast(cx, move |b, cx, w| {
+                b.generate_data_key_with(w, cx, &id, &ctx, true)
+            })
             .await?;
         let d = d.released().await.map_err(|e| tagged(&cx, e))?;
         let plaintext_key = match &d.plaintext {
             Some(k) => k.expose_secret().to_vec(),
             None => {
-                return Err(to_status(Error::Internal(
-                    "data key without plaintext".into(),
-                )))
+                return Err(tagged(
+                    &cx,
+                    Fault::Task("data key without plaintext".into()).into(),
+                ))
             }
         };
         Ok(reply(
@@ -338,12 +346,14 @@ impl pb::crypto_service_server::CryptoService for Api {
         &self,
         req: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let cx = self.ctx(&req, "generate-data-key-without-plaintext")?;
+        let cx = self.ctx(&req, Operation::GenerateDataKeyWithoutPlaintext)?;
         let r = req.into_inner();
         let id = convert::key_id("key_id", &r.key_id)?;
         let ctx = convert::context("context", r.context)?;
         let (cx, d) = self
-            .run_fast(cx, move |b, cx| b.generate_data_key(cx, &id, &ctx, false))
+            .run_fast(cx, move |b, cx, w| {
+                b.generate_data_key_with(w, cx, &id, &ctx, false)
+            })
             .await?;
         let d = d.released().await.map_err(|e| tagged(&cx, e))?;
         Ok(reply(
@@ -360,7 +370,7 @@ impl pb::crypto_service_server::CryptoService for Api {
         &self,
         req: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        let cx = self.ctx(&req, "re-encrypt")?;
+        let cx = self.ctx(&req, Operation::ReEncrypt)?;
         let r = req.into_inner();
         let src_ctx = convert::context("source_context", r.source_context)?;
         let dst_ctx = convert::context("destination_context", r.destination_context)?;
@@ -374,8 +384,8 @@ impl pb::crypto_service_server::CryptoService for Api {
         };
         let ct = r.ciphertext;
         let (cx, o) = self
-            .run_fast(cx, move |b, cx| {
-                b.re_encrypt(cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx)
+            .run_fast(cx, move |b, cx, w| {
+                b.re_encrypt_with(w, cx, &ct, &src_ctx, dst.as_ref(), &dst_ctx)
             })
             .await?;
         let o = o.released().await.map_err(|e| tagged(&cx, e))?;
@@ -398,7 +408,7 @@ impl pb::broker_service_server::BrokerService for Api {
         &self,
         req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
-        let cx = self.ctx(&req, "get-info")?;
+        let cx = self.ctx(&req, Operation::GetInfo)?;
         let (cx, (s, pk)) = self.run(cx, |b, cx| b.info(cx)).await?;
         Ok(reply(
             &cx,

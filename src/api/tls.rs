@@ -6,7 +6,7 @@
 //! region's CA cannot mint identities of another region.
 
 use crate::config::TlsSettings;
-use crate::region::{Caller, Region};
+use crate::region::{Caller, IdentityError, Region};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
@@ -101,10 +101,12 @@ impl TlsServer {
     }
 
     /// The caller behind a completed handshake, or why there is none.
-    pub(crate) fn identify(&self, tls: &TlsStream<TcpStream>) -> Result<Caller, String> {
+    pub(crate) fn identify(&self, tls: &TlsStream<TcpStream>) -> Result<Caller, IdentityError> {
         let (_, conn) = tls.get_ref();
-        let certs = conn.peer_certificates().ok_or("no client certificate")?;
-        let (ee, intermediates) = certs.split_first().ok_or("no client certificate")?;
+        let certs = conn
+            .peer_certificates()
+            .ok_or(IdentityError::NoCertificate)?;
+        let (ee, intermediates) = certs.split_first().ok_or(IdentityError::NoCertificate)?;
         let caller = caller_from_cert(ee)?;
         let now = UnixTime::now();
         let vouched = self.cas.iter().any(|ca| {
@@ -115,24 +117,23 @@ impl TlsServer {
                     .is_ok()
         });
         if !vouched {
-            return Err(format!(
-                "the certificate of {caller} was not issued by a CA trusted for region {}",
-                caller.region
-            ));
+            return Err(IdentityError::UntrustedForRegion {
+                caller: caller.spiffe_id(),
+                region: caller.region,
+            });
         }
         Ok(caller)
     }
 }
 
 /// Extracts the one sovkms SPIFFE id from a certificate's URI SANs.
-pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, String> {
+pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, IdentityError> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|_| "client certificate cannot be parsed".to_string())?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparseable)?;
     let san = cert
         .subject_alternative_name()
-        .map_err(|_| "client certificate has a malformed subjectAltName".to_string())?
-        .ok_or("client certificate has no URI SAN with a SPIFFE id")?;
+        .map_err(|_| IdentityError::MalformedSan)?
+        .ok_or(IdentityError::NoSpiffeId)?;
     let uris: Vec<&str> = san
         .value
         .general_names
@@ -143,9 +144,9 @@ pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, String> {
         })
         .collect();
     match uris.as_slice() {
-        [one] => Caller::parse_spiffe(one),
-        [] => Err("client certificate has no URI SAN with a SPIFFE id".into()),
-        _ => Err("client certificate has more than one SPIFFE id".into()),
+        [one] => Ok(Caller::parse_spiffe(one)?),
+        [] => Err(IdentityError::NoSpiffeId),
+        _ => Err(IdentityError::SeveralSpiffeIds),
     }
 }
 
@@ -157,7 +158,7 @@ pub struct PeerInfo {
     /// The identity, or why the certificate carries none usable.
     /// Shared: every request of the connection, and its audit records,
     /// point at it instead of copying its strings.
-    pub caller: Result<Arc<Caller>, String>,
+    pub caller: Result<Arc<Caller>, IdentityError>,
 }
 
 /// A server-side TLS connection with its peer's identity.

@@ -3,16 +3,21 @@
 
 use super::{Broker, CallCtx};
 use crate::audit::{self, complete_lines, AggregateRow, ExportFormat, Record};
-use crate::error::{Error, Result};
-use crate::policy;
-use crate::region::Refusal;
+use crate::error::{Error, Fault, Invalid, Precondition, Result, Unavailable};
+use crate::policy::Operation;
+use crate::root::{Quote, NONCE_BYTES};
 use std::io::BufReader;
+
+fn read_err(e: impl std::fmt::Display) -> Error {
+    tracing::error!(error = %e, "the audit log cannot be read");
+    Unavailable::AuditRead.into()
+}
 
 impl Broker {
     fn open_log(&self) -> Result<BufReader<std::fs::File>> {
         std::fs::File::open(&self.settings.audit_path)
             .map(BufReader::new)
-            .map_err(|e| Error::Unavailable(format!("the audit log cannot be read: {e}")))
+            .map_err(read_err)
     }
 
     /// Records for an auditor of this region, filtered, in `format`;
@@ -26,16 +31,13 @@ impl Broker {
         format: ExportFormat,
         sink: &mut dyn FnMut(u64, String) -> bool,
     ) -> Result<u64> {
-        self.audited(cx, "export-audit-records", None, false, |_| {
-            self.admit(&cx.caller)?;
-            policy::require_auditor(&cx.caller, &self.settings.region, "read audit records")?;
+        let op = Operation::ExportAuditRecords;
+        self.audited(cx, op, None, |note| {
+            self.gate(cx, op, None, note)?;
             let mut n = 0;
             for line in complete_lines(self.open_log()?) {
-                let line =
-                    line.map_err(|e| Error::Unavailable(format!("reading the audit log: {e}")))?;
-                let r: Record = serde_json::from_str(&line).map_err(|e| {
-                    Error::Internal(format!("audit log record does not parse: {e}"))
-                })?;
+                let line = line.map_err(read_err)?;
+                let r: Record = serde_json::from_str(&line).map_err(Fault::AuditRecord)?;
                 if r.seq < from_seq
                     || r.time_unix_ms < since_ms
                     || key_id.is_some_and(|k| r.key_id != k)
@@ -63,51 +65,33 @@ impl Broker {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<(Vec<AggregateRow>, u64)> {
-        self.audited(cx, "read-audit-aggregates", None, false, |_| {
-            self.admit(&cx.caller)?;
-            let named = self
-                .settings
-                .aggregate_readers
-                .iter()
-                .any(|p| p.matches(&cx.caller));
-            if !named {
-                policy::require_auditor(&cx.caller, &self.settings.region, "read audit aggregates")
-                    .map_err(|_| Refusal::NoGrant {
-                        caller: cx.caller.spiffe_id(),
-                        op: "read audit aggregates of",
-                        key_id: format!("region {}", self.settings.region),
-                    })?;
-            }
+        let op = Operation::ReadAuditAggregates;
+        self.audited(cx, op, None, |note| {
+            self.gate(cx, op, None, note)?;
             let to = if to_ms == 0 { u64::MAX } else { to_ms };
             let min = self.settings.aggregate_min_group;
-            let rows =
-                audit::aggregate(self.open_log()?, from_ms, to, min).map_err(Error::Internal)?;
+            let rows = audit::aggregate(self.open_log()?, from_ms, to, min).map_err(read_err)?;
             Ok((rows, min))
         })
     }
 }
 
 impl Broker {
-    /// A TPM quote for an auditor of this region. One at a time per broker
-    /// (a TPM without a resource manager takes one client).
-    pub fn attest(&self, cx: &CallCtx, nonce: &[u8]) -> Result<(crate::root::tpm::Quote, String)> {
-        self.audited(cx, "attest", None, false, |_| {
-            self.admit(&cx.caller)?;
-            policy::require_auditor(&cx.caller, &self.settings.region, "request a TPM quote")?;
-            let tpm = self.settings.tpm.as_ref().ok_or_else(|| {
-                Error::FailedPrecondition(
-                    "this broker has no TPM configured ([tpm] in its config)".into(),
-                )
-            })?;
-            if !crate::root::tpm::NONCE_BYTES.contains(&nonce.len()) {
-                return Err(Error::invalid("nonce must be 8 to 64 bytes"));
+    /// A TPM quote for an auditor of this region, with the PCR selection
+    /// it covers.
+    pub fn attest(&self, cx: &CallCtx, nonce: &[u8]) -> Result<(Quote, String)> {
+        let op = Operation::Attest;
+        self.audited(cx, op, None, |note| {
+            self.gate(cx, op, None, note)?;
+            let tpm = self.attestor.as_ref().ok_or(Precondition::NoTpm)?;
+            if !NONCE_BYTES.contains(&nonce.len()) {
+                return Err(Invalid::NonceLength(nonce.len()).into());
             }
-            let _one = self.tpm_lock.lock().unwrap_or_else(|p| p.into_inner());
-            let (q, _) = crate::root::tpm::quote(tpm, nonce).map_err(|e| {
+            let q = tpm.quote(nonce).map_err(|e| {
                 tracing::warn!(error = %e, "TPM quote failed");
-                Error::Unavailable(format!("the TPM could not quote: {}", e.message))
+                Error::from(Unavailable::Tpm)
             })?;
-            Ok((q, tpm.policy.spec()))
+            Ok((q, tpm.pcr_selection()))
         })
     }
 }

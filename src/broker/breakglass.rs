@@ -4,10 +4,10 @@
 //! hand plaintext to an operator.
 
 use super::{store_err, Broker, CallCtx, Note};
-use crate::error::{Error, Result};
+use crate::error::{NotFound, Precondition, Result};
 use crate::keys::KeyId;
-use crate::policy::breakglass::{BreakGlass, State};
-use crate::policy::{self, CryptoOp, Principal};
+use crate::policy::breakglass::{BreakGlass, BreakGlassInvalid, State};
+use crate::policy::{CryptoOp, Operation, Principal, Refusal};
 use crate::region::Role;
 
 /// A break-glass request as asked.
@@ -40,7 +40,7 @@ impl Broker {
             .iter()
             .find(|g| g.id == id)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("break-glass grant {id} not found")))
+            .ok_or_else(|| NotFound::BreakGlass(id.to_owned()).into())
     }
 
     fn save_break_glass(&self, g: BreakGlass) -> Result<BreakGlass> {
@@ -73,38 +73,40 @@ impl Broker {
     /// quorum of other operators approves it.
     pub fn request_break_glass(&self, cx: &CallCtx, ask: BreakGlassAsk) -> Result<BreakGlass> {
         let caller = &cx.caller;
+        let op = Operation::RequestBreakGlass;
         self.audit_first(
             Some(cx),
-            "request-break-glass",
+            op,
             |note: &mut Note| {
                 note.key(&ask.key_id, 0);
-                self.admit(caller)?;
-                policy::require_key_manager(caller, &self.settings.region, "request break-glass grants")?;
+                self.gate(cx, op, None, note)?;
                 let p = &ask.principal;
                 if p.region() != &self.settings.region {
-                    return Err(Error::invalid(format!(
-                        "break-glass never crosses the region rule: {} is not in region {}",
-                        p.as_str(),
-                        self.settings.region
-                    )));
+                    return Err(BreakGlassInvalid::OtherRegion {
+                        principal: p.as_str().to_owned(),
+                        region: self.settings.region.clone(),
+                    }
+                    .into());
                 }
                 if p.role() != Role::Service || p.is_wildcard() {
-                    return Err(Error::invalid(
-                        "break-glass grants name exactly one service identity (never an operator, auditor or wildcard)",
-                    ));
+                    return Err(BreakGlassInvalid::NotOneService.into());
                 }
                 if ask.operations.is_empty() {
-                    return Err(Error::invalid("break-glass grant names no operation"));
+                    return Err(BreakGlassInvalid::NoOperation.into());
                 }
                 let max = self.settings.break_glass_max_minutes;
                 if !(1..=max).contains(&ask.duration_minutes) {
-                    return Err(Error::invalid(format!(
-                        "duration {} minutes; break-glass grants last 1 to {max} minutes here",
-                        ask.duration_minutes
-                    )));
+                    return Err(BreakGlassInvalid::Duration {
+                        minutes: ask.duration_minutes,
+                        max,
+                    }
+                    .into());
                 }
-                if ask.reason.trim().is_empty() || ask.reason.len() > 1024 {
-                    return Err(Error::invalid("a break-glass request needs a reason (at most 1024 bytes)"));
+                if ask.reason.trim().is_empty()
+                    || ask.reason.len() > 1024
+                    || ask.reason.chars().any(char::is_control)
+                {
+                    return Err(BreakGlassInvalid::Reason.into());
                 }
                 self.load(&ask.key_id)?;
                 let mut b = [0u8; 8];
@@ -125,7 +127,8 @@ impl Broker {
                     approved_by: Vec::new(),
                     quorum: self.settings.break_glass_quorum,
                     activated_at: None,
-                    approval_deadline: now + i64::from(self.settings.break_glass_approval_minutes) * 60,
+                    approval_deadline: now
+                        + i64::from(self.settings.break_glass_approval_minutes) * 60,
                     revoked_by: None,
                 })
             },
@@ -137,29 +140,33 @@ impl Broker {
     pub fn approve_break_glass(&self, cx: &CallCtx, id: &str) -> Result<BreakGlass> {
         let caller = &cx.caller;
         let _g = self.lock_lifecycle();
+        let op = Operation::ApproveBreakGlass;
         self.audit_first(
             Some(cx),
-            "approve-break-glass",
+            op,
             |note: &mut Note| {
-                self.admit(caller)?;
-                policy::require_key_manager(caller, &self.settings.region, "approve break-glass grants")?;
+                self.gate(cx, op, None, note)?;
                 let mut g = self.find_break_glass(id)?;
                 note.key(&g.key_id, 0);
                 let now = self.clock.now_unix();
                 let state = g.state(now);
                 if state != State::Pending {
-                    return Err(Error::precondition(format!("break-glass grant {id} is {}", state.as_str())));
+                    return Err(Precondition::BreakGlassState {
+                        id: id.to_owned(),
+                        state: state.as_str(),
+                    }
+                    .into());
                 }
                 let me = caller.spiffe_id();
                 if me == g.requested_by {
-                    return Err(Error::PermissionDenied(crate::region::Refusal::Role {
-                        role: "operator",
-                        op: "approve",
-                        why: "the requester of a break-glass grant cannot approve it",
-                    }));
+                    return Err(Refusal::SelfApproval { grant: id.to_owned() }.into());
                 }
                 if g.approved_by.contains(&me) {
-                    return Err(Error::precondition(format!("{me} already approved {id}")));
+                    return Err(Precondition::AlreadyApproved {
+                        principal: me,
+                        id: id.to_owned(),
+                    }
+                    .into());
                 }
                 g.approved_by.push(me);
                 if g.approved_by.len() as u32 >= g.quorum {
@@ -180,24 +187,21 @@ impl Broker {
     pub fn revoke_break_glass(&self, cx: &CallCtx, id: &str) -> Result<BreakGlass> {
         let caller = &cx.caller;
         let _g = self.lock_lifecycle();
+        let op = Operation::RevokeBreakGlass;
         self.audit_first(
             Some(cx),
-            "revoke-break-glass",
+            op,
             |note: &mut Note| {
-                self.admit(caller)?;
-                policy::require_key_manager(
-                    caller,
-                    &self.settings.region,
-                    "revoke break-glass grants",
-                )?;
+                self.gate(cx, op, None, note)?;
                 let mut g = self.find_break_glass(id)?;
                 note.key(&g.key_id, 0);
                 let state = g.state(self.clock.now_unix());
                 if !matches!(state, State::Pending | State::Active) {
-                    return Err(Error::precondition(format!(
-                        "break-glass grant {id} is {}",
-                        state.as_str()
-                    )));
+                    return Err(Precondition::BreakGlassState {
+                        id: id.to_owned(),
+                        state: state.as_str(),
+                    }
+                    .into());
                 }
                 g.revoked_by = Some(caller.spiffe_id());
                 Ok(g)
@@ -208,9 +212,9 @@ impl Broker {
 
     /// All grants with their current state (operators and auditors of the region).
     pub fn list_break_glass(&self, cx: &CallCtx) -> Result<Vec<(BreakGlass, State)>> {
-        self.audited(cx, "list-break-glass", None, false, |_| {
-            self.admit(&cx.caller)?;
-            policy::require_reader(&cx.caller, &self.settings.region, "list break-glass grants")?;
+        let op = Operation::ListBreakGlass;
+        self.audited(cx, op, None, |note| {
+            self.gate(cx, op, None, note)?;
             let now = self.clock.now_unix();
             Ok(self
                 .break_glass

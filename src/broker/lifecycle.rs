@@ -1,11 +1,12 @@
 //! Key lifecycle (KMIP vocabulary): operators of the broker's region only.
 //! Every change is durable before it returns and invalidates the KEK cache.
 
-use super::{store_err, Broker, CallCtx, Note};
-use crate::error::{Error, Result};
+use super::gate::On;
+use super::{store_err, Broker, CallCtx};
+use crate::error::{Error, Invalid, Limit, Precondition, Result};
 use crate::keys::provenance::Provenance;
 use crate::keys::{KeyId, KeyRecord, KeyState, RevocationReason, VersionRecord};
-use crate::policy::{self, CryptoOp, Grant, Principal};
+use crate::policy::{CryptoOp, Grant, Operation, Principal};
 
 /// A grant as requested, before the broker checks it can take effect.
 #[derive(Clone, Debug)]
@@ -44,19 +45,15 @@ pub struct LocateFilter {
 
 const MAX_GRANTS: usize = 256;
 
-fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<()> {
+fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Result<()> {
     if required && s.is_empty() {
-        return Err(Error::invalid(format!("{field} must not be empty")));
+        return Err(Invalid::Empty { field }.into());
     }
     if s.chars().count() > max {
-        return Err(Error::invalid(format!(
-            "{field} is longer than {max} characters"
-        )));
+        return Err(Invalid::TooLong { field, max }.into());
     }
     if s.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
-            "{field} must not contain control characters"
-        )));
+        return Err(Invalid::ControlCharacters { field }.into());
     }
     Ok(())
 }
@@ -64,15 +61,16 @@ fn check_text(field: &str, s: &str, max: usize, required: bool) -> Result<()> {
 impl Broker {
     fn build_grants(&self, reqs: Vec<GrantRequest>) -> Result<Vec<Grant>> {
         if reqs.len() > MAX_GRANTS {
-            return Err(Error::ResourceExhausted(format!(
-                "{} grants; a key holds at most {MAX_GRANTS}",
-                reqs.len()
-            )));
+            return Err(Limit::Grants {
+                len: reqs.len(),
+                max: MAX_GRANTS,
+            }
+            .into());
         }
         reqs.into_iter()
             .map(|g| {
                 Grant::new(g.principal, g.operations, &self.settings.region)
-                    .map_err(Error::InvalidArgument)
+                    .map_err(|e| Invalid::Grant(e).into())
             })
             .collect()
     }
@@ -123,49 +121,15 @@ impl Broker {
         Ok(())
     }
 
-    /// A lifecycle change, audited before it takes effect: `prepare` checks
-    /// and builds the change; its record is made durable; then `commit`
-    /// applies it (with the record's sequence number). A commit that fails
-    /// after the record gets a second record saying so.
-    pub(super) fn audit_first<P, T>(
-        &self,
-        cx: Option<&CallCtx>,
-        operation: &'static str,
-        prepare: impl FnOnce(&mut Note) -> Result<P>,
-        commit: impl FnOnce(P, u64) -> Result<T>,
-    ) -> Result<T> {
-        let mut note = Note::default();
-        let p = match prepare(&mut note) {
-            Ok(p) => p,
-            Err(e) => {
-                self.audit
-                    .append(self.event(cx, operation, None, &note, Some(&e)));
-                return Err(e);
-            }
-        };
-        let seq = self
-            .audit
-            .append_durable(self.event(cx, operation, None, &note, None))
-            .map_err(super::audit_err)?;
-        commit(p, seq).inspect_err(|e| {
-            let mut ev = self.event(cx, operation, None, &note, Some(e));
-            ev.reason = format!(
-                "the change recorded at audit sequence {seq} was not committed: {}",
-                ev.reason
-            );
-            self.audit.append(ev);
-        })
-    }
-
     /// Creates a key in this broker's region.
     pub fn create_key(&self, cx: &CallCtx, req: CreateKey) -> Result<KeyRecord> {
         let caller = &cx.caller;
+        let op = Operation::CreateKey;
         self.audit_first(
             Some(cx),
-            "create-key",
+            op,
             |note| {
-                self.admit(caller)?;
-                policy::require_key_manager(caller, &self.settings.region, "create keys")?;
+                self.gate(cx, op, None, note)?;
                 check_text("name", &req.name, 128, true)?;
                 check_text("tenant", &req.tenant, 128, false)?;
                 check_text("description", &req.description, 1024, false)?;
@@ -208,24 +172,20 @@ impl Broker {
     fn change(
         &self,
         cx: &CallCtx,
-        operation: &'static str,
-        what: &'static str,
+        op: Operation,
         id: &KeyId,
         f: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyRecord> {
         let caller = &cx.caller;
         self.audit_first(
             Some(cx),
-            operation,
+            op,
             |note| {
                 note.key(id, 0);
-                self.admit(caller)?;
-                policy::require_key_manager(caller, &self.settings.region, what)?;
+                self.gate(cx, op, None, note)?;
                 let g = self.lock();
                 let mut rec = self.load(id)?;
-                if rec.state == KeyState::Destroyed {
-                    return Err(Error::precondition(format!("key {id} is destroyed")));
-                }
+                self.gate(cx, op, Some(On::Key(&rec)), note)?;
                 f(&mut rec)?;
                 note.key(id, rec.primary_version);
                 rec.updated_at = self.clock.now_unix();
@@ -234,9 +194,9 @@ impl Broker {
             |(g, mut rec), seq| {
                 self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
                 self.store.update(&rec).map_err(store_err)?;
-                self.forget(id);
+                self.keyring.forget(id);
                 drop(g);
-                tracing::info!(key = %id, caller = %caller, action = what, "key changed");
+                tracing::info!(key = %id, caller = %caller, operation = op.name(), "key changed");
                 Ok(rec)
             },
         )
@@ -244,13 +204,13 @@ impl Broker {
 
     /// Pre-active → active.
     pub fn activate(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.change(cx, "activate-key", "activate keys", id, |rec| {
+        self.change(cx, Operation::ActivateKey, id, |rec| {
             if rec.state != KeyState::PreActive {
-                return Err(Error::precondition(format!(
-                    "key {} is {}; only a pre-active key can be activated",
-                    rec.id,
-                    rec.state.as_str()
-                )));
+                return Err(Precondition::NotPreActive {
+                    key: rec.id.clone(),
+                    state: rec.state,
+                }
+                .into());
             }
             rec.state = KeyState::Active;
             Ok(())
@@ -265,7 +225,7 @@ impl Broker {
         reason: RevocationReason,
         message: String,
     ) -> Result<KeyRecord> {
-        self.change(cx, "revoke-key", "revoke keys", id, |rec| {
+        self.change(cx, Operation::RevokeKey, id, |rec| {
             check_text("revocation message", &message, 1024, false)?;
             rec.state = match (reason, rec.state) {
                 (_, KeyState::Compromised) | (RevocationReason::KeyCompromise, _) => {
@@ -288,17 +248,16 @@ impl Broker {
     ) -> Result<KeyRecord> {
         let days = days.unwrap_or(self.settings.default_destroy_days);
         let at = self.clock.now_unix() + i64::from(days) * 86_400;
-        self.change(cx, "schedule-key-destruction", "destroy keys", id, |rec| {
+        self.change(cx, Operation::ScheduleKeyDestruction, id, |rec| {
             if !(1..=3650).contains(&days) {
-                return Err(Error::invalid(format!(
-                    "pending window of {days} days; it must be between 1 and 3650"
-                )));
+                return Err(Invalid::DestroyWindow(days).into());
             }
-            if let Some(t) = rec.destroy_after {
-                return Err(Error::precondition(format!(
-                    "key {} is already scheduled for destruction at unix time {t}",
-                    rec.id
-                )));
+            if let Some(at) = rec.destroy_after {
+                return Err(Precondition::AlreadyScheduled {
+                    key: rec.id.clone(),
+                    at,
+                }
+                .into());
             }
             rec.destroy_after = Some(at);
             Ok(())
@@ -307,40 +266,29 @@ impl Broker {
 
     /// Cancels a scheduled destruction.
     pub fn cancel_destroy(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.change(
-            cx,
-            "cancel-key-destruction",
-            "cancel key destruction",
-            id,
-            |rec| {
-                if rec.destroy_after.take().is_none() {
-                    return Err(Error::precondition(format!(
-                        "key {} is not scheduled for destruction",
-                        rec.id
-                    )));
-                }
-                Ok(())
-            },
-        )
+        self.change(cx, Operation::CancelKeyDestruction, id, |rec| {
+            if rec.destroy_after.take().is_none() {
+                return Err(Precondition::NotScheduled(rec.id.clone()).into());
+            }
+            Ok(())
+        })
     }
 
     /// Adds a version and makes it primary.
     pub fn rekey(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.change(cx, "rekey", "rekey keys", id, |rec| {
-            if rec.state != KeyState::Active || rec.destroy_after.is_some() {
-                return Err(Error::precondition(format!(
-                    "key {} is {}{}; only an active key can be rekeyed",
-                    rec.id,
-                    rec.state.as_str(),
-                    if rec.destroy_after.is_some() {
-                        " and scheduled for destruction"
-                    } else {
-                        ""
-                    }
-                )));
+        self.change(cx, Operation::Rekey, id, |rec| {
+            if rec.state != KeyState::Active {
+                return Err(Precondition::NotRekeyable {
+                    key: rec.id.clone(),
+                    state: rec.state,
+                }
+                .into());
+            }
+            if rec.destroy_after.is_some() {
+                return Err(Precondition::RekeyScheduled(rec.id.clone()).into());
             }
             let next = u32::try_from(rec.versions.len() + 1)
-                .map_err(|_| Error::ResourceExhausted("too many versions".into()))?;
+                .map_err(|_| Error::from(Limit::Versions(rec.id.clone())))?;
             rec.versions.push(self.new_version(next)?);
             rec.primary_version = next;
             Ok(())
@@ -354,7 +302,7 @@ impl Broker {
         id: &KeyId,
         grants: Vec<GrantRequest>,
     ) -> Result<KeyRecord> {
-        self.change(cx, "set-grants", "change key grants", id, |rec| {
+        self.change(cx, Operation::SetGrants, id, |rec| {
             rec.grants = self.build_grants(grants)?;
             Ok(())
         })
@@ -362,10 +310,10 @@ impl Broker {
 
     /// Attributes of one key (operators and auditors of the region).
     pub fn get_attributes(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.audited(cx, "get-attributes", None, false, |note| {
+        let op = Operation::GetAttributes;
+        self.audited(cx, op, None, |note| {
             note.key(id, 0);
-            self.admit(&cx.caller)?;
-            policy::require_reader(&cx.caller, &self.settings.region, "read key attributes")?;
+            self.gate(cx, op, None, note)?;
             self.load(id)
         })
     }
@@ -378,16 +326,12 @@ impl Broker {
         page_size: usize,
         page_token: Option<&KeyId>,
     ) -> Result<(Vec<KeyRecord>, Option<KeyId>)> {
-        self.audited(cx, "locate", None, false, |_| {
-            self.admit(&cx.caller)?;
-            policy::require_reader(&cx.caller, &self.settings.region, "locate keys")?;
+        let op = Operation::Locate;
+        self.audited(cx, op, None, |note| {
+            self.gate(cx, op, None, note)?;
             let page_size = match page_size {
                 0 => 100,
-                n if n > 1000 => {
-                    return Err(Error::invalid(format!(
-                        "page size {n}; the maximum is 1000"
-                    )));
-                }
+                n if n > 1000 => return Err(Invalid::PageSize(n).into()),
                 n => n,
             };
             let now = self.clock.now_unix();
@@ -428,7 +372,7 @@ impl Broker {
         }
         self.audit_first(
             None,
-            "destroy-key",
+            Operation::DestroyKey,
             |note| {
                 note.key(id, rec.primary_version);
                 Ok(rec)
@@ -440,7 +384,7 @@ impl Broker {
                 }
                 rec.updated_at = self.clock.now_unix();
                 self.store.update(&rec).map_err(store_err)?;
-                self.forget(id);
+                self.keyring.forget(id);
                 drop(g);
                 tracing::warn!(key = %id, "key destroyed: its material is erased");
                 Ok(rec)

@@ -291,7 +291,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             let point = root
                 .signing_public_key()
                 .map_err(|e| CliError::new(e.message, ""))?;
-            print!("{}", crate::root::pkcs11::admin::p256_spki_pem(&point));
+            print!("{}", crate::root::p256_spki_pem(&point));
             Ok(())
         }
     }

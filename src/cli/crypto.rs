@@ -101,7 +101,7 @@ fn read_input(p: &Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, CliError> {
 fn write_output(p: &Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
     match p {
         Some(path) if path.as_os_str() != "-" => {
-            crate::store::write_file_durably(path, bytes, 0o600)
+            crate::files::write_file_durably(path, bytes, 0o600)
                 .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display()), ""))
         }
         _ => {

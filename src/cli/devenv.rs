@@ -43,8 +43,8 @@ pub(super) fn softhsm_token(
     std::fs::write(&conf, crate::root::pkcs11::admin::softhsm_dev_conf(&tokens)).map_err(err)?;
     let pin = hsm.join("user.pin");
     let so = hsm.join("so.pin");
-    crate::store::write_file_durably(&pin, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
-    crate::store::write_file_durably(&so, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
+    crate::files::write_file_durably(&pin, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
+    crate::files::write_file_durably(&so, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
     let label = format!("sovkms-{region}");
     let o = std::process::Command::new(exe)
         .args(["hsm", "init-token", "--profile"])

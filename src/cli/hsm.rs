@@ -1,9 +1,10 @@
 //! `sovkms hsm`: PKCS#11 operator commands.
 
 use super::{print_json, CliError, ConfigArg};
+use crate::broker::rewrap::{self, DangerCrashAfter};
 use crate::config::{RootSettings, Settings};
-use crate::keys::rewrap::{self, DangerCrashAfter};
-use crate::root::pkcs11::{admin, profile::HsmProfile, PinSource, Pkcs11Root, Pkcs11Settings};
+use crate::root::pkcs11::{admin, profile::HsmProfile, Pkcs11Root, Pkcs11Settings};
+use crate::root::PinSource;
 use crate::root::RootOfTrust;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

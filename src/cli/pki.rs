@@ -68,7 +68,7 @@ pub enum PkiCmd {
 }
 
 fn region(s: &str) -> Result<Region, CliError> {
-    Region::parse(s).map_err(|e| CliError::new(e, "regions look like eu-central"))
+    Region::parse(s).map_err(|e| CliError::new(e.to_string(), "regions look like eu-central"))
 }
 
 fn pki_err(e: pki::PkiError) -> CliError {

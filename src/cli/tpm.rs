@@ -2,8 +2,8 @@
 
 use super::{print_json, CliError, ConfigArg};
 use crate::config::Settings;
-use crate::root::pkcs11::PinSource;
 use crate::root::tpm::{self, Purpose, SealReport, Tpm, TpmSettings};
+use crate::root::PinSource;
 use crate::root::RootError;
 use std::path::PathBuf;
 

@@ -9,28 +9,37 @@ pub const MAX_ENTRIES: usize = 64;
 /// Most bytes in all keys and values together.
 pub const MAX_TOTAL_BYTES: usize = 8 * 1024;
 
+/// An encryption context over its limits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// Too many pairs.
+    #[error("encryption context has {0} entries; the limit is {MAX_ENTRIES}")]
+    Entries(usize),
+    /// A pair with an empty key.
+    #[error("encryption context keys must not be empty")]
+    EmptyKey,
+    /// Too many bytes.
+    #[error("encryption context is {0} bytes; the limit is {MAX_TOTAL_BYTES}")]
+    Bytes(usize),
+}
+
 /// A validated encryption context, kept sorted so its encoding is canonical.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EncryptionContext(BTreeMap<String, String>);
 
 impl EncryptionContext {
     /// Validates a context: at most 64 pairs, 8 KiB in all, no empty key.
-    pub fn new<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Result<Self, String> {
+    pub fn new<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Result<Self, ContextError> {
         let map: BTreeMap<String, String> = pairs.into_iter().collect();
         if map.len() > MAX_ENTRIES {
-            return Err(format!(
-                "encryption context has {} entries; the limit is {MAX_ENTRIES}",
-                map.len()
-            ));
+            return Err(ContextError::Entries(map.len()));
         }
         if map.keys().any(String::is_empty) {
-            return Err("encryption context keys must not be empty".into());
+            return Err(ContextError::EmptyKey);
         }
         let total: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
         if total > MAX_TOTAL_BYTES {
-            return Err(format!(
-                "encryption context is {total} bytes; the limit is {MAX_TOTAL_BYTES}"
-            ));
+            return Err(ContextError::Bytes(total));
         }
         Ok(Self(map))
     }

@@ -34,10 +34,10 @@
 mod context;
 mod entropy;
 
-pub use context::EncryptionContext;
+pub use context::{ContextError, EncryptionContext};
 pub use entropy::{BatchedRandom, Entropy};
 
-use crate::keys::KeyId;
+use crate::id::KeyId;
 use crate::region::Region;
 use crate::secret::{KeyMaterial, Plaintext};
 use aws_lc_rs::{aead, hkdf, hmac};
@@ -90,7 +90,7 @@ pub enum FormatError {
         why: String,
     },
     /// Bytes after the declared ciphertext.
-    #[error("ciphertext has {0} trailing bytes after the declared length")]
+    #[error("ciphertext has {n} {unit} after its declared length", n = .0, unit = if *.0 == 1 { "trailing byte" } else { "trailing bytes" })]
     TrailingBytes(usize),
 }
 
@@ -225,12 +225,12 @@ impl<'a> Envelope<'a> {
         let region_bytes = r.take(rlen, "region")?;
         let region = std::str::from_utf8(region_bytes)
             .map_err(|_| bad("region", "not ASCII".into()))
-            .and_then(|s| Region::parse(s).map_err(|e| bad("region", e)))?;
+            .and_then(|s| Region::parse(s).map_err(|e| bad("region", e.to_string())))?;
         let klen = r.byte("key id length")? as usize;
         let kid_bytes = r.take(klen, "key id")?;
         let key_id = std::str::from_utf8(kid_bytes)
             .map_err(|_| bad("key id", "not ASCII".into()))
-            .and_then(|s| KeyId::parse(s).map_err(|e| bad("key id", e)))?;
+            .and_then(|s| KeyId::parse(s).map_err(|e| bad("key id", e.to_string())))?;
         let key_version = u32::from_be_bytes(r.array::<4>("key version")?);
         if key_version == 0 {
             return Err(bad("key version", "must be at least 1".into()));

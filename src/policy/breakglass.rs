@@ -1,7 +1,7 @@
 //! Break-glass grants: time-boxed, scoped, quorum-approved, in-region only.
 
 use super::{CryptoOp, Principal};
-use crate::keys::KeyId;
+use crate::id::KeyId;
 use crate::region::Caller;
 use serde::{Deserialize, Serialize};
 
@@ -88,4 +88,37 @@ impl BreakGlass {
             && self.operations.contains(&op)
             && self.principal.matches(caller)
     }
+}
+
+/// A break-glass request that the rules never allow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BreakGlassInvalid {
+    /// The principal is of another region.
+    #[error("break-glass never crosses the region rule: {principal} is not in region {region}")]
+    OtherRegion {
+        /// Who.
+        principal: String,
+        /// This broker's region.
+        region: crate::region::Region,
+    },
+    /// Not exactly one service identity.
+    #[error("break-glass grants name exactly one service identity (never an operator, auditor or wildcard)")]
+    NotOneService,
+    /// Empty operation list.
+    #[error("break-glass grant names no operation")]
+    NoOperation,
+    /// Outside 1..=max minutes.
+    #[error("a duration of {minutes} minutes is not allowed; break-glass grants last 1 to {max} minutes here")]
+    Duration {
+        /// Asked.
+        minutes: u32,
+        /// The configured maximum.
+        max: u32,
+    },
+    /// Empty, too long, or with control characters.
+    #[error(
+        "a break-glass request needs a reason of at most 1024 bytes without control characters"
+    )]
+    Reason,
 }

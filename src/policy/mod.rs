@@ -1,14 +1,18 @@
-//! Roles, grants and the order in which they are checked.
+//! Roles, grants, the table of operations and the refusals it produces.
 //!
 //! Separation of duties is fixed: services do cryptography per grants,
-//! operators manage keys, auditors read. The region rule lives in
-//! [`crate::region::check_residency`] and is applied by the broker before
-//! any grant is consulted.
+//! operators manage keys, auditors read. [`table`] says, per operation, who
+//! may call it and where; the broker's one gate reads it. The region rule
+//! itself is [`crate::region::check_residency`].
 
 pub mod breakglass;
+mod refusal;
+pub mod table;
 
-use crate::keys::KeyId;
-use crate::region::{Caller, Refusal, Region, Role};
+pub use refusal::Refusal;
+pub use table::{Operation, Reach, Rule};
+
+use crate::region::{Caller, Region, Role, SpiffeError};
 use std::fmt;
 
 /// A cryptographic operation a grant can allow.
@@ -38,17 +42,6 @@ impl CryptoOp {
         Self::GenerateDataKeyWithoutPlaintext,
         Self::ReEncrypt,
     ];
-
-    /// The verb used in refusals.
-    pub fn verb(self) -> &'static str {
-        match self {
-            Self::Encrypt => "encrypt",
-            Self::Decrypt => "decrypt",
-            Self::GenerateDataKey => "generate data keys of",
-            Self::GenerateDataKeyWithoutPlaintext => "generate wrapped data keys of",
-            Self::ReEncrypt => "re-encrypt",
-        }
-    }
 
     /// Operations that hand plaintext or key material to the caller, or
     /// process it inside the broker on the caller's behalf: in-region only.
@@ -97,16 +90,16 @@ pub struct Principal {
 
 impl Principal {
     /// Parses a principal.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PrincipalError> {
         let (probe, wildcard) = match s.strip_suffix("/*") {
             Some(prefix) => (format!("{prefix}/x"), true),
             None => (s.to_owned(), false),
         };
         let c = Caller::parse_spiffe(&probe).map_err(|e| {
             if wildcard {
-                format!("invalid grant principal {s:?}: the part before /* must be spiffe://<trust-domain>/region/<region>/<role>")
+                PrincipalError::Wildcard(s.chars().take(300).collect())
             } else {
-                format!("invalid grant principal: {e}")
+                PrincipalError::Spiffe(e)
             }
         })?;
         Ok(Self {
@@ -147,9 +140,20 @@ impl Principal {
     }
 }
 
+/// A string that is not a grant principal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrincipalError {
+    /// A wildcard whose prefix is not `spiffe://td/region/<r>/<role>`.
+    #[error("invalid grant principal {0:?}: the part before /* must be spiffe://<trust-domain>/region/<region>/<role>")]
+    Wildcard(String),
+    /// Not a sovkms SPIFFE id.
+    #[error("invalid grant principal: {0}")]
+    Spiffe(SpiffeError),
+}
+
 impl TryFrom<String> for Principal {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = PrincipalError;
+    fn try_from(s: String) -> Result<Self, PrincipalError> {
         Self::parse(&s)
     }
 }
@@ -169,6 +173,34 @@ pub struct Grant {
     pub operations: Vec<CryptoOp>,
 }
 
+/// A grant that could never take effect.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// Empty operation list.
+    #[error("grant to {principal} names no operation")]
+    NoOperation {
+        /// Who.
+        principal: String,
+    },
+    /// Operators and auditors are never granted cryptography.
+    #[error("grant to {principal} can never take effect: only service identities may be granted cryptographic operations")]
+    NotService {
+        /// Who.
+        principal: String,
+    },
+    /// A residency-bound operation for another region's principal.
+    #[error("grant of {op} to {principal} can never take effect: {op} is only ever allowed to callers of region {broker}")]
+    OtherRegion {
+        /// The operation.
+        op: CryptoOp,
+        /// Who.
+        principal: String,
+        /// This broker's region.
+        broker: Region,
+    },
+}
+
 impl Grant {
     /// Builds a grant, refusing ones that could never take effect so an
     /// operator does not believe in a permission the code will not give.
@@ -176,29 +208,23 @@ impl Grant {
         principal: Principal,
         mut operations: Vec<CryptoOp>,
         broker_region: &Region,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, GrantError> {
         operations.sort();
         operations.dedup();
+        let who = || principal.as_str().to_owned();
         if operations.is_empty() {
-            return Err(format!(
-                "grant to {} names no operation",
-                principal.as_str()
-            ));
+            return Err(GrantError::NoOperation { principal: who() });
         }
         if principal.role != Role::Service {
-            return Err(format!(
-                "grant to {}: only service identities may be granted cryptographic operations",
-                principal.as_str()
-            ));
+            return Err(GrantError::NotService { principal: who() });
         }
         if principal.region != *broker_region {
             if let Some(op) = operations.iter().find(|o| o.is_residency_bound()) {
-                return Err(format!(
-                    "grant of {op} to {} can never take effect: callers of region {} may not {} data of region {broker_region}",
-                    principal.as_str(),
-                    principal.region,
-                    op.verb()
-                ));
+                return Err(GrantError::OtherRegion {
+                    op: *op,
+                    principal: who(),
+                    broker: broker_region.clone(),
+                });
             }
         }
         Ok(Self {
@@ -206,98 +232,10 @@ impl Grant {
             operations,
         })
     }
-}
 
-/// Crypto calls are for services only.
-pub fn require_service(caller: &Caller, op: CryptoOp) -> Result<(), Refusal> {
-    match caller.role {
-        Role::Service => Ok(()),
-        Role::Operator => Err(Refusal::Role {
-            role: "operator",
-            op: op.verb(),
-            why: "operators manage keys and never get plaintext or call cryptography",
-        }),
-        Role::Auditor => Err(Refusal::Role {
-            role: "auditor",
-            op: op.verb(),
-            why: "auditors read attributes and logs and call no cryptography",
-        }),
-    }
-}
-
-/// Lifecycle changes are for operators of the broker's region.
-pub fn require_key_manager(
-    caller: &Caller,
-    broker: &Region,
-    what: &'static str,
-) -> Result<(), Refusal> {
-    if caller.role != Role::Operator {
-        return Err(Refusal::Role {
-            role: caller.role.as_str(),
-            op: what,
-            why: "only operators manage keys",
-        });
-    }
-    region_must_match(caller, broker, what)
-}
-
-/// Reading key attributes is for operators and auditors of the region.
-pub fn require_reader(caller: &Caller, broker: &Region, what: &'static str) -> Result<(), Refusal> {
-    if caller.role == Role::Service {
-        return Err(Refusal::Role {
-            role: "service",
-            op: what,
-            why: "services use keys through grants and do not read or manage them",
-        });
-    }
-    region_must_match(caller, broker, what)
-}
-
-fn region_must_match(caller: &Caller, broker: &Region, what: &'static str) -> Result<(), Refusal> {
-    if caller.region != *broker {
-        return Err(Refusal::Region {
-            caller: caller.region.clone(),
-            op: what,
-            data: broker.clone(),
-        });
-    }
-    Ok(())
-}
-
-/// Raw audit records are for auditors of the broker's region only.
-pub fn require_auditor(
-    caller: &Caller,
-    broker: &Region,
-    what: &'static str,
-) -> Result<(), Refusal> {
-    if caller.role != Role::Auditor {
-        return Err(Refusal::Role {
-            role: caller.role.as_str(),
-            op: what,
-            why: "only auditors of the region read raw audit records",
-        });
-    }
-    region_must_match(caller, broker, what)
-}
-
-/// Is `caller` granted `op` on this key?
-pub fn check_grant(
-    grants: &[Grant],
-    caller: &Caller,
-    op: CryptoOp,
-    key_id: &KeyId,
-) -> Result<(), Refusal> {
-    let granted = grants
-        .iter()
-        .any(|g| g.operations.contains(&op) && g.principal.matches(caller));
-    if granted {
-        Ok(())
-    } else {
-        Err(Refusal::NoGrant {
-            caller: caller.spiffe_id(),
-            op: op.verb(),
-            key_id: key_id.to_string(),
-        })
+    /// True when this grant names `caller` for `op`.
+    pub fn allows(&self, caller: &Caller, op: CryptoOp) -> bool {
+        self.operations.contains(&op) && self.principal.matches(caller)
     }
 }
 
@@ -329,23 +267,9 @@ mod tests {
     fn ineffective_grants_are_refused() {
         let us = Principal::parse("spiffe://td/region/us-east/service/x").unwrap();
         let e = Grant::new(us.clone(), vec![CryptoOp::Decrypt], &eu()).unwrap_err();
-        assert!(e.contains("can never take effect"), "{e}");
+        assert!(e.to_string().contains("can never take effect"), "{e}");
         assert!(Grant::new(us, vec![CryptoOp::Encrypt], &eu()).is_ok());
         let op = Principal::parse("spiffe://td/region/eu-central/operator/x").unwrap();
         assert!(Grant::new(op, vec![CryptoOp::Encrypt], &eu()).is_err());
-    }
-
-    #[test]
-    fn roles() {
-        let op = caller("spiffe://td/region/eu-central/operator/o");
-        assert!(require_service(&op, CryptoOp::Decrypt).is_err());
-        assert!(require_key_manager(&op, &eu(), "create keys").is_ok());
-        let us_op = caller("spiffe://td/region/us-east/operator/o");
-        assert!(require_key_manager(&us_op, &eu(), "create keys").is_err());
-        let aud = caller("spiffe://td/region/eu-central/auditor/a");
-        assert!(require_reader(&aud, &eu(), "read keys").is_ok());
-        assert!(require_key_manager(&aud, &eu(), "create keys").is_err());
-        let svc = caller("spiffe://td/region/eu-central/service/s");
-        assert!(require_reader(&svc, &eu(), "read keys").is_err());
     }
 }

@@ -4,9 +4,15 @@
 //! secret sealed to the host's TPM 2.0) and [`software::SoftwareRoot`]
 //! (development only).
 
+mod encoding;
+mod pin;
 pub mod pkcs11;
 pub mod software;
 pub mod tpm;
+
+pub use encoding::{p256_spki_der, p256_spki_pem};
+pub use pin::PinSource;
+pub use tpm::{Quote, NONCE_BYTES};
 
 use crate::secret::KeyMaterial;
 use std::fmt;
@@ -140,6 +146,17 @@ pub trait RootOfTrust: Send + Sync {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, RootError>;
     /// The signing public key (uncompressed SEC1 point), for auditors.
     fn signing_public_key(&self) -> Result<Vec<u8>, RootError>;
+}
+
+/// Proof of the host's platform state for the region's auditors (a TPM
+/// quote). Separate from [`RootOfTrust`]: a PKCS#11 root on a host with a
+/// TPM still attests, and a TPM root could be configured without it.
+pub trait Attestor: Send + Sync {
+    /// Quotes the configured PCRs with the auditor's nonce
+    /// ([`NONCE_BYTES`]). May block; serialises its own device access.
+    fn quote(&self, nonce: &[u8]) -> Result<Quote, RootError>;
+    /// The PCR selection quoted, as `bank:i,j,…`.
+    fn pcr_selection(&self) -> String;
 }
 
 #[doc(hidden)]

@@ -77,7 +77,7 @@ impl SoftwareRoot {
         out.extend_from_slice(FILE_MAGIC);
         out.extend_from_slice(&key[..]);
         out.extend_from_slice(pkcs8.as_ref());
-        crate::store::write_file_durably(path, &out, 0o600).map_err(|e| {
+        crate::files::write_file_durably(path, &out, 0o600).map_err(|e| {
             cfg(format!(
                 "cannot write software root {}: {e}",
                 path.display()

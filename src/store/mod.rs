@@ -11,8 +11,6 @@ pub use sled_store::SledStore;
 
 use crate::keys::{KeyId, KeyRecord};
 use crate::policy::breakglass::BreakGlass;
-use std::io::Write;
-use std::path::Path;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -48,24 +46,4 @@ pub trait Store: Send + Sync {
     fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError>;
     /// Every break-glass grant ever made.
     fn list_break_glass(&self) -> Result<Vec<BreakGlass>, StoreError>;
-}
-
-/// Writes a file atomically and durably: temp file, fsync, rename, fsync dir.
-pub fn write_file_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }

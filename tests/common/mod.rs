@@ -325,7 +325,7 @@ pub fn pkcs11_settings(t: &Token) -> sovkms::root::pkcs11::Pkcs11Settings {
         module: profile.module.clone(),
         profile,
         token_label: t.label.clone(),
-        pin: sovkms::root::pkcs11::PinSource::File(t.pin_file.clone()),
+        pin: sovkms::root::PinSource::File(t.pin_file.clone()),
         root_label: "sovkms-root".into(),
         signing_label: "sovkms-signing".into(),
     }

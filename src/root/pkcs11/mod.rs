@@ -20,6 +20,7 @@ mod module;
 pub mod profile;
 
 use super::{RootError, RootErrorKind, RootInfo, RootOfTrust, WrappedKey};
+use crate::root::pin::PinSource;
 use crate::secret::{KeyMaterial, Pin, KEY_LEN};
 use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::Mechanism;
@@ -40,43 +41,6 @@ use zeroize::{Zeroize, Zeroizing};
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the HSM user PIN comes from. Never the command line. Holds only
-/// the PIN's location (a path or a variable name), so its derived `Debug`
-/// cannot print the PIN; the PIN itself is read into a zeroizing `Pin`.
-#[derive(Clone, Debug)]
-pub enum PinSource {
-    /// A file (mode 0600), first line.
-    File(PathBuf),
-    /// An environment variable.
-    Env(String),
-    /// Sealed to this host's TPM (`sovkms tpm seal-pin`): only this host,
-    /// in the boot state it was sealed to, can log in to the HSM.
-    Tpm {
-        /// The sealed blob.
-        sealed: PathBuf,
-        /// How to reach the TPM.
-        tpm: Box<crate::root::tpm::TpmSettings>,
-    },
-}
-
-impl PinSource {
-    /// Reads (or unseals) the PIN.
-    pub fn read(&self) -> Result<Pin, RootError> {
-        let cfg = |m: String| RootError::new(RootErrorKind::Config, m);
-        match self {
-            Self::File(p) => std::fs::read_to_string(p)
-                .map(Pin::new)
-                .map_err(|e| cfg(format!("cannot read HSM PIN file {}: {e}", p.display()))),
-            Self::Env(v) => std::env::var(v)
-                .map(Pin::new)
-                .map_err(|_| cfg(format!("environment variable {v} (HSM PIN) is not set"))),
-            Self::Tpm { sealed, tpm } => crate::root::tpm::unseal_pin(tpm, sealed).map_err(|e| {
-                RootError::new(e.kind, format!("HSM PIN sealed to the TPM: {}", e.message))
-            }),
-        }
-    }
-}
 
 /// Settings of a PKCS#11 root. Paths, labels and the PIN's *source*
 /// only (see [`PinSource`]), so the derived `Debug` prints no secret.

@@ -203,7 +203,7 @@ impl SealedFile {
         }
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| RootError::new(RootErrorKind::Config, e.to_string()))?;
-        crate::store::write_file_durably(path, text.as_bytes(), 0o600).map_err(|e| {
+        crate::files::write_file_durably(path, text.as_bytes(), 0o600).map_err(|e| {
             RootError::new(
                 RootErrorKind::Config,
                 format!("cannot write {}: {e}", path.display()),
@@ -653,6 +653,35 @@ pub fn quote(settings: &TpmSettings, nonce: &[u8]) -> Result<(Quote, f64), RootE
     Ok((q, t.elapsed().as_secs_f64() * 1e3))
 }
 
+/// The host's TPM as an [`Attestor`](crate::root::Attestor): one quote at
+/// a time (a TPM without a resource manager takes one client).
+pub struct TpmAttestor {
+    settings: TpmSettings,
+    one: std::sync::Mutex<()>,
+}
+
+impl TpmAttestor {
+    /// Quotes through the TPM `settings` name.
+    pub fn new(settings: TpmSettings) -> Self {
+        Self {
+            settings,
+            one: std::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl crate::root::Attestor for TpmAttestor {
+    fn quote(&self, nonce: &[u8]) -> Result<Quote, RootError> {
+        // The guarded value is `()`: a poisoned lock protects no state.
+        let _one = self.one.lock().unwrap_or_else(|p| p.into_inner());
+        quote(&self.settings, nonce).map(|(q, _)| q)
+    }
+
+    fn pcr_selection(&self) -> String {
+        self.settings.policy.spec()
+    }
+}
+
 /// Writes a quote's files into `dir` (created) and returns the summary.
 pub fn write_attestation(
     dir: &Path,
@@ -662,10 +691,10 @@ pub fn write_attestation(
     quote_ms: f64,
 ) -> Result<AttestReport, String> {
     let point = &q.ak_sec1;
-    let pem = crate::root::pkcs11::admin::p256_spki_pem(point);
+    let pem = crate::root::p256_spki_pem(point);
     let fingerprint = hex::encode(digest::digest(
         &digest::SHA256,
-        &crate::root::pkcs11::admin::p256_spki_der(point),
+        &crate::root::p256_spki_der(point),
     ));
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let pcrs: Vec<u8> = q.pcr_values.concat();

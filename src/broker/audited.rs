@@ -1,0 +1,165 @@
+//! Audit-before-release: every request's outcome becomes a record; a
+//! result that carries plaintext is reachable only once its record is
+//! durable; a lifecycle change is recorded durably before it is applied.
+
+use super::{Broker, CallCtx, Note};
+use crate::audit::{AuditError, Event, Kind, Outcome, Ticket};
+use crate::envelope::EncryptionContext;
+use crate::error::{Error, Result, Unavailable};
+use crate::keys::Halt;
+use crate::policy::{Operation, Refusal};
+
+/// A result that may be released only once its audit record is durable.
+pub struct AfterAudit<T> {
+    value: T,
+    ticket: Option<Ticket>,
+}
+
+impl<T> AfterAudit<T> {
+    /// Waits (asynchronously) for the audit record, then releases the value.
+    /// If the record could not be written the value is dropped (zeroized).
+    pub async fn released(self) -> Result<T> {
+        if let Some(t) = self.ticket {
+            t.wait_async().await.map_err(audit_err)?;
+        }
+        Ok(self.value)
+    }
+
+    /// Blocking form of [`released`](Self::released), for non-async callers.
+    pub fn released_blocking(self) -> Result<T> {
+        if let Some(t) = self.ticket {
+            t.wait().map_err(audit_err)?;
+        }
+        Ok(self.value)
+    }
+}
+
+pub(super) fn audit_err(e: AuditError) -> Error {
+    tracing::error!(error = %e, "audit record not durable: refusing the request");
+    Unavailable::AuditWrite.into()
+}
+
+/// A blocking-mode result: `WouldBlock` cannot happen there.
+pub(super) fn settle<T>(r: std::result::Result<T, Halt<Error>>) -> Result<T> {
+    r.map_err(|h| match h {
+        Halt::Failed(e) => e,
+        Halt::WouldBlock => {
+            crate::error::Fault::Task("a blocking call waited where it may".into()).into()
+        }
+    })
+}
+
+impl Broker {
+    /// Runs a request that may block and audits its outcome (buffered when
+    /// the answer releases nothing, durable first when it does).
+    pub(super) fn audited<T>(
+        &self,
+        cx: &CallCtx,
+        op: Operation,
+        context: Option<&EncryptionContext>,
+        f: impl FnOnce(&mut Note) -> Result<T>,
+    ) -> Result<T> {
+        let r = self.audited_release(cx, op, context, |n| f(n).map_err(Halt::Failed));
+        settle(r)?.released_blocking()
+    }
+
+    /// Runs a request and audits its outcome; the result comes back sealed
+    /// until its record is durable when the operation releases plaintext
+    /// (the table's `releases_plaintext`). A request that would block is
+    /// handed back unaudited, to be run again where it may block.
+    pub(super) fn audited_release<T>(
+        &self,
+        cx: &CallCtx,
+        op: Operation,
+        context: Option<&EncryptionContext>,
+        f: impl FnOnce(&mut Note) -> std::result::Result<T, Halt<Error>>,
+    ) -> std::result::Result<AfterAudit<T>, Halt<Error>> {
+        let mut note = Note::default();
+        let value = match f(&mut note) {
+            Ok(v) => v,
+            Err(Halt::WouldBlock) => return Err(Halt::WouldBlock),
+            Err(Halt::Failed(e)) => {
+                self.audit
+                    .append(self.event(Some(cx), op, context, &note, Some(&e)));
+                return Err(Halt::Failed(e));
+            }
+        };
+        let ev = self.event(Some(cx), op, context, &note, None);
+        let ticket = if op.rule().releases_plaintext {
+            Some(self.audit.append_ticket(ev).map_err(audit_err)?)
+        } else {
+            self.audit.append(ev);
+            None
+        };
+        Ok(AfterAudit { value, ticket })
+    }
+
+    /// A change, audited before it takes effect: `prepare` checks and
+    /// builds it; its record is made durable; then `commit` applies it
+    /// (with the record's sequence number). A commit that fails after the
+    /// record gets a second record saying so.
+    pub(super) fn audit_first<P, T>(
+        &self,
+        cx: Option<&CallCtx>,
+        op: Operation,
+        prepare: impl FnOnce(&mut Note) -> Result<P>,
+        commit: impl FnOnce(P, u64) -> Result<T>,
+    ) -> Result<T> {
+        let mut note = Note::default();
+        let p = match prepare(&mut note) {
+            Ok(p) => p,
+            Err(e) => {
+                self.audit.append(self.event(cx, op, None, &note, Some(&e)));
+                return Err(e);
+            }
+        };
+        let seq = self
+            .audit
+            .append_durable(self.event(cx, op, None, &note, None))
+            .map_err(audit_err)?;
+        commit(p, seq).inspect_err(|e| {
+            let mut ev = self.event(cx, op, None, &note, Some(e));
+            ev.reason = format!(
+                "the change recorded at audit sequence {seq} was not committed: {}",
+                ev.reason
+            );
+            self.audit.append(ev);
+        })
+    }
+
+    fn event(
+        &self,
+        cx: Option<&CallCtx>,
+        op: Operation,
+        context: Option<&EncryptionContext>,
+        note: &Note,
+        err: Option<&Error>,
+    ) -> Event {
+        let (outcome, code, reason) = match err {
+            None => (Outcome::Allowed, "OK", note.via.clone()),
+            Some(e) => (e.outcome(), e.code_name(), e.to_string()),
+        };
+        Event {
+            kind: Kind::Request,
+            request_id: cx.map(|c| c.request_id.clone()).unwrap_or_default(),
+            caller: cx.map(|c| c.caller.clone()),
+            operation: op.name(),
+            key_id: note.key_id.clone(),
+            key_version: note.key_version,
+            context_sha256: context
+                .map(EncryptionContext::digest_hex)
+                .unwrap_or_default(),
+            outcome,
+            code,
+            reason,
+        }
+    }
+
+    /// Audits a request refused before it reached the core (no identity).
+    pub fn audit_unauthenticated(&self, request_id: &str, op: Operation, refusal: &Refusal) {
+        let e = Error::Refused(refusal.clone());
+        let mut ev = self.event(None, op, None, &Note::default(), Some(&e));
+        request_id.clone_into(&mut ev.request_id);
+        self.audit.append(ev);
+    }
+}

@@ -1,0 +1,95 @@
+//! The key id: the one identifier every layer passes around (envelope
+//! header, policy, store, audit), so it lives below all of them.
+
+use std::fmt;
+
+/// A key id: 1–64 of `[A-Za-z0-9_-]`. Generated ids look like `k-<32 hex>`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyId(String);
+
+/// A string that is not a key id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid key id {shown:?}: use 1-64 letters, digits, '-' or '_'")]
+pub struct KeyIdError {
+    /// The offending text, cut to 80 characters.
+    shown: String,
+}
+
+impl KeyId {
+    /// Parses and validates a key id.
+    pub fn parse(s: &str) -> Result<Self, KeyIdError> {
+        if (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(KeyIdError {
+                shown: truncate(s, 80).to_owned(),
+            })
+        }
+    }
+
+    /// A fresh random id.
+    pub fn generate(rng: &dyn ring::rand::SecureRandom) -> Result<Self, ring::error::Unspecified> {
+        let mut b = [0u8; 16];
+        rng.fill(&mut b)?;
+        Ok(Self(format!("k-{}", hex::encode(b))))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl TryFrom<String> for KeyId {
+    type Error = KeyIdError;
+    fn try_from(s: String) -> Result<Self, KeyIdError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(k: KeyId) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids() {
+        assert!(KeyId::parse("k-0123abcd").is_ok());
+        assert!(KeyId::parse("payments_2026").is_ok());
+        for bad in ["", "a b", "ü", "a/b", &"x".repeat(65)] {
+            assert!(KeyId::parse(bad).is_err(), "{bad}");
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let id = KeyId::generate(&rng).unwrap();
+        assert!(KeyId::parse(id.as_str()).is_ok());
+        assert_eq!(id.as_str().len(), 34);
+    }
+}
