@@ -30,6 +30,9 @@ pub enum StartError {
     /// Audit log.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
+    /// The core refused to start (its stored state cannot be loaded).
+    #[error("broker: {0}")]
+    Broker(#[from] crate::error::Error),
 }
 
 /// Opens the store of a broker's config (fails while the broker runs: sled
@@ -89,15 +92,12 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     let ticket = audit.append_ticket(Event::system(Kind::Start, "start", &start))?;
     std::thread::spawn(move || ticket.wait())
         .join()
-        .map_err(|_| AuditError::Io("the audit start record could not be awaited".into()))??;
+        .map_err(|_| AuditError::Stopped)??;
     let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
     if let Some(tpm) = &settings.tpm {
         broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
     }
-    broker.load_break_glass().map_err(|e| StartError::Store {
-        path: settings.data_dir.display().to_string(),
-        err: crate::store::StoreError::Unavailable(e.to_string()),
-    })?;
+    broker.load_break_glass()?;
     Ok(Arc::new(broker))
 }
 

@@ -84,7 +84,7 @@ fn now_ms() -> u64 {
 
 /// Reads the last complete record, cutting off a torn final line.
 fn recover_tail(f: &mut File, path: &Path) -> Result<(u64, String, u64), AuditError> {
-    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let io = |e: std::io::Error| AuditError::io(path.display(), e);
     let len = f.metadata().map_err(io)?.len();
     if len == 0 {
         return Ok((0, GENESIS.to_owned(), 0));
@@ -204,7 +204,7 @@ impl Writer {
     fn commit(&mut self, records: &[Record], sync: bool) -> Result<(), AuditError> {
         let mut buf = Vec::with_capacity(records.len() * 512);
         for r in records {
-            serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Io(e.to_string()))?;
+            serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Encode(Arc::new(e)))?;
             buf.push(b'\n');
         }
         if let Err(e) = self.file.write_all(&buf) {
@@ -244,7 +244,7 @@ impl Writer {
         (self.seq, self.hash) = self.synced.clone();
         self.unsynced_since = None;
         tracing::error!(error = %e, "audit log write failed; requests that need a durable record are refused");
-        Err(AuditError::Io(e.to_string()))
+        Err(AuditError::io("write", e))
     }
 
     /// Syncs buffered records that have waited long enough.
@@ -372,20 +372,17 @@ impl AuditLog {
     pub fn open(settings: LogSettings, root: Arc<dyn RootOfTrust>) -> Result<Self, AuditError> {
         let path = settings.path.clone();
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir.display(), e))?;
         }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
-            .map_err(|e| {
-                AuditError::Io(format!("cannot open audit log {}: {e}", path.display()))
-            })?;
+            .map_err(|e| AuditError::io(path.display(), e))?;
         let (seq, hash, durable_len) = recover_tail(&mut file, &path)?;
         file.seek(SeekFrom::End(0))
-            .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
+            .map_err(|e| AuditError::io(path.display(), e))?;
         let writer = Writer {
             file,
             settings,
@@ -407,7 +404,7 @@ impl AuditLog {
         let thread = std::thread::Builder::new()
             .name("sovkms-audit".into())
             .spawn(move || writer.run(for_writer))
-            .map_err(|e| AuditError::Io(format!("cannot start the audit writer: {e}")))?;
+            .map_err(|e| AuditError::io("writer thread", e))?;
         Ok(Self {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -417,7 +414,7 @@ impl AuditLog {
     fn push(&self, event: Event, waiter: Option<Waiter>) -> Result<(), AuditError> {
         let mut q = self.shared.lock();
         if q.shutdown {
-            return Err(AuditError::Io("the audit writer has stopped".into()));
+            return Err(AuditError::Stopped);
         }
         // The first buffered event of a window wakes the writer once, so that
         // it arms its BUFFER_DELAY timer; later ones ride along silently.

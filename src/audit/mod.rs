@@ -10,21 +10,44 @@ pub use log::{AuditLog, LogSettings};
 pub use record::{Kind, Record};
 pub use verify::{
     aggregate, complete_lines, export, parse_public_key, rfc3339,
-    syslog_line as verify_syslog_line, verify, AggregateRow, ExportFormat, VerifyFailure,
-    VerifyReport,
+    syslog_line as verify_syslog_line, verify, AggregateRow, ExportFormat, PublicKeyError,
+    ReadError, VerifyFailure, VerifyReport,
 };
 
 use crate::region::Caller;
 
-/// Why an audit write failed.
+/// Why an audit write failed. Cloneable (one failed batch answers many
+/// waiters), so sources are shared.
 #[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditError {
-    /// The file could not be written or synced (disk full, I/O error).
-    #[error("audit log I/O: {0}")]
-    Io(String),
+    /// The file could not be opened, written or synced (disk full, I/O error).
+    #[error("audit log {what}: {source}")]
+    Io {
+        /// The file or step.
+        what: String,
+        /// The cause.
+        source: std::sync::Arc<std::io::Error>,
+    },
+    /// A record could not be encoded.
+    #[error("audit record cannot be encoded: {0}")]
+    Encode(std::sync::Arc<serde_json::Error>),
+    /// The writer thread is gone (shutdown, or it could not start).
+    #[error("the audit writer has stopped")]
+    Stopped,
     /// The existing log is damaged.
     #[error("audit log corrupt: {0}")]
     Corrupt(String),
+}
+
+impl AuditError {
+    /// An I/O failure of `what` (a path or a step).
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        Self::Io {
+            what: what.to_string(),
+            source: std::sync::Arc::new(e),
+        }
+    }
 }
 
 /// How a request ended.
@@ -98,16 +121,12 @@ pub struct Ticket(pub(crate) tokio::sync::oneshot::Receiver<Result<u64, AuditErr
 impl Ticket {
     /// Blocks until the record is durable (or failed). Not on an async thread.
     pub fn wait(self) -> Result<u64, AuditError> {
-        self.0
-            .blocking_recv()
-            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+        self.0.blocking_recv().map_err(|_| AuditError::Stopped)?
     }
 
     /// Waits asynchronously until the record is durable (or failed).
     pub async fn wait_async(self) -> Result<u64, AuditError> {
-        self.0
-            .await
-            .map_err(|_| AuditError::Io("the audit writer has stopped".into()))?
+        self.0.await.map_err(|_| AuditError::Stopped)?
     }
 }
 

@@ -53,25 +53,89 @@ pub struct VerifyReport {
 
 /// Parses an auditor's public key: SubjectPublicKeyInfo PEM (as `sovkms hsm
 /// init` prints it) or the hex of the uncompressed point.
-pub fn parse_public_key(text: &str) -> Result<Vec<u8>, String> {
+pub fn parse_public_key(text: &str) -> Result<Vec<u8>, PublicKeyError> {
     use base64::Engine;
     let t = text.trim();
+    if t.starts_with("-----BEGIN CERTIFICATE-----") {
+        return Err(PublicKeyError::Certificate);
+    }
     let bytes = if t.starts_with("-----BEGIN PUBLIC KEY-----") {
         let b64: String = t.lines().filter(|l| !l.starts_with("-----")).collect();
         let der = base64::engine::general_purpose::STANDARD
             .decode(b64)
-            .map_err(|e| format!("public key PEM: {e}"))?;
+            .map_err(|_| PublicKeyError::Base64)?;
         if der.len() != 91 || der[..4] != [0x30, 0x59, 0x30, 0x13] {
-            return Err("public key PEM is not an ECDSA P-256 SubjectPublicKeyInfo".into());
+            return Err(PublicKeyError::NotP256Spki);
         }
         der[26..].to_vec()
     } else {
-        hex::decode(t).map_err(|_| "public key is neither a PEM nor hex".to_string())?
+        hex::decode(t).map_err(|_| PublicKeyError::Format)?
     };
     if bytes.len() != 65 || bytes[0] != 0x04 {
-        return Err("public key is not an uncompressed P-256 point".into());
+        return Err(PublicKeyError::NotP256Point);
     }
     Ok(bytes)
+}
+
+/// Text that is not the broker's signing public key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublicKeyError {
+    /// A certificate (e.g. a CA) where the public key belongs.
+    #[error("this is a certificate, not the broker's signing public key; get the key with `sovkms audit pubkey` or from `sovkms hsm init`")]
+    Certificate,
+    /// PEM whose body is not base64.
+    #[error("public key PEM does not decode as base64")]
+    Base64,
+    /// Another key type.
+    #[error("public key PEM is not an ECDSA P-256 SubjectPublicKeyInfo")]
+    NotP256Spki,
+    /// Neither PEM nor hex.
+    #[error("public key is neither a PEM nor hex")]
+    Format,
+    /// Hex of something else.
+    #[error("public key is not an uncompressed P-256 point")]
+    NotP256Point,
+}
+
+/// An audit log that cannot be read through.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The file could not be read at a line.
+    #[error("audit log line {line}: {source}")]
+    Io {
+        /// 1-based line number.
+        line: usize,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line that is not a record.
+    #[error("audit log line {line} is not a record: {source}")]
+    Record {
+        /// 1-based line number.
+        line: usize,
+        /// The decoder's complaint.
+        source: serde_json::Error,
+    },
+    /// The output could not be written.
+    #[error("cannot write the export: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// Each complete line of a log as a parsed record, with its text.
+fn records(input: impl BufRead) -> impl Iterator<Item = Result<(String, Record), ReadError>> {
+    complete_lines(input).enumerate().map(|(i, line)| {
+        let line = line.map_err(|source| ReadError::Io {
+            line: i + 1,
+            source,
+        })?;
+        let r = serde_json::from_str(&line).map_err(|source| ReadError::Record {
+            line: i + 1,
+            source,
+        })?;
+        Ok((line, r))
+    })
 }
 
 /// Checks every link and every checkpoint signature. With
@@ -238,11 +302,10 @@ pub fn export(
     format: ExportFormat,
     from_seq: u64,
     since_ms: u64,
-) -> Result<u64, String> {
+) -> Result<u64, ReadError> {
     let mut n = 0;
-    for (i, line) in complete_lines(input).enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
-        let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
+    for item in records(input) {
+        let (line, r) = item?;
         if r.seq < from_seq || r.time_unix_ms < since_ms {
             continue;
         }
@@ -250,7 +313,7 @@ pub fn export(
             ExportFormat::JsonLines => line,
             ExportFormat::Syslog => syslog_line(&r),
         };
-        writeln!(out, "{text}").map_err(|e| e.to_string())?;
+        writeln!(out, "{text}").map_err(ReadError::Write)?;
         n += 1;
     }
     Ok(n)
@@ -278,11 +341,10 @@ pub fn aggregate(
     from_ms: u64,
     to_ms: u64,
     min_group: u64,
-) -> Result<Vec<AggregateRow>, String> {
+) -> Result<Vec<AggregateRow>, ReadError> {
     let mut cells: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
-    for (i, line) in complete_lines(input).enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
-        let r: Record = serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
+    for item in records(input) {
+        let (_, r) = item?;
         if r.kind != Kind::Request || r.time_unix_ms < from_ms || r.time_unix_ms >= to_ms {
             continue;
         }

@@ -155,7 +155,7 @@ mod tests {
     impl AuditSink for NoAudit {
         fn append(&self, _: Event) {}
         fn append_ticket(&self, _: Event) -> std::result::Result<Ticket, AuditError> {
-            Err(AuditError::Io("not in this test".into()))
+            Err(AuditError::Stopped)
         }
         fn close(&self) {}
     }

@@ -105,8 +105,8 @@ pub struct Broker {
 
 fn store_err(e: StoreError) -> Error {
     match e {
-        StoreError::Unavailable(m) => {
-            tracing::error!(error = %m, "store unavailable");
+        StoreError::Unavailable(cause) => {
+            tracing::error!(error = %cause, "store unavailable");
             Unavailable::Store.into()
         }
         other => Fault::Store(other).into(),

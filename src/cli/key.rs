@@ -435,7 +435,7 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
             Some(pk) => match p.verify(pk) {
                 Ok(()) => Some(true),
                 Err(e) => {
-                    bad.push(e);
+                    bad.push(e.to_string());
                     Some(false)
                 }
             },

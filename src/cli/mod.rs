@@ -126,9 +126,9 @@ pub struct CliError {
 }
 
 impl CliError {
-    fn new(what: impl Into<String>, hint: impl Into<String>) -> Self {
+    fn new(what: impl std::fmt::Display, hint: impl Into<String>) -> Self {
         Self {
-            what: what.into(),
+            what: what.to_string(),
             hint: hint.into(),
         }
     }

@@ -58,17 +58,30 @@ impl Provenance {
     }
 
     /// Checks the signature with the root's public key (uncompressed point).
-    pub fn verify(&self, public_key: &[u8]) -> Result<(), String> {
+    pub fn verify(&self, public_key: &[u8]) -> Result<(), ProvenanceError> {
         use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
-        let sig = hex::decode(&self.signature)
-            .map_err(|_| "provenance signature is not hex".to_string())?;
+        let sig = hex::decode(&self.signature).map_err(|_| ProvenanceError::NotHex)?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key)
             .verify(&self.canonical(), &sig)
-            .map_err(|_| {
-                format!(
-                    "provenance of {} version {} does not verify",
-                    self.key_id, self.version
-                )
+            .map_err(|_| ProvenanceError::Signature {
+                key: self.key_id.clone(),
+                version: self.version,
             })
     }
+}
+
+/// A provenance record that does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProvenanceError {
+    /// The signature field is not hex.
+    #[error("provenance signature is not hex")]
+    NotHex,
+    /// The signature does not match the record and key.
+    #[error("provenance of {key} version {version} does not verify")]
+    Signature {
+        /// Key id.
+        key: String,
+        /// Version.
+        version: u32,
+    },
 }

@@ -20,10 +20,15 @@ pub enum StoreError {
     AlreadyExists(KeyId),
     /// I/O or database failure; the store may be unavailable.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// A stored record cannot be decoded.
-    #[error("stored record {0} is corrupt: {1}")]
-    Corrupt(String, String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A stored record cannot be decoded (or encoded).
+    #[error("stored record {id} is corrupt: {source}")]
+    Corrupt {
+        /// The record's id.
+        id: String,
+        /// The decoder's complaint.
+        source: serde_json::Error,
+    },
 }
 
 /// Persistent key records.

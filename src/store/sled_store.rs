@@ -31,7 +31,7 @@ struct FlushState {
 }
 
 fn unavailable(e: sled::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(Box::new(e))
 }
 
 impl SledStore {
@@ -81,13 +81,17 @@ impl SledStore {
     }
 
     fn decode(k: &[u8], v: &[u8]) -> Result<KeyRecord, StoreError> {
-        serde_json::from_slice(v).map_err(|e| {
-            StoreError::Corrupt(String::from_utf8_lossy(k).into_owned(), e.to_string())
+        serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+            id: String::from_utf8_lossy(k).into_owned(),
+            source: e,
         })
     }
 
     fn encode(rec: &KeyRecord) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt(rec.id.to_string(), e.to_string()))
+        serde_json::to_vec(rec).map_err(|source| StoreError::Corrupt {
+            id: rec.id.to_string(),
+            source,
+        })
     }
 }
 
@@ -155,8 +159,10 @@ impl Store for SledStore {
     }
 
     fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError> {
-        let v = serde_json::to_vec(bg)
-            .map_err(|e| StoreError::Corrupt(bg.id.clone(), e.to_string()))?;
+        let v = serde_json::to_vec(bg).map_err(|source| StoreError::Corrupt {
+            id: bg.id.clone(),
+            source,
+        })?;
         self.break_glass
             .insert(bg.id.as_str(), v)
             .map_err(unavailable)?;
@@ -168,8 +174,9 @@ impl Store for SledStore {
             .iter()
             .map(|item| {
                 let (k, v) = item.map_err(unavailable)?;
-                serde_json::from_slice(&v).map_err(|e| {
-                    StoreError::Corrupt(String::from_utf8_lossy(&k).into_owned(), e.to_string())
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    id: String::from_utf8_lossy(&k).into_owned(),
+                    source: e,
                 })
             })
             .collect()

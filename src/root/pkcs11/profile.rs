@@ -122,28 +122,61 @@ pub(super) const REQUIRED: [(MechanismType, &str); 3] = [
     (MechanismType::ECDSA, "CKM_ECDSA"),
 ];
 
+/// A profile that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProfileError {
+    /// The file cannot be read.
+    #[error("HSM profile {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file's content is wrong.
+    #[error("HSM profile {path}: {source}")]
+    In {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        source: Box<ProfileError>,
+    },
+    /// Not TOML of the profile's shape.
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    /// A wrap mechanism the backend does not implement.
+    #[error(
+        "mechanisms.wrap = {0:?} is not supported; use CKM_AES_KEY_WRAP_PAD or CKM_AES_KEY_WRAP"
+    )]
+    WrapMechanism(String),
+    /// Session pool size out of range.
+    #[error("sessions.pool_size = {0} must be between 1 and 256")]
+    PoolSize(usize),
+}
+
 impl HsmProfile {
     /// Reads and validates a profile file.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let at = || path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("HSM profile {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("HSM profile {}: {e}", path.display()))
+            .map_err(|source| ProfileError::Read { path: at(), source })?;
+        Self::parse(&text).map_err(|e| ProfileError::In {
+            path: at(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses profile TOML.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawProfile = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ProfileError> {
+        let raw: RawProfile = toml::from_str(text)?;
         let wrap = match raw.mechanisms.wrap.as_str() {
             "CKM_AES_KEY_WRAP_PAD" => WrapMechanism::AesKeyWrapPad,
             "CKM_AES_KEY_WRAP" => WrapMechanism::AesKeyWrap,
-            other => {
-                return Err(format!(
-                    "mechanisms.wrap = {other:?} is not supported; use CKM_AES_KEY_WRAP_PAD or CKM_AES_KEY_WRAP"
-                ))
-            }
+            other => return Err(ProfileError::WrapMechanism(other.to_owned())),
         };
         if !(1..=256).contains(&raw.sessions.pool_size) {
-            return Err("sessions.pool_size must be between 1 and 256".into());
+            return Err(ProfileError::PoolSize(raw.sessions.pool_size));
         }
         Ok(Self {
             name: raw.name,
@@ -181,6 +214,9 @@ mod tests {
     #[test]
     fn unknown_mechanism_is_refused() {
         let t = "name='x'\ntested=false\nmodule='/x.so'\n[mechanisms]\nwrap='CKM_DES3_ECB'\n[sessions]\npool_size=4\n";
-        assert!(HsmProfile::parse(t).unwrap_err().contains("CKM_DES3_ECB"));
+        assert!(HsmProfile::parse(t)
+            .unwrap_err()
+            .to_string()
+            .contains("CKM_DES3_ECB"));
     }
 }

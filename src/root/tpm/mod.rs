@@ -30,15 +30,26 @@ pub struct PcrPolicy {
     pub pcrs: Vec<u8>,
 }
 
+/// A PCR selection that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PcrPolicyError {
+    /// Not sha1, sha256 or sha384.
+    #[error("PCR bank {0:?} is not supported; use sha256, sha384 or sha1")]
+    Bank(String),
+    /// Empty, or an index over 23.
+    #[error("tpm.pcrs must list 1 to 24 PCR indices between 0 and 23")]
+    Pcrs,
+}
+
 impl PcrPolicy {
     /// Validates and normalizes (sorts, dedups) a selection.
-    pub fn new(bank: &str, pcrs: &[u8]) -> Result<Self, String> {
-        device::bank_alg(bank).map_err(|e| e.message)?;
+    pub fn new(bank: &str, pcrs: &[u8]) -> Result<Self, PcrPolicyError> {
+        device::bank_alg(bank).map_err(|_| PcrPolicyError::Bank(bank.to_owned()))?;
         let mut p = pcrs.to_vec();
         p.sort_unstable();
         p.dedup();
         if p.is_empty() || p.iter().any(|&i| i > 23) {
-            return Err("tpm.pcrs must list 1 to 24 PCR indices between 0 and 23".into());
+            return Err(PcrPolicyError::Pcrs);
         }
         Ok(Self {
             bank: bank.to_string(),
@@ -160,7 +171,7 @@ impl SealedFile {
     /// The policy this blob was sealed to.
     pub fn policy(&self) -> Result<PcrPolicy, RootError> {
         PcrPolicy::new(&self.pcr_bank, &self.pcrs)
-            .map_err(|m| RootError::new(RootErrorKind::Integrity, m))
+            .map_err(|m| RootError::new(RootErrorKind::Integrity, m.to_string()))
     }
 
     /// Reads and parses a sealed file.
