@@ -1,4 +1,6 @@
-//! Generates the gRPC code from `proto/sovkms/v1/`.
+//! Generates the gRPC code from `proto/sovkms/v1/` (the product, with the
+//! descriptor set its reflection serves) and `proto/sovkms/bench/v1/` (the
+//! benchmark's echo ceiling, kept out of that descriptor set).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
@@ -12,5 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "sovkms.v1.GenerateDataKeyResponse",
         ])
         .compile_protos(&["proto/sovkms/v1/sovkms.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/sovkms/bench/v1/bench.proto"], &["proto"])?;
     Ok(())
 }

@@ -28,6 +28,26 @@ pub fn write_file_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resu
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// A file operation that failed, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct FileError {
+    /// The file or directory.
+    pub path: String,
+    /// The cause.
+    pub source: std::io::Error,
+}
+
+impl FileError {
+    /// Wraps `source`, naming `path`.
+    pub fn at(path: &Path, source: std::io::Error) -> Self {
+        Self {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,19 @@ async fn health_and_reflection_v1_and_v1alpha() {
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
+    // The benchmark's echo ceiling is not part of a broker.
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("bench") && !n.contains("Echo")),
+        "{names:?}"
+    );
+    let echo =
+        sovkms::api::bench::proto::echo_service_client::EchoServiceClient::new(c.channel.clone())
+            .echo(sovkms::api::bench::proto::EchoMessage { payload: vec![1] })
+            .await
+            .unwrap_err();
+    assert_eq!(echo.code(), tonic::Code::Unimplemented);
 
     use tonic_reflection::pb::v1alpha as ra;
     let mut rc = ra::server_reflection_client::ServerReflectionClient::new(c.channel.clone());

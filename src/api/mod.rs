@@ -2,9 +2,9 @@
 //! listener, health and reflection.
 
 mod audit;
+pub mod bench;
 mod breakglass;
 pub(crate) mod convert;
-mod echo;
 pub mod proto;
 mod service;
 pub mod tls;
@@ -172,19 +172,6 @@ fn launch(
         extra_stop: None,
         task,
     }
-}
-
-/// Starts the benchmark's echo service with exactly the broker's TLS setup,
-/// runtime and message limits: the ceiling `sovkms bench` compares the
-/// broker against. Never part of a broker.
-pub async fn start_echo(settings: &Settings) -> Result<RunningServer, ServeError> {
-    let (listener, local_addr, tls) = bind(settings).await?;
-    let router = tonic::transport::Server::builder().add_service(
-        proto::bench_echo_service_server::BenchEchoServiceServer::new(echo::Echo)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    );
-    Ok(launch(router, listener, tls, local_addr))
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a

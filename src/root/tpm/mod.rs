@@ -700,14 +700,15 @@ pub fn write_attestation(
     nonce: &[u8],
     q: &Quote,
     quote_ms: f64,
-) -> Result<AttestReport, String> {
+) -> Result<AttestReport, crate::files::FileError> {
+    use crate::files::FileError;
     let point = &q.ak_sec1;
     let pem = crate::root::p256_spki_pem(point);
     let fingerprint = hex::encode(digest::digest(
         &digest::SHA256,
         &crate::root::p256_spki_der(point),
     ));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| FileError::at(dir, e))?;
     let pcrs: Vec<u8> = q.pcr_values.concat();
     let n = hex::encode(nonce);
     let report = AttestReport {
@@ -725,7 +726,8 @@ pub fn write_attestation(
             files::PCRS
         ),
     };
-    let summary = serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?;
+    let summary = serde_json::to_vec_pretty(&report)
+        .map_err(|e| FileError::at(&dir.join(files::SUMMARY), e.into()))?;
     for (name, bytes) in [
         (files::MESSAGE, &q.message[..]),
         (files::SIGNATURE, &q.signature[..]),
@@ -735,7 +737,7 @@ pub fn write_attestation(
         (files::SUMMARY, &summary[..]),
     ] {
         let p = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        std::fs::write(&p, bytes).map_err(|e| FileError::at(&p, e))?;
     }
     Ok(report)
 }

@@ -1,0 +1,352 @@
+//! `sovkms bench`: the benchmark harness. Every broker figure is printed
+//! next to the same load against an echo service with the same TLS setup,
+//! runtime and message sizes, measured in the same run, as a ratio.
+
+mod audit;
+mod crypto;
+mod lifecycle;
+mod rpc;
+mod tpm;
+
+pub use rpc::echo;
+
+use super::devenv::{self, err, Broker};
+use super::CliError;
+use crate::api::proto as pb;
+use crate::client::{self, Client, ClientTls};
+use crate::pki;
+use crate::region::Region;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Benchmark commands.
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// RPC load against a broker on a SoftHSM2 token and against the echo ceiling.
+    Rpc(RpcArgs),
+    /// Envelope seal/open against the raw AES-256-GCM primitives.
+    Crypto {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Write results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Key creation rate, start-up time, memory and Locate latency by key count.
+    Lifecycle(LifecycleArgs),
+    /// TPM: unseal and quote latency against the config's TPM (each round
+    /// connects, loads, runs the policy session, flushes: what a start or an
+    /// auditor's request costs).
+    Tpm {
+        /// Broker config with [tpm] and a provisioned sealed blob.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Rounds of each.
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
+    /// The audit log alone: durable (group commit) against buffered appends.
+    Audit {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Working directory; wiped first.
+        #[arg(long, default_value = "target/bench-audit")]
+        dir: PathBuf,
+    },
+}
+
+/// Arguments of `bench rpc`.
+#[derive(clap::Args)]
+pub struct RpcArgs {
+    /// Operations: encrypt, decrypt, generate-data-key, mix (comma-separated).
+    #[arg(long, default_value = "encrypt,decrypt,generate-data-key,mix")]
+    ops: String,
+    /// Payload sizes in bytes (comma-separated).
+    #[arg(long, default_value = "64,1024,4096,65536")]
+    sizes: String,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// mTLS connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Seconds per measurement (of the broker, and again of the ceiling).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Slices each measurement is cut into, alternating broker and ceiling.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Working directory (PKI, token, data); wiped first.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// Use the development software root instead of SoftHSM2.
+    #[arg(long)]
+    software_root: bool,
+    /// HSM profile.
+    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
+    profile: PathBuf,
+    /// Fail unless every Encrypt/Decrypt rate is at least this ratio of the ceiling.
+    #[arg(long)]
+    min_ratio: Option<f64>,
+    /// Write results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Arguments of `bench lifecycle`.
+#[derive(clap::Args)]
+pub struct LifecycleArgs {
+    /// Key counts for start-up, memory and Locate (comma-separated).
+    #[arg(long, default_value = "10000,100000,1000000")]
+    keys: String,
+    /// Seconds of key creation.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Concurrent creators.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Working directory; wiped first.
+    #[arg(long, default_value = "target/bench-lifecycle")]
+    dir: PathBuf,
+    /// HSM profile.
+    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
+    profile: PathBuf,
+    /// Write results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `sovkms bench-echo`: serve the echo ceiling with a broker config's TLS.
+#[derive(clap::Args)]
+pub struct EchoArgs {
+    /// A broker config (its TLS and listen settings are used).
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+const TD: &str = "sovkms.example";
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Env {
+    dir: PathBuf,
+    exe: PathBuf,
+    pki: PathBuf,
+    conf: Option<PathBuf>,
+    cfg: PathBuf,
+}
+
+async fn setup(
+    dir: &Path,
+    software_root: bool,
+    profile: &Path,
+    tail: &str,
+) -> Result<Env, CliError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(err)?;
+    }
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let dir = dir.canonicalize().map_err(err)?;
+    let exe = std::env::current_exe().map_err(err)?;
+    let pki_dir = dir.join("pki");
+    let eu = Region::parse("eu-central").map_err(err)?;
+    pki::dev_pki(&pki_dir, TD, std::slice::from_ref(&eu), 2).map_err(err)?;
+    let (root, conf) = if software_root {
+        (pki::DEV_SOFTWARE_ROOT.to_owned(), None)
+    } else {
+        let profile = profile.canonicalize().map_err(|e| {
+            CliError::new(
+                format!("{}: {e}", profile.display()),
+                "run from the repository root or pass --profile",
+            )
+        })?;
+        let (root, conf) = devenv::softhsm_token(&exe, &dir, &eu, &profile)?;
+        (root, Some(conf))
+    };
+    let mut text = pki::dev_broker_config(
+        &pki_dir,
+        &dir.join("data"),
+        &eu,
+        TD,
+        std::slice::from_ref(&eu),
+        &root,
+    );
+    text.push_str(tail);
+    let cfg = dir.join("broker.toml");
+    std::fs::write(&cfg, text).map_err(err)?;
+    if let Some(c) = &conf {
+        devenv::provision(&exe, &cfg, c)?;
+    }
+    Ok(Env {
+        dir,
+        exe,
+        pki: pki_dir,
+        conf,
+        cfg,
+    })
+}
+
+impl Env {
+    async fn start(&self, command: &str) -> Result<Broker, CliError> {
+        let log = self.dir.join(format!("{command}.log"));
+        devenv::start_child(&self.exe, command, &self.cfg, &log, self.conf.as_deref()).await
+    }
+
+    async fn connect(&self, who: &str, addr: &str) -> Result<Client, CliError> {
+        let d = self.pki.join("eu-central");
+        let tls = ClientTls::from_files(
+            &d.join("ca.pem"),
+            &d.join(format!("{who}.pem")),
+            &d.join(format!("{who}.key")),
+            "localhost",
+        )
+        .map_err(err)?;
+        client::connect(addr, &tls).await.map_err(err)
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Measure {
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    server_cpu_us_per_req: f64,
+}
+
+/// Raw samples of one or more measurement slices.
+#[derive(Default)]
+struct Samples {
+    lat_us: Vec<u32>,
+    errors: u64,
+    elapsed: f64,
+    cpu: f64,
+}
+
+impl Samples {
+    fn merge(&mut self, o: Samples) {
+        self.lat_us.extend(o.lat_us);
+        self.errors += o.errors;
+        self.elapsed += o.elapsed;
+        self.cpu += o.cpu;
+    }
+
+    fn summary(mut self) -> Measure {
+        self.lat_us.sort_unstable();
+        let all = &self.lat_us;
+        let pct = |p: f64| -> f64 {
+            if all.is_empty() {
+                return 0.0;
+            }
+            let i = ((all.len() as f64 - 1.0) * p).round() as usize;
+            f64::from(all[i]) / 1000.0
+        };
+        let n = all.len() as u64;
+        Measure {
+            requests: n,
+            errors: self.errors,
+            rps: if self.elapsed > 0.0 {
+                n as f64 / self.elapsed
+            } else {
+                0.0
+            },
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            server_cpu_us_per_req: if n > 0 {
+                self.cpu * 1e6 / n as f64
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// Runs `inflight` loops for `secs`, each calling `call`; `pid` is the
+/// server whose CPU time is charged to the requests.
+async fn drive<F, Fut>(inflight: usize, secs: f64, pid: u32, call: Arc<F>) -> Samples
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for w in 0..inflight {
+        let call = Arc::clone(&call);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if call(w, i).await {
+                    lat.push(t.elapsed().as_micros() as u32);
+                } else {
+                    errors += 1;
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    let mut out = Samples::default();
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            out.lat_us.extend(l);
+            out.errors += e;
+        }
+    }
+    out.elapsed = start.elapsed().as_secs_f64();
+    out.cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    out
+}
+
+fn list<T>(s: &str, f: impl Fn(&str) -> Result<T, CliError>) -> Result<Vec<T>, CliError> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| f(x.trim()))
+        .collect()
+}
+
+/// Entry point.
+pub async fn run(c: BenchCmd) -> Result<(), CliError> {
+    match c {
+        BenchCmd::Audit { seconds, dir } => {
+            tokio::task::block_in_place(|| audit::audit(seconds, &dir))
+        }
+        BenchCmd::Rpc(a) => rpc::rpc(a).await,
+        BenchCmd::Crypto { seconds, json } => {
+            tokio::task::block_in_place(|| crypto::crypto(seconds, json))
+        }
+        BenchCmd::Lifecycle(a) => lifecycle::lifecycle(a).await,
+        BenchCmd::Tpm { config, rounds } => {
+            tokio::task::block_in_place(|| tpm::tpm_bench(&config, rounds.max(1)))
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! `bench rpc`: RPC load against a broker and the echo ceiling, interleaved.
+
+use super::*;
+use crate::api::bench::proto as echo_pb;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Encrypt,
+    Decrypt,
+    DataKey,
+    Mix,
+}
+
+impl Op {
+    fn parse(s: &str) -> Result<Self, CliError> {
+        Ok(match s.trim() {
+            "encrypt" => Self::Encrypt,
+            "decrypt" => Self::Decrypt,
+            "generate-data-key" => Self::DataKey,
+            "mix" => Self::Mix,
+            o => {
+                return Err(CliError::new(
+                    format!("unknown op {o:?}"),
+                    "use encrypt, decrypt, generate-data-key, mix",
+                ))
+            }
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::DataKey => "generate-data-key",
+            Self::Mix => "mix",
+        }
+    }
+}
+
+pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
+    let s =
+        crate::config::Settings::load(&a.config).map_err(|e| CliError::new(e.to_string(), ""))?;
+    let server = crate::api::bench::start_echo(&s).await.map_err(err)?;
+    println!("listening on {}", server.local_addr);
+    let _ = tokio::signal::ctrl_c().await;
+    server.shutdown().await.map_err(err)
+}
+
+pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
+    let ops = list(&a.ops, Op::parse)?;
+    let sizes = list(&a.sizes, |s| {
+        s.parse::<usize>()
+            .map_err(|_| CliError::new(format!("bad size {s:?}"), ""))
+    })?;
+    let env = setup(&a.dir, a.software_root, &a.profile, "").await?;
+    let broker = env.start("serve").await?;
+    let echo = env.start("bench-echo").await?;
+    let (bpid, epid) = (broker.child.id().unwrap_or(0), echo.child.id().unwrap_or(0));
+    let mut op = env.connect("operator-admin", &broker.addr).await?;
+    devenv::wait_serving(&op).await?;
+    let app = format!("spiffe://{TD}/region/eu-central/service/app");
+    let all_ops = [1, 2, 3, 4, 5];
+    let key = op
+        .keys
+        .create(pb::CreateKeyRequest {
+            name: "bench".into(),
+            grants: vec![pb::Grant {
+                principal: app,
+                operations: all_ops.to_vec(),
+            }],
+            activate: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .key_id;
+    let conns = a.connections.max(1);
+    let mut svc = Vec::new();
+    let mut echo_c = Vec::new();
+    for _ in 0..conns {
+        svc.push(env.connect("service-app", &broker.addr).await?);
+        let e = env.connect("service-app", &echo.addr).await?;
+        echo_c.push(
+            echo_pb::echo_service_client::EchoServiceClient::new(e.channel.clone())
+                .max_decoding_message_size(2 << 20)
+                .max_encoding_message_size(2 << 20),
+        );
+    }
+    let svc = Arc::new(svc);
+    let echo_c = Arc::new(echo_c);
+    let ctx: HashMap<String, String> = [("bench".to_string(), "1".to_string())].into();
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "sovkms bench rpc: {} in flight over {conns} mTLS connections, {}s per run, {ncpu} cores (client and servers share them); root: {}",
+        a.inflight,
+        a.seconds,
+        if a.software_root { "software (dev)" } else { "SoftHSM2" }
+    );
+    println!(
+        "{:<18} {:>6} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6}",
+        "op",
+        "bytes",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "cpu µs/r",
+        "×rps",
+        "×p99",
+        "×cpu",
+        "hsm/req",
+        "hit%"
+    );
+    let mut rows = Vec::new();
+    let mut below = Vec::new();
+    for &o in &ops {
+        for &size in &sizes {
+            let pt = vec![0x5au8; size];
+            let ct = svc[0]
+                .crypto
+                .clone()
+                .encrypt(pb::EncryptRequest {
+                    key_id: key.clone(),
+                    plaintext: pt.clone(),
+                    context: ctx.clone(),
+                })
+                .await?
+                .into_inner()
+                .ciphertext;
+            // Ceiling: echo of the request's payload size.
+            let payload = match o {
+                Op::Decrypt => ct.clone(),
+                Op::DataKey => vec![0u8; 64],
+                _ => pt.clone(),
+            };
+            let ec = Arc::clone(&echo_c);
+            let p2 = payload.clone();
+            let echo_call = Arc::new(move |w: usize, _| {
+                let mut c = ec[w % ec.len()].clone();
+                let p = p2.clone();
+                async move { c.echo(echo_pb::EchoMessage { payload: p }).await.is_ok() }
+            });
+            let (s2, k2, c2, pt2, ct2) = (
+                Arc::clone(&svc),
+                key.clone(),
+                ctx.clone(),
+                pt.clone(),
+                ct.clone(),
+            );
+            let broker_call = Arc::new(move |w: usize, i: u64| {
+                let mut c = s2[w % s2.len()].crypto.clone();
+                let (k, cx, pt, ct) = (k2.clone(), c2.clone(), pt2.clone(), ct2.clone());
+                let which = match o {
+                    Op::Mix => match i % 10 {
+                        0 => Op::DataKey,
+                        1..=5 => Op::Encrypt,
+                        _ => Op::Decrypt,
+                    },
+                    other => other,
+                };
+                async move {
+                    match which {
+                        Op::Encrypt | Op::Mix => c
+                            .encrypt(pb::EncryptRequest {
+                                key_id: k,
+                                plaintext: pt,
+                                context: cx,
+                            })
+                            .await
+                            .is_ok(),
+                        Op::Decrypt => c
+                            .decrypt(pb::DecryptRequest {
+                                ciphertext: ct,
+                                context: cx,
+                            })
+                            .await
+                            .is_ok(),
+                        Op::DataKey => c
+                            .generate_data_key(pb::GenerateDataKeyRequest {
+                                key_id: k,
+                                context: cx,
+                            })
+                            .await
+                            .is_ok(),
+                    }
+                }
+            });
+            let info0 = op
+                .broker
+                .get_info(pb::GetInfoRequest {})
+                .await?
+                .into_inner();
+            // Interleaved slices: a machine whose speed drifts during the
+            // run (shared, noisy) slows both sides alike.
+            let rounds = a.rounds.max(1);
+            let slice = a.seconds / rounds as f64;
+            let (mut ce, mut br) = (Samples::default(), Samples::default());
+            for _ in 0..rounds {
+                ce.merge(drive(a.inflight, slice, epid, Arc::clone(&echo_call)).await);
+                br.merge(drive(a.inflight, slice, bpid, Arc::clone(&broker_call)).await);
+            }
+            let (ceiling, m) = (ce.summary(), br.summary());
+            let info1 = op
+                .broker
+                .get_info(pb::GetInfoRequest {})
+                .await?
+                .into_inner();
+            let reqs = m.requests.max(1) as f64;
+            let hsm_per_req = (info1.root_calls - info0.root_calls) as f64 / reqs;
+            let (h, mi) = (
+                info1.cache_hits - info0.cache_hits,
+                info1.cache_misses - info0.cache_misses,
+            );
+            let hit = if h + mi > 0 {
+                100.0 * h as f64 / (h + mi) as f64
+            } else {
+                0.0
+            };
+            let r = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+            let (x_rps, x_p99, x_cpu) = (
+                r(m.rps, ceiling.rps),
+                r(m.p99_ms, ceiling.p99_ms),
+                r(m.server_cpu_us_per_req, ceiling.server_cpu_us_per_req),
+            );
+            println!(
+                "{:<18} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>7.2} {:>7.2} {:>7.2} {:>8.3} {:>6.1}",
+                o.name(), size, m.rps, m.p50_ms, m.p99_ms, m.p999_ms, m.server_cpu_us_per_req, x_rps, x_p99, x_cpu, hsm_per_req, hit
+            );
+            println!(
+                "{:<18} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.1}",
+                "  echo ceiling",
+                payload.len(),
+                ceiling.rps,
+                ceiling.p50_ms,
+                ceiling.p99_ms,
+                ceiling.p999_ms,
+                ceiling.server_cpu_us_per_req
+            );
+            if m.errors > 0 {
+                println!("  ({} errors)", m.errors);
+            }
+            if let Some(min) = a.min_ratio {
+                if matches!(o, Op::Encrypt | Op::Decrypt) && x_rps < min {
+                    below.push(format!("{} {size} B: {x_rps:.2}× the ceiling", o.name()));
+                }
+            }
+            rows.push(serde_json::json!({
+                "op": o.name(), "bytes": size, "broker": m, "ceiling": ceiling,
+                "ratio_rps": x_rps, "ratio_p99": x_p99, "ratio_cpu": x_cpu,
+                "hsm_calls_per_request": hsm_per_req, "cache_hit_percent": hit,
+            }));
+        }
+    }
+    drop((broker, echo));
+    if let Some(p) = a.json {
+        let v = serde_json::json!({"cores": ncpu, "inflight": a.inflight, "connections": conns, "seconds": a.seconds, "rows": rows});
+        std::fs::write(&p, serde_json::to_string_pretty(&v).map_err(err)?).map_err(err)?;
+    }
+    if !below.is_empty() {
+        return Err(CliError::new(
+            format!("below the minimum ratio: {}", below.join("; ")),
+            "a gross regression: see the table",
+        ));
+    }
+    Ok(())
+}
