@@ -1,5 +1,6 @@
-//! The key id: the one identifier every layer passes around (envelope
-//! header, policy, store, audit), so it lives below all of them.
+//! The key id and the key's lifecycle state: the vocabulary every layer
+//! passes around (envelope header, policy table, store, audit), so it lives
+//! below all of them.
 
 use std::fmt;
 
@@ -73,6 +74,35 @@ impl fmt::Display for KeyId {
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "KeyId({})", self.0)
+    }
+}
+
+/// KMIP lifecycle states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// Created, not yet usable.
+    PreActive,
+    /// Encrypts and decrypts.
+    Active,
+    /// Revoked for a benign reason: decrypts, never encrypts.
+    Deactivated,
+    /// Revoked because the key may be known to others: only ReEncrypt away from it.
+    Compromised,
+    /// Material erased; nothing under this key can be decrypted again.
+    Destroyed,
+}
+
+impl KeyState {
+    /// Lower-case name for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PreActive => "pre-active",
+            Self::Active => "active",
+            Self::Deactivated => "deactivated",
+            Self::Compromised => "compromised",
+            Self::Destroyed => "destroyed",
+        }
     }
 }
 

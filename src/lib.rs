@@ -24,7 +24,6 @@ pub mod api;
 pub mod audit;
 pub mod broker;
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod envelope;
@@ -39,6 +38,8 @@ pub mod root;
 pub mod secret;
 pub mod server;
 pub mod store;
+
+pub use api::client;
 
 /// Lowercase hex, as `hex::encode` writes it, but through the crate's
 /// slice encoder instead of its char-by-char iterator (this runs several

@@ -4,6 +4,7 @@
 mod audit;
 pub mod bench;
 mod breakglass;
+pub mod client;
 pub(crate) mod convert;
 pub mod proto;
 mod service;

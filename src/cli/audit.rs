@@ -195,18 +195,16 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
         } => {
             let mut c = conn.connect().await?;
             let mut stream = c
-                .audit
                 .export_records(pb::ExportRecordsRequest {
                     from_seq,
                     since_unix_ms: 0,
                     key_id: key_id.unwrap_or_default(),
                     format: f,
                 })
-                .await?
-                .into_inner();
+                .await?;
             let mut w = out(&o)?;
             let mut n = 0;
-            while let Some(line) = stream.message().await? {
+            while let Some(line) = stream.next().await? {
                 writeln!(w, "{}", line.line).map_err(|e| CliError::new(e.to_string(), ""))?;
                 n += 1;
             }
@@ -215,11 +213,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
         }
         AuditCmd::Aggregates { conn } => {
             let mut c = conn.connect().await?;
-            let r = c
-                .audit
-                .get_aggregates(pb::AggregatesRequest::default())
-                .await?
-                .into_inner();
+            let r = c.aggregates(pb::AggregatesRequest::default()).await?;
             if conn.json {
                 return print_json(&serde_json::json!({
                     "min_group_size": r.min_group_size,
@@ -247,12 +241,10 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             let mut c = conn.connect().await?;
             let t = std::time::Instant::now();
             let r = c
-                .audit
                 .attest(pb::AttestRequest {
                     nonce: nonce.clone(),
                 })
-                .await?
-                .into_inner();
+                .await?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
             let width = match r.pcr_selection.split(':').next() {
                 Some("sha384") => 48,
@@ -273,7 +265,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
         }
         AuditCmd::FetchPubkey { conn } => {
             let mut c = conn.connect().await?;
-            let i = c.broker.get_info(pb::GetInfoRequest {}).await?.into_inner();
+            let i = c.info(pb::GetInfoRequest {}).await?;
             if i.signing_public_key_pem.is_empty() {
                 return Err(CliError::new(
                     "the broker reported no signing key",

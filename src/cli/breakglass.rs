@@ -102,13 +102,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 reason,
                 duration_minutes: minutes,
             };
-            let g = conn
-                .connect()
-                .await?
-                .break_glass
-                .request(req)
-                .await?
-                .into_inner();
+            let g = conn.connect().await?.request_break_glass(req).await?;
             (conn, g)
         }
         BreakGlassCmd::Approve(a) => {
@@ -116,10 +110,8 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 .conn
                 .connect()
                 .await?
-                .break_glass
-                .approve(pb::BreakGlassRef { id: a.id.clone() })
-                .await?
-                .into_inner();
+                .approve_break_glass(pb::BreakGlassRef { id: a.id.clone() })
+                .await?;
             (a.conn, g)
         }
         BreakGlassCmd::Revoke(a) => {
@@ -127,20 +119,16 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 .conn
                 .connect()
                 .await?
-                .break_glass
-                .revoke(pb::BreakGlassRef { id: a.id.clone() })
-                .await?
-                .into_inner();
+                .revoke_break_glass(pb::BreakGlassRef { id: a.id.clone() })
+                .await?;
             (a.conn, g)
         }
         BreakGlassCmd::List(conn) => {
             let r = conn
                 .connect()
                 .await?
-                .break_glass
-                .list(pb::ListBreakGlassRequest {})
-                .await?
-                .into_inner();
+                .list_break_glass(pb::ListBreakGlassRequest {})
+                .await?;
             if conn.json {
                 return print_json(
                     &serde_json::json!({"grants": r.grants.iter().map(json).collect::<Vec<_>>()}),

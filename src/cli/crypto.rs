@@ -122,7 +122,7 @@ pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
         plaintext: std::mem::take(&mut *pt),
         context: ctx,
     };
-    let r = c.crypto.encrypt(req).await?.into_inner();
+    let r = c.encrypt(req).await?;
     if a.conn.json {
         return print_json(&serde_json::json!({
             "ciphertext_base64": B64.encode(&r.ciphertext), "key_id": r.key_id, "key_version": r.key_version,
@@ -136,13 +136,11 @@ pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
     let ct = read_input(&a.io.input)?;
     let mut c = a.conn.connect().await?;
     let mut r = c
-        .crypto
         .decrypt(pb::DecryptRequest {
             ciphertext: ct.to_vec(),
             context: ctx,
         })
-        .await?
-        .into_inner();
+        .await?;
     let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
     if a.conn.json {
         return print_json(&serde_json::json!({
@@ -160,14 +158,10 @@ pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
         context: ctx,
     };
     let (plain, wrapped, key_id, version) = if a.without_plaintext {
-        let r = c
-            .crypto
-            .generate_data_key_without_plaintext(req)
-            .await?
-            .into_inner();
+        let r = c.generate_data_key_without_plaintext(req).await?;
         (None, r.wrapped_key, r.key_id, r.key_version)
     } else {
-        let mut r = c.crypto.generate_data_key(req).await?.into_inner();
+        let mut r = c.generate_data_key(req).await?;
         let p = Zeroizing::new(std::mem::take(&mut r.plaintext_key));
         (
             Some(p),

@@ -10,11 +10,11 @@ use super::devenv::{
 };
 use super::CliError;
 use crate::api::proto as pb;
+use crate::client::{Code, RemoteError};
 use crate::pki;
 use crate::region::Region;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tonic::Code;
 
 /// Arguments of `demo`.
 #[derive(clap::Args)]
@@ -41,10 +41,10 @@ struct Row {
     detail: String,
 }
 
-fn outcome<T>(r: &Result<T, tonic::Status>) -> (Code, String) {
+fn outcome<T>(r: &Result<T, RemoteError>) -> (Code, String) {
     match r {
         Ok(_) => (Code::Ok, String::new()),
-        Err(s) => (s.code(), s.message().to_owned()),
+        Err(e) => (e.code, e.message.clone()),
     }
 }
 
@@ -152,8 +152,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         },
     ];
     let created = op_eu
-        .keys
-        .create(pb::CreateKeyRequest {
+        .create_key(pb::CreateKeyRequest {
             name: "patient-records".into(),
             tenant: "health".into(),
             description: "demo".into(),
@@ -162,7 +161,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         })
         .await;
     let (got, detail) = outcome(&created);
-    let key_id = created.map(|r| r.into_inner().key_id).unwrap_or_default();
+    let key_id = created.map(|r| r.key_id).unwrap_or_default();
     rows.push(Row {
         caller: "eu-central operator".into(),
         broker: "eu-central".into(),
@@ -180,7 +179,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     let secret = b"patient 4711: diagnosis stays in the EU".to_vec();
     let mut svc_eu = connect_as(pki_dir, "eu-central/service-app", "eu-central", eu).await?;
     let enc = svc_eu
-        .crypto
         .encrypt(pb::EncryptRequest {
             key_id: key_id.clone(),
             plaintext: secret.clone(),
@@ -188,7 +186,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         })
         .await;
     let (got, detail) = outcome(&enc);
-    let ct = enc.map(|r| r.into_inner().ciphertext).unwrap_or_default();
+    let ct = enc.map(|r| r.ciphertext).unwrap_or_default();
     rows.push(Row {
         caller: "eu-central service".into(),
         broker: "eu-central".into(),
@@ -203,7 +201,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     });
 
     let dec = svc_eu
-        .crypto
         .decrypt(pb::DecryptRequest {
             ciphertext: ct.clone(),
             context: ctx.clone(),
@@ -211,7 +208,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         .await;
     let (mut got, detail) = outcome(&dec);
     let same = dec
-        .map(|mut r| std::mem::take(&mut r.get_mut().plaintext) == secret)
+        .map(|mut r| std::mem::take(&mut r.plaintext) == secret)
         .unwrap_or(false);
     if got == Code::Ok && !same {
         got = Code::DataLoss;
@@ -231,7 +228,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
 
     let mut central = connect_as(pki_dir, "central/service-app", "eu-central", eu).await?;
     let r = central
-        .crypto
         .encrypt(pb::EncryptRequest {
             key_id: key_id.clone(),
             plaintext: b"aggregate input".to_vec(),
@@ -282,7 +278,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         let addr = if broker == "eu-central" { eu } else { us };
         let mut c = connect_as(pki_dir, who, broker, addr).await?;
         let r = c
-            .crypto
             .decrypt(pb::DecryptRequest {
                 ciphertext: ct.clone(),
                 context: ctx.clone(),
@@ -301,7 +296,6 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     let wrong_ctx: HashMap<String, String> =
         [("record".to_string(), "patient-4712".to_string())].into();
     let r = svc_eu
-        .crypto
         .decrypt(pb::DecryptRequest {
             ciphertext: ct.clone(),
             context: wrong_ctx,
@@ -350,7 +344,7 @@ fn print_table(rows: &[Row]) {
             r.caller,
             r.broker,
             r.op,
-            super::code_name(r.got),
+            r.got.name(),
             r.detail
         );
     }

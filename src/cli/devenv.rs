@@ -1,7 +1,7 @@
 //! A development environment for the demo and the benchmark: PKI, SoftHSM2
 //! tokens in private directories, broker processes, readiness by health check.
 
-use super::{check_health, CliError};
+use super::CliError;
 use crate::client::{self, Client, ClientTls};
 use crate::pki;
 use crate::region::Region;
@@ -161,7 +161,7 @@ pub(super) async fn connect_as(
 pub(super) async fn wait_serving(c: &Client) -> Result<(), CliError> {
     let start = Instant::now();
     loop {
-        if let Ok(true) = check_health(c).await {
+        if let Ok(true) = c.serving().await {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(30) {

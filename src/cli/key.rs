@@ -2,6 +2,7 @@
 
 use super::{print_json, CliError, ConnArgs};
 use crate::api::proto as pb;
+use crate::client::Code;
 use crate::policy::CryptoOp;
 
 /// Key commands.
@@ -246,16 +247,14 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             let grants = parse_grants(&allow)?;
             let mut cl = conn.connect().await?;
             let m = cl
-                .keys
-                .create(pb::CreateKeyRequest {
+                .create_key(pb::CreateKeyRequest {
                     name,
                     tenant,
                     description,
                     grants,
                     activate: !pre_active,
                 })
-                .await?
-                .into_inner();
+                .await?;
             show(&m, conn.json)
         }
         KeyCmd::List {
@@ -273,7 +272,6 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 .map_or(0, |s| s as i32);
             let mut cl = conn.connect().await?;
             let r = cl
-                .keys
                 .locate(pb::LocateRequest {
                     name: name.unwrap_or_default(),
                     state: st,
@@ -281,8 +279,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                     page_size,
                     page_token,
                 })
-                .await?
-                .into_inner();
+                .await?;
             if conn.json {
                 return print_json(&serde_json::json!({
                     "keys": r.keys.iter().map(meta_json).collect::<Vec<_>>(),
@@ -305,14 +302,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             Ok(())
         }
         KeyCmd::Show(k) => {
-            let m = k
-                .conn
-                .connect()
-                .await?
-                .keys
-                .get_attributes(key_ref(&k))
-                .await?
-                .into_inner();
+            let m = k.conn.connect().await?.get_attributes(key_ref(&k)).await?;
             show(&m, k.conn.json)
         }
         KeyCmd::Provenance {
@@ -321,14 +311,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             verify: _,
         } => provenance(key, pubkey).await,
         KeyCmd::Activate(k) => {
-            let m = k
-                .conn
-                .connect()
-                .await?
-                .keys
-                .activate(key_ref(&k))
-                .await?
-                .into_inner();
+            let m = k.conn.connect().await?.activate_key(key_ref(&k)).await?;
             show(&m, k.conn.json)
         }
         KeyCmd::Revoke {
@@ -341,25 +324,11 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 reason: reason(&r)? as i32,
                 message,
             };
-            let m = key
-                .conn
-                .connect()
-                .await?
-                .keys
-                .revoke(req)
-                .await?
-                .into_inner();
+            let m = key.conn.connect().await?.revoke_key(req).await?;
             show(&m, key.conn.json)
         }
         KeyCmd::Rekey(k) => {
-            let m = k
-                .conn
-                .connect()
-                .await?
-                .keys
-                .re_key(key_ref(&k))
-                .await?
-                .into_inner();
+            let m = k.conn.connect().await?.rekey(key_ref(&k)).await?;
             show(&m, k.conn.json)
         }
         KeyCmd::Destroy { key, days } => {
@@ -367,25 +336,11 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 key_id: key.key_id.clone(),
                 pending_window_days: days.unwrap_or(0),
             };
-            let m = key
-                .conn
-                .connect()
-                .await?
-                .keys
-                .destroy(req)
-                .await?
-                .into_inner();
+            let m = key.conn.connect().await?.destroy_key(req).await?;
             show(&m, key.conn.json)
         }
         KeyCmd::CancelDestroy(k) => {
-            let m = k
-                .conn
-                .connect()
-                .await?
-                .keys
-                .cancel_destroy(key_ref(&k))
-                .await?
-                .into_inner();
+            let m = k.conn.connect().await?.cancel_destroy(key_ref(&k)).await?;
             show(&m, k.conn.json)
         }
         KeyCmd::Grant { key, allow } => {
@@ -393,14 +348,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 key_id: key.key_id.clone(),
                 grants: parse_grants(&allow)?,
             };
-            let m = key
-                .conn
-                .connect()
-                .await?
-                .keys
-                .set_grants(req)
-                .await?
-                .into_inner();
+            let m = key.conn.connect().await?.set_grants(req).await?;
             show(&m, key.conn.json)
         }
     }
@@ -417,7 +365,7 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
         None => None,
     };
     let mut c = k.conn.connect().await?;
-    let m = c.keys.get_attributes(key_ref(&k)).await?.into_inner();
+    let m = c.get_attributes(key_ref(&k)).await?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for v in &m.versions {
@@ -444,17 +392,15 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
         out.push((p, verified));
     }
     let events: Vec<serde_json::Value> = match c
-        .audit
         .export_records(pb::ExportRecordsRequest {
             key_id: k.key_id.clone(),
             ..Default::default()
         })
         .await
     {
-        Ok(resp) => {
-            let mut s = resp.into_inner();
+        Ok(mut records) => {
             let mut ev = Vec::new();
-            while let Some(l) = s.message().await? {
+            while let Some(l) = records.next().await? {
                 if let Ok(r) = serde_json::from_str::<crate::audit::Record>(&l.line) {
                     if !matches!(
                         r.operation.as_str(),
@@ -471,7 +417,7 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
             }
             ev
         }
-        Err(s) if s.code() == tonic::Code::PermissionDenied => Vec::new(),
+        Err(e) if e.code == Code::PermissionDenied => Vec::new(),
         Err(s) => return Err(s.into()),
     };
     if k.conn.json {

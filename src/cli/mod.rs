@@ -12,7 +12,7 @@ mod pki;
 mod serve;
 mod tpm;
 
-use crate::client::{self, Client, ClientTls};
+use crate::client::{self, Client, ClientTls, Code, RemoteError};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,10 +134,9 @@ impl CliError {
     }
 }
 
-impl From<tonic::Status> for CliError {
-    fn from(s: tonic::Status) -> Self {
-        use tonic::Code;
-        let hint = match s.code() {
+impl From<RemoteError> for CliError {
+    fn from(e: RemoteError) -> Self {
+        let hint = match e.code {
             Code::PermissionDenied => "the broker refused this identity; the reason above says which rule",
             Code::NotFound => "check the key id with `sovkms key list`",
             Code::InvalidArgument => "the request or ciphertext is malformed, or the encryption context differs",
@@ -146,31 +145,7 @@ impl From<tonic::Status> for CliError {
             Code::ResourceExhausted => "a size or count limit was exceeded",
             _ => "see the broker's log",
         };
-        Self::new(format!("{}: {}", code_name(s.code()), s.message()), hint)
-    }
-}
-
-/// The canonical gRPC name of a status code.
-pub(crate) fn code_name(c: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match c {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
+        Self::new(e, hint)
     }
 }
 
@@ -231,22 +206,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// One gRPC health check of the whole server ("").
-pub async fn check_health(c: &Client) -> Result<bool, tonic::Status> {
-    use tonic_health::pb::{
-        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-    };
-    let r = HealthClient::new(c.channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?;
-    Ok(r.into_inner().status == ServingStatus::Serving as i32)
-}
-
 async fn health(a: ConnArgs) -> Result<(), CliError> {
     let c = a.connect().await?;
-    let serving = check_health(&c).await?;
+    let serving = c.serving().await?;
     if a.json {
         print_json(&serde_json::json!({ "serving": serving }))?;
     } else {
@@ -264,11 +226,7 @@ async fn health(a: ConnArgs) -> Result<(), CliError> {
 
 async fn info(a: ConnArgs) -> Result<(), CliError> {
     let mut c = a.connect().await?;
-    let i = c
-        .broker
-        .get_info(crate::api::proto::GetInfoRequest {})
-        .await?
-        .into_inner();
+    let i = c.info(crate::api::proto::GetInfoRequest {}).await?;
     if a.json {
         print_json(&serde_json::json!({
             "region": i.region, "broker_id": i.broker_id, "root_kind": i.root_kind,

@@ -12,36 +12,7 @@ use crate::policy::Grant;
 use crate::region::Region;
 use crate::root::WrappedKey;
 
-pub use crate::id::KeyId;
-
-/// KMIP lifecycle states.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyState {
-    /// Created, not yet usable.
-    PreActive,
-    /// Encrypts and decrypts.
-    Active,
-    /// Revoked for a benign reason: decrypts, never encrypts.
-    Deactivated,
-    /// Revoked because the key may be known to others: only ReEncrypt away from it.
-    Compromised,
-    /// Material erased; nothing under this key can be decrypted again.
-    Destroyed,
-}
-
-impl KeyState {
-    /// Lower-case name for messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PreActive => "pre-active",
-            Self::Active => "active",
-            Self::Deactivated => "deactivated",
-            Self::Compromised => "compromised",
-            Self::Destroyed => "destroyed",
-        }
-    }
-}
+pub use crate::id::{KeyId, KeyState};
 
 /// Why a key was revoked (KMIP revocation reason codes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -3,7 +3,7 @@
 //! one gate (`broker/gate.rs`); a new operation is a new row here.
 
 use super::CryptoOp;
-use crate::keys::KeyState;
+use crate::id::KeyState;
 use crate::region::Role;
 use std::fmt;
 

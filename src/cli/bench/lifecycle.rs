@@ -68,15 +68,14 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
         let start_s = t.elapsed().as_secs_f64();
         let pid = b.child.id().unwrap_or(0);
         let rss = rss_kib(pid).unwrap_or(0);
-        let mut k = c.keys.clone();
+        let mut k = c.clone();
         let t = Instant::now();
         let first = k
             .locate(pb::LocateRequest {
                 page_size: 100,
                 ..Default::default()
             })
-            .await?
-            .into_inner();
+            .await?;
         let first_page_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
         let by_name = k
@@ -85,8 +84,7 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
                 page_size: 100,
                 ..Default::default()
             })
-            .await?
-            .into_inner();
+            .await?;
         let by_name_ms = t.elapsed().as_secs_f64() * 1000.0;
         // A name no key has: Locate scans every key (no name index).
         let t = Instant::now();

@@ -60,8 +60,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
     let app = format!("spiffe://{TD}/region/eu-central/service/app");
     let all_ops = [1, 2, 3, 4, 5];
     let key = op
-        .keys
-        .create(pb::CreateKeyRequest {
+        .create_key(pb::CreateKeyRequest {
             name: "bench".into(),
             grants: vec![pb::Grant {
                 principal: app,
@@ -71,7 +70,6 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
             ..Default::default()
         })
         .await?
-        .into_inner()
         .key_id;
     let conns = a.connections.max(1);
     let mut svc = Vec::new();
@@ -118,7 +116,6 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
         for &size in &sizes {
             let pt = vec![0x5au8; size];
             let ct = svc[0]
-                .crypto
                 .clone()
                 .encrypt(pb::EncryptRequest {
                     key_id: key.clone(),
@@ -126,7 +123,6 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                     context: ctx.clone(),
                 })
                 .await?
-                .into_inner()
                 .ciphertext;
             // Ceiling: echo of the request's payload size.
             let payload = match o {
@@ -186,11 +182,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                     }
                 }
             });
-            let info0 = op
-                .broker
-                .get_info(pb::GetInfoRequest {})
-                .await?
-                .into_inner();
+            let info0 = op.info(pb::GetInfoRequest {}).await?;
             // Interleaved slices: a machine whose speed drifts during the
             // run (shared, noisy) slows both sides alike.
             let rounds = a.rounds.max(1);
@@ -201,11 +193,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                 br.merge(drive(a.inflight, slice, bpid, Arc::clone(&broker_call)).await);
             }
             let (ceiling, m) = (ce.summary(), br.summary());
-            let info1 = op
-                .broker
-                .get_info(pb::GetInfoRequest {})
-                .await?
-                .into_inner();
+            let info1 = op.info(pb::GetInfoRequest {}).await?;
             let reqs = m.requests.max(1) as f64;
             let hsm_per_req = (info1.root_calls - info0.root_calls) as f64 / reqs;
             let (h, mi) = (

@@ -1,0 +1,315 @@
+//! A client connection to a broker over mTLS, for the CLI, tests and
+//! services written in Rust (`sovkms::client`). Every call returns the
+//! broker's answer or a [`RemoteError`]: the CLI never sees a tonic type.
+
+use crate::api::proto::{
+    audit_service_client::AuditServiceClient, break_glass_service_client::BreakGlassServiceClient,
+    broker_service_client::BrokerServiceClient, crypto_service_client::CryptoServiceClient,
+    key_service_client::KeyServiceClient,
+};
+use std::path::Path;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// What a client presents and trusts.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// CA that issued the broker's certificate (PEM).
+    pub ca_pem: String,
+    /// Client certificate chain (PEM).
+    pub cert_pem: Option<String>,
+    /// Client private key (PEM). Kept only as long as the config lives.
+    pub key_pem: Option<zeroize::Zeroizing<String>>,
+    /// Name to verify in the broker's certificate.
+    pub server_name: String,
+}
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// File I/O.
+    #[error("cannot read {path}: {err}")]
+    Read {
+        /// file
+        path: String,
+        /// cause
+        err: std::io::Error,
+    },
+    /// Connection or TLS.
+    #[error("cannot connect to {addr}: {err}")]
+    Connect {
+        /// address
+        addr: String,
+        /// cause
+        err: String,
+    },
+}
+
+fn read(path: &Path) -> Result<String, ClientError> {
+    std::fs::read_to_string(path).map_err(|err| ClientError::Read {
+        path: path.display().to_string(),
+        err,
+    })
+}
+
+impl ClientTls {
+    /// Loads PEM files.
+    pub fn from_files(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            ca_pem: read(ca)?,
+            cert_pem: Some(read(cert)?),
+            key_pem: Some(zeroize::Zeroizing::new(read(key)?)),
+            server_name: server_name.to_owned(),
+        })
+    }
+}
+
+/// The three service clients over one channel.
+#[derive(Clone)]
+pub struct Client {
+    /// Lifecycle.
+    pub keys: KeyServiceClient<Channel>,
+    /// Cryptography.
+    pub crypto: CryptoServiceClient<Channel>,
+    /// Broker info.
+    pub broker: BrokerServiceClient<Channel>,
+    /// Audit records and aggregates.
+    pub audit: AuditServiceClient<Channel>,
+    /// Break-glass grants.
+    pub break_glass: BreakGlassServiceClient<Channel>,
+    /// The raw channel (health checks, reflection).
+    pub channel: Channel,
+}
+
+/// Connects to `addr` (`host:port`) over mTLS.
+pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError> {
+    let err = |e: String| ClientError::Connect {
+        addr: addr.to_owned(),
+        err: e,
+    };
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+        .domain_name(tls.server_name.clone());
+    if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
+        cfg = cfg.identity(Identity::from_pem(c, k.as_bytes()));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .map_err(|e| err(e.to_string()))?
+        .tls_config(cfg)
+        .map_err(|e| err(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| err(error_chain(&e)))?;
+    let max = crate::broker::MAX_PLAINTEXT_LIMIT + 64 * 1024;
+    Ok(Client {
+        keys: KeyServiceClient::new(channel.clone()),
+        crypto: CryptoServiceClient::new(channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        broker: BrokerServiceClient::new(channel.clone()),
+        audit: AuditServiceClient::new(channel.clone()),
+        break_glass: BreakGlassServiceClient::new(channel.clone()),
+        channel,
+    })
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A gRPC status code, as the broker answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Code {
+    Ok,
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
+}
+
+impl Code {
+    /// The canonical gRPC name (`PERMISSION_DENIED`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "OK",
+            Self::Cancelled => "CANCELLED",
+            Self::Unknown => "UNKNOWN",
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
+            Self::Aborted => "ABORTED",
+            Self::OutOfRange => "OUT_OF_RANGE",
+            Self::Unimplemented => "UNIMPLEMENTED",
+            Self::Internal => "INTERNAL",
+            Self::Unavailable => "UNAVAILABLE",
+            Self::DataLoss => "DATA_LOSS",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+}
+
+impl From<tonic::Code> for Code {
+    fn from(c: tonic::Code) -> Self {
+        use tonic::Code as T;
+        match c {
+            T::Ok => Self::Ok,
+            T::Cancelled => Self::Cancelled,
+            T::Unknown => Self::Unknown,
+            T::InvalidArgument => Self::InvalidArgument,
+            T::DeadlineExceeded => Self::DeadlineExceeded,
+            T::NotFound => Self::NotFound,
+            T::AlreadyExists => Self::AlreadyExists,
+            T::PermissionDenied => Self::PermissionDenied,
+            T::ResourceExhausted => Self::ResourceExhausted,
+            T::FailedPrecondition => Self::FailedPrecondition,
+            T::Aborted => Self::Aborted,
+            T::OutOfRange => Self::OutOfRange,
+            T::Unimplemented => Self::Unimplemented,
+            T::Internal => Self::Internal,
+            T::Unavailable => Self::Unavailable,
+            T::DataLoss => Self::DataLoss,
+            T::Unauthenticated => Self::Unauthenticated,
+        }
+    }
+}
+
+/// A call the broker refused or could not answer.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}: {message}", code.name())]
+pub struct RemoteError {
+    /// The status code.
+    pub code: Code,
+    /// The broker's sentence (or the transport's, for a failed connection).
+    pub message: String,
+}
+
+impl From<tonic::Status> for RemoteError {
+    fn from(s: tonic::Status) -> Self {
+        Self {
+            code: s.code().into(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// Typed unary calls: the request message in, the answer or a
+/// [`RemoteError`] out.
+macro_rules! unary {
+    ($($(#[$doc:meta])* $name:ident: $svc:ident.$rpc:ident($req:ty) -> $resp:ty;)*) => {
+        impl Client {$(
+            $(#[$doc])*
+            pub async fn $name(&mut self, req: $req) -> Result<$resp, RemoteError> {
+                Ok(self.$svc.$rpc(req).await?.into_inner())
+            }
+        )*}
+    };
+}
+
+use crate::api::proto as pb;
+
+unary! {
+    /// KeyService.Create.
+    create_key: keys.create(pb::CreateKeyRequest) -> pb::KeyMetadata;
+    /// KeyService.Activate.
+    activate_key: keys.activate(pb::KeyRef) -> pb::KeyMetadata;
+    /// KeyService.Revoke.
+    revoke_key: keys.revoke(pb::RevokeRequest) -> pb::KeyMetadata;
+    /// KeyService.Destroy.
+    destroy_key: keys.destroy(pb::DestroyRequest) -> pb::KeyMetadata;
+    /// KeyService.CancelDestroy.
+    cancel_destroy: keys.cancel_destroy(pb::KeyRef) -> pb::KeyMetadata;
+    /// KeyService.ReKey.
+    rekey: keys.re_key(pb::KeyRef) -> pb::KeyMetadata;
+    /// KeyService.GetAttributes.
+    get_attributes: keys.get_attributes(pb::KeyRef) -> pb::KeyMetadata;
+    /// KeyService.Locate.
+    locate: keys.locate(pb::LocateRequest) -> pb::LocateResponse;
+    /// KeyService.SetGrants.
+    set_grants: keys.set_grants(pb::SetGrantsRequest) -> pb::KeyMetadata;
+    /// CryptoService.Encrypt.
+    encrypt: crypto.encrypt(pb::EncryptRequest) -> pb::EncryptResponse;
+    /// CryptoService.Decrypt.
+    decrypt: crypto.decrypt(pb::DecryptRequest) -> pb::DecryptResponse;
+    /// CryptoService.GenerateDataKey.
+    generate_data_key: crypto.generate_data_key(pb::GenerateDataKeyRequest) -> pb::GenerateDataKeyResponse;
+    /// CryptoService.GenerateDataKeyWithoutPlaintext.
+    generate_data_key_without_plaintext: crypto.generate_data_key_without_plaintext(pb::GenerateDataKeyRequest) -> pb::GenerateDataKeyWithoutPlaintextResponse;
+    /// CryptoService.ReEncrypt.
+    re_encrypt: crypto.re_encrypt(pb::ReEncryptRequest) -> pb::ReEncryptResponse;
+    /// BreakGlassService.Request.
+    request_break_glass: break_glass.request(pb::BreakGlassRequest) -> pb::BreakGlassGrant;
+    /// BreakGlassService.Approve.
+    approve_break_glass: break_glass.approve(pb::BreakGlassRef) -> pb::BreakGlassGrant;
+    /// BreakGlassService.Revoke.
+    revoke_break_glass: break_glass.revoke(pb::BreakGlassRef) -> pb::BreakGlassGrant;
+    /// BreakGlassService.List.
+    list_break_glass: break_glass.list(pb::ListBreakGlassRequest) -> pb::ListBreakGlassResponse;
+    /// AuditService.GetAggregates.
+    aggregates: audit.get_aggregates(pb::AggregatesRequest) -> pb::AggregatesResponse;
+    /// AuditService.Attest.
+    attest: audit.attest(pb::AttestRequest) -> pb::AttestResponse;
+    /// BrokerService.GetInfo.
+    info: broker.get_info(pb::GetInfoRequest) -> pb::BrokerInfo;
+}
+
+/// The records of an export, as they arrive.
+pub struct Records(tonic::Streaming<pb::AuditRecordLine>);
+
+impl Records {
+    /// The next record, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<pb::AuditRecordLine>, RemoteError> {
+        Ok(self.0.message().await?)
+    }
+}
+
+impl Client {
+    /// AuditService.ExportRecords.
+    pub async fn export_records(
+        &mut self,
+        req: pb::ExportRecordsRequest,
+    ) -> Result<Records, RemoteError> {
+        Ok(Records(self.audit.export_records(req).await?.into_inner()))
+    }
+
+    /// One gRPC health check of the whole server (""): true when serving.
+    pub async fn serving(&self) -> Result<bool, RemoteError> {
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
+        let r = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok(r.into_inner().status == ServingStatus::Serving as i32)
+    }
+}
