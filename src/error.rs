@@ -178,7 +178,7 @@ pub enum Precondition {
         state: KeyState,
     },
     /// Rekey of a key scheduled for destruction.
-    #[error("key {0} is scheduled for destruction; only an active key that is not can be rekeyed")]
+    #[error("key {0} is scheduled for destruction and cannot be rekeyed; an operator can cancel the destruction first")]
     RekeyScheduled(KeyId),
     /// A ciphertext of another region.
     #[error("ciphertext belongs to region {data}; this broker serves region {broker} (send it to the {data} broker)")]

@@ -6,19 +6,22 @@
 //! outside its region.
 //!
 //! ```text
-//!  client ──mTLS──▶ api/ (tonic; cert → Caller; Error → Status)
+//!  client ──mTLS──▶ api/ (the gRPC front end: cert → Caller; Error → Status once)
 //!                     │
 //!                     ▼
-//!                  broker/ ── region.rs (residency rule) ── policy/ (roles, grants)
-//!                     │
+//!                  broker/ ── gate.rs: the one gate, reading policy/table.rs
+//!                     │         (role, region — region.rs: residency — grant, state)
 //!          ┌──────────┼───────────┐
 //!          ▼          ▼           ▼
 //!     envelope/     keys/       store/ (sled; wrapped material only)
-//!   (format, GCM) (KEK cache)
+//!   (format, GCM) (keyring)       audit/ (hash chain, audit-before-release)
 //!                     │
 //!                     ▼
 //!                  root/ (RootOfTrust: PKCS#11 HSM, TPM 2.0, software dev root)
 //! ```
+//!
+//! The core returns typed results and typed errors (`error.rs`); a front
+//! end is a thin adapter that maps them to its protocol once.
 
 pub mod api;
 pub mod audit;

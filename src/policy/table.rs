@@ -326,21 +326,30 @@ pub static RULES: [Rule; 23] = [
         EVERYONE,
         Anywhere,
     ),
-    manage(
-        O::RequestBreakGlass,
-        "request-break-glass",
-        "request break-glass grants",
-    ),
-    manage(
-        O::ApproveBreakGlass,
-        "approve-break-glass",
-        "approve break-glass grants",
-    ),
-    manage(
-        O::RevokeBreakGlass,
-        "revoke-break-glass",
-        "revoke break-glass grants",
-    ),
+    Rule {
+        states: ANY_STATE,
+        ..manage(
+            O::RequestBreakGlass,
+            "request-break-glass",
+            "request break-glass grants",
+        )
+    },
+    Rule {
+        states: ANY_STATE,
+        ..manage(
+            O::ApproveBreakGlass,
+            "approve-break-glass",
+            "approve break-glass grants",
+        )
+    },
+    Rule {
+        states: ANY_STATE,
+        ..manage(
+            O::RevokeBreakGlass,
+            "revoke-break-glass",
+            "revoke break-glass grants",
+        )
+    },
     row(
         O::ListBreakGlass,
         "list-break-glass",
