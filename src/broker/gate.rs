@@ -146,7 +146,6 @@ mod tests {
     use super::*;
     use crate::audit::{AuditError, AuditSink, Event, Ticket};
     use crate::broker::BrokerSettings;
-    use crate::keys::KeyId;
     use crate::policy::{CryptoOp, Grant, Principal};
     use crate::region::{Caller, Region, Role};
     use std::sync::Arc;
@@ -194,26 +193,13 @@ mod tests {
     fn key(home: &str, state: KeyState, grant_to: &Caller) -> KeyRecord {
         let principal = Principal::parse(&grant_to.spiffe_id()).unwrap();
         KeyRecord {
-            id: KeyId::parse("k").unwrap(),
-            name: "k".into(),
-            tenant: String::new(),
-            description: String::new(),
-            home_region: region(home),
-            state,
-            revocation_reason: None,
-            revocation_message: String::new(),
-            created_at: 0,
-            updated_at: 0,
-            destroy_after: None,
-            primary_version: 1,
-            versions: Vec::new(),
             // Built directly: `Grant::new` would refuse the cross-region
             // grants this test needs to show the gate refuses them too.
             grants: vec![Grant {
                 principal,
                 operations: CryptoOp::ALL.to_vec(),
             }],
-            created_by: String::new(),
+            ..KeyRecord::example("k", home, state)
         }
     }
 

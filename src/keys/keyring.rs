@@ -164,23 +164,7 @@ mod tests {
     use crate::keys::KeyState;
 
     fn rec(id: &str, state: KeyState) -> KeyRecord {
-        KeyRecord {
-            id: KeyId::parse(id).unwrap(),
-            name: "n".into(),
-            tenant: String::new(),
-            description: String::new(),
-            home_region: crate::region::Region::parse("eu-central").unwrap(),
-            state,
-            revocation_reason: None,
-            revocation_message: String::new(),
-            created_at: 0,
-            updated_at: 0,
-            destroy_after: None,
-            primary_version: 1,
-            versions: Vec::new(),
-            grants: Vec::new(),
-            created_by: String::new(),
-        }
+        KeyRecord::example(id, "eu-central", state)
     }
 
     /// A revoke that commits while a request's store read is in flight

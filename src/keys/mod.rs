@@ -87,3 +87,27 @@ impl KeyRecord {
         self.versions.get(i)
     }
 }
+
+#[cfg(test)]
+impl KeyRecord {
+    /// A record for unit tests: one key, no versions, no grants.
+    pub(crate) fn example(id: &str, home: &str, state: KeyState) -> Self {
+        Self {
+            id: KeyId::parse(id).unwrap_or_else(|e| panic!("{e}")),
+            name: id.into(),
+            tenant: String::new(),
+            description: String::new(),
+            home_region: Region::parse(home).unwrap_or_else(|e| panic!("{e}")),
+            state,
+            revocation_reason: None,
+            revocation_message: String::new(),
+            created_at: 0,
+            updated_at: 0,
+            destroy_after: None,
+            primary_version: 1,
+            versions: Vec::new(),
+            grants: Vec::new(),
+            created_by: String::new(),
+        }
+    }
+}

@@ -151,13 +151,5 @@ pub(super) fn crypto(seconds: f64, json: Option<PathBuf>) -> Result<(), CliError
         );
         rows.push(serde_json::json!({"bytes": size, "seal_per_s": seal, "open_per_s": open, "derive_us": 1e6 / derive, "alg1_derive_us": 1e6 / derive_v1, "ring_aes_gcm_per_s": ring_rate, "aws_lc_aes_gcm_per_s": lc_rate, "rustcrypto_aes_gcm_per_s": rc_rate, "seal_ratio_to_best": seal / best, "open_ratio_to_best": open / best}));
     }
-    if let Some(p) = json {
-        std::fs::write(
-            &p,
-            serde_json::to_string_pretty(&serde_json::json!({"cores": ncpu, "rows": rows}))
-                .map_err(err)?,
-        )
-        .map_err(err)?;
-    }
-    Ok(())
+    write_rows(json.as_deref(), ncpu, rows)
 }

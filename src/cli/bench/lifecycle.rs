@@ -104,13 +104,5 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
         let mut b = b;
         let _ = b.child.kill().await;
     }
-    if let Some(p) = a.json {
-        std::fs::write(
-            &p,
-            serde_json::to_string_pretty(&serde_json::json!({"cores": ncpu, "rows": rows}))
-                .map_err(err)?,
-        )
-        .map_err(err)?;
-    }
-    Ok(())
+    write_rows(a.json.as_deref(), ncpu, rows)
 }

@@ -334,6 +334,18 @@ fn list<T>(s: &str, f: impl Fn(&str) -> Result<T, CliError>) -> Result<Vec<T>, C
         .collect()
 }
 
+/// Writes a benchmark's rows as JSON (`--json FILE`), with the core count.
+fn write_rows(
+    path: Option<&Path>,
+    ncpu: usize,
+    rows: Vec<serde_json::Value>,
+) -> Result<(), CliError> {
+    let Some(p) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(&serde_json::json!({"cores": ncpu, "rows": rows}))
+        .map_err(err)?;
+    std::fs::write(p, text).map_err(err)
+}
+
 /// Entry point.
 pub async fn run(c: BenchCmd) -> Result<(), CliError> {
     match c {
