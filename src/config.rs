@@ -246,6 +246,7 @@ impl Settings {
     fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, String> {
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let region = Region::parse(&raw.region).map_err(|e| format!("region: {e}"))?;
+        check_listen(&raw.listen)?;
         let td = raw.trust_domain;
         if td.is_empty() || td.contains('/') || td.contains(':') {
             return Err(format!(
@@ -357,6 +358,21 @@ impl Settings {
             audit,
             tpm,
         })
+    }
+}
+
+/// `listen` is `host:port` (IPv6 hosts in brackets), with a port: a broker
+/// without one would bind a port the clients cannot know.
+fn check_listen(listen: &str) -> Result<(), String> {
+    let port = listen
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && (!host.contains(':') || host.starts_with('[')))
+        .map(|(_, p)| p);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(_)) => Ok(()),
+        _ => Err(format!(
+            "listen = {listen:?} is not host:port; write e.g. \"0.0.0.0:7443\" or \"[::]:7443\""
+        )),
     }
 }
 
@@ -532,6 +548,16 @@ danger_development_only = true
                 "root.profile",
             ),
             ("listen", "lisen", "unknown field"),
+            (
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1\"",
+                "is not host:port",
+            ),
+            (
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"https://127.0.0.1:7443\"",
+                "is not host:port",
+            ),
             (
                 "kind = \"software\"\ndanger_development_only = true",
                 "kind = \"tpm\"",

@@ -158,6 +158,9 @@ pub enum Precondition {
         /// Its state.
         state: KeyState,
     },
+    /// Activate on a key scheduled for destruction.
+    #[error("key {0} is scheduled for destruction and cannot be activated; cancel the destruction first")]
+    ActivateScheduled(KeyId),
     /// Destroy twice.
     #[error("key {key} is already scheduled for destruction at {}", rfc3339(*at))]
     AlreadyScheduled {

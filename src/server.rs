@@ -1,7 +1,7 @@
 //! Wiring: validated settings → store, root of trust, broker core, API.
 
 use crate::api::{self, RunningServer, ServeError};
-use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
+use crate::audit::{AuditError, AuditLog, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
@@ -63,7 +63,8 @@ pub fn open_root(settings: &Settings) -> Result<Arc<dyn RootOfTrust>, StartError
     Ok(root)
 }
 
-/// Opens the store and the root of trust and builds the core.
+/// Opens the store and the root of trust and builds the core. The audit
+/// log gets its `start` record from [`start`], once the broker can serve.
 pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
     let store: Arc<dyn Store> =
@@ -84,15 +85,6 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         },
         Arc::clone(&root),
     )?;
-    let start = format!(
-        "{} ({}); root key {}",
-        info.description, info.kind, info.root_key_id
-    );
-    // Waited for on a plain thread: this runs inside the async runtime.
-    let ticket = audit.append_ticket(Event::system(Kind::Start, "start", &start))?;
-    std::thread::spawn(move || ticket.wait())
-        .join()
-        .map_err(|_| AuditError::Stopped)??;
     let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
     if let Some(tpm) = &settings.tpm {
         broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
@@ -106,8 +98,17 @@ pub async fn start(
     settings: &Settings,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Broker>, RunningServer), StartError> {
+    // Everything that can fail without the root of trust fails first: a bad
+    // TLS file or a busy port never logs in to the HSM or writes the log.
+    let bound = api::bind_broker(settings).await?;
     let broker = open_broker(settings, clock)?;
-    let server = api::start(settings, Arc::clone(&broker)).await?;
+    let info = broker.status().root;
+    let start = format!(
+        "{} ({}); root key {}",
+        info.description, info.kind, info.root_key_id
+    );
+    broker.audit_system(Event::system(Kind::Start, "start", &start))?;
+    let server = api::start(bound, Arc::clone(&broker)).await?;
     tracing::info!(addr = %server.local_addr, region = %settings.broker.region, "sovkms broker listening (mTLS, TLS 1.3)");
     Ok((broker, server))
 }

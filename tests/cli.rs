@@ -149,7 +149,7 @@ async fn operator_and_service_workflow() {
     for args in [
         vec!["key", "rekey", &key_id],
         vec!["key", "revoke", &key_id, "--reason", "superseded"],
-        vec!["key", "destroy", &key_id, "--days", "7"],
+        vec!["key", "destroy", &key_id, "--days", "7", "--yes"],
         vec!["key", "cancel-destroy", &key_id],
     ] {
         let o = sovkms(&env, &eu, "eu-central/operator-admin", &args);

@@ -276,6 +276,11 @@ fn rows() -> Vec<(String, String, Error)> {
         .into(),
     );
     row(
+        "activate-key",
+        "key scheduled for destruction",
+        Precondition::ActivateScheduled(key()).into(),
+    );
+    row(
         "schedule-key-destruction",
         "window out of range",
         Invalid::DestroyWindow(0).into(),

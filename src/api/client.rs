@@ -23,6 +23,33 @@ pub struct ClientTls {
     pub server_name: String,
 }
 
+/// A broker address that is not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    /// A URL where host:port belongs.
+    #[error("--addr {0:?} is a URL; give host:port, e.g. kms.example:7443")]
+    Url(String),
+    /// No port, or not a number.
+    #[error("--addr {0:?} has no port; give host:port, e.g. kms.example:7443")]
+    NoPort(String),
+}
+
+/// The host part of a `host:port` address (an IPv6 host without its
+/// brackets): the name the broker's certificate is checked against unless
+/// another is given.
+pub fn addr_host(addr: &str) -> Result<&str, AddrError> {
+    if addr.contains("://") {
+        return Err(AddrError::Url(addr.to_owned()));
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.is_empty() && (!h.contains(':') || h.starts_with('[')))
+        .ok_or_else(|| AddrError::NoPort(addr.to_owned()))?;
+    port.parse::<u16>()
+        .map_err(|_| AddrError::NoPort(addr.to_owned()))?;
+    Ok(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
 /// A client-side failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -91,6 +118,7 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError>
         addr: addr.to_owned(),
         err: e,
     };
+    addr_host(addr).map_err(|e| err(e.to_string()))?;
     let mut cfg = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&tls.ca_pem))
         .domain_name(tls.server_name.clone());
@@ -311,5 +339,26 @@ impl Client {
             })
             .await?;
         Ok(r.into_inner().status == ServingStatus::Serving as i32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(addr_host("kms.eu.example:7443"), Ok("kms.eu.example"));
+        assert_eq!(addr_host("127.0.0.1:7443"), Ok("127.0.0.1"));
+        assert_eq!(addr_host("[::1]:7443"), Ok("::1"));
+        for bad in [
+            "kms.eu.example",
+            "https://kms:7443",
+            ":7443",
+            "kms:port",
+            "::1:7443",
+        ] {
+            assert!(addr_host(bad).is_err(), "{bad}");
+        }
     }
 }

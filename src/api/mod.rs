@@ -78,9 +78,32 @@ impl RunningServer {
     }
 }
 
-/// Binds the listener and starts serving `broker` with mTLS.
-pub async fn start(settings: &Settings, broker: Arc<Broker>) -> Result<RunningServer, ServeError> {
+/// A listener bound with its TLS configuration loaded: everything that can
+/// fail on the network side, done before the root of trust is opened.
+pub struct Bound {
+    listener: TcpListener,
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    tls: Arc<TlsServer>,
+}
+
+/// Loads the TLS material and binds the listener.
+pub async fn bind_broker(settings: &Settings) -> Result<Bound, ServeError> {
     let (listener, local_addr, tls) = bind(settings).await?;
+    Ok(Bound {
+        listener,
+        local_addr,
+        tls,
+    })
+}
+
+/// Starts serving `broker` with mTLS on a bound listener.
+pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, ServeError> {
+    let Bound {
+        listener,
+        local_addr,
+        tls,
+    } = bound;
     let (stop_tasks, stop_rx) = watch::channel(false);
 
     let (health, health_svc) = tonic_health::server::health_reporter();

@@ -155,6 +155,15 @@ impl Broker {
         }
     }
 
+    /// Writes a record of the broker's own (start) and waits until it is
+    /// durable, on a plain thread: callers may be on the async runtime.
+    pub fn audit_system(&self, ev: Event) -> std::result::Result<u64, AuditError> {
+        let ticket = self.audit.append_ticket(ev)?;
+        std::thread::spawn(move || ticket.wait())
+            .join()
+            .map_err(|_| AuditError::Stopped)?
+    }
+
     /// Audits a request refused before it reached the core (no identity).
     pub fn audit_unauthenticated(&self, request_id: &str, op: Operation, refusal: &Refusal) {
         let e = Error::Refused(refusal.clone());

@@ -205,6 +205,9 @@ impl Broker {
     /// Pre-active → active.
     pub fn activate(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
         self.change(cx, Operation::ActivateKey, id, |rec| {
+            if rec.destroy_after.is_some() {
+                return Err(Precondition::ActivateScheduled(rec.id.clone()).into());
+            }
             if rec.state != KeyState::PreActive {
                 return Err(Precondition::NotPreActive {
                     key: rec.id.clone(),

@@ -21,9 +21,6 @@ pub enum AuditCmd {
         /// Fail unless the log ends with a signed checkpoint (detects a cut-off tail).
         #[arg(long)]
         require_checkpoint: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
     },
     /// Export a log file as JSON lines or RFC 5424 syslog.
     Export {
@@ -107,6 +104,15 @@ fn open(p: &PathBuf) -> Result<BufReader<std::fs::File>, CliError> {
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", p.display()), ""))
 }
 
+/// A failed write of records: a closed pipe (`| head`) ends quietly, as
+/// standard tools do; anything else is an error.
+fn write_err(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    CliError::new(format!("cannot write the records: {e}"), "")
+}
+
 fn out(p: &Option<PathBuf>) -> Result<Box<dyn Write>, CliError> {
     Ok(match p {
         Some(p) => Box::new(
@@ -138,7 +144,6 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             log,
             pubkey,
             require_checkpoint,
-            json,
         } => {
             let pk_text = std::fs::read_to_string(&pubkey)
                 .map_err(|e| CliError::new(format!("cannot read {}: {e}", pubkey.display()), ""))?;
@@ -146,17 +151,20 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                 .map_err(|e| CliError::new(e, "pass the PEM `sovkms hsm init` printed"))?;
             match audit::verify(open(&log)?, &pk, require_checkpoint) {
                 Ok(rep) => {
-                    if json {
+                    if super::json() {
                         return print_json(&serde_json::json!({"ok": true, "report": rep}));
                     }
-                    println!(
+                    outln!(
                         "OK: {} records, {} signed checkpoints; last sequence {}, signed up to {}",
-                        rep.records, rep.checkpoints, rep.last_seq, rep.last_checkpoint_head
+                        rep.records,
+                        rep.checkpoints,
+                        rep.last_seq,
+                        rep.last_checkpoint_head
                     );
                     Ok(())
                 }
                 Err(f) => {
-                    if json {
+                    if super::json() {
                         print_json(
                             &serde_json::json!({"ok": false, "line": f.line, "seq": f.seq, "why": f.why}),
                         )?;
@@ -182,7 +190,10 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                 from_seq,
                 since_ms(&since)?,
             )
-            .map_err(|e| CliError::new(e, ""))?;
+            .map_err(|e| match e {
+                audit::ReadError::Write(w) => write_err(w),
+                other => CliError::new(other, ""),
+            })?;
             eprintln!("{n} records exported");
             Ok(())
         }
@@ -205,7 +216,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             let mut w = out(&o)?;
             let mut n = 0;
             while let Some(line) = stream.next().await? {
-                writeln!(w, "{}", line.line).map_err(|e| CliError::new(e.to_string(), ""))?;
+                writeln!(w, "{}", line.line).map_err(write_err)?;
                 n += 1;
             }
             eprintln!("{n} records fetched");
@@ -214,7 +225,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
         AuditCmd::Aggregates { conn } => {
             let mut c = conn.connect().await?;
             let r = c.aggregates(pb::AggregatesRequest::default()).await?;
-            if conn.json {
+            if super::json() {
                 return print_json(&serde_json::json!({
                     "min_group_size": r.min_group_size,
                     "cells": r.cells.iter().map(|c| serde_json::json!({
@@ -222,14 +233,22 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                     })).collect::<Vec<_>>(),
                 }));
             }
-            println!(
+            outln!(
                 "{:<10} {:<36} {:<36} {:<8} COUNT (cells < {} suppressed)",
-                "DAY", "KEY", "OPERATION", "OUTCOME", r.min_group_size
+                "DAY",
+                "KEY",
+                "OPERATION",
+                "OUTCOME",
+                r.min_group_size
             );
             for c in &r.cells {
-                println!(
+                outln!(
                     "{:<10} {:<36} {:<36} {:<8} {}",
-                    c.day, c.key_id, c.operation, c.outcome, c.count
+                    c.day,
+                    c.key_id,
+                    c.operation,
+                    c.outcome,
+                    c.count
                 );
             }
             Ok(())
@@ -261,7 +280,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             };
             let rep = crate::root::tpm::write_attestation(&out, &r.pcr_selection, &nonce, &q, ms)
                 .map_err(|e| CliError::new(e, ""))?;
-            super::tpm::print_attestation(&rep, conn.json)
+            super::tpm::print_attestation(&rep, super::json())
         }
         AuditCmd::FetchPubkey { conn } => {
             let mut c = conn.connect().await?;
@@ -272,7 +291,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                     "is its root of trust provisioned?",
                 ));
             }
-            print!("{}", i.signing_public_key_pem);
+            out!("{}", i.signing_public_key_pem);
             Ok(())
         }
         AuditCmd::Pubkey { config } => {
@@ -283,7 +302,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             let point = root
                 .signing_public_key()
                 .map_err(|e| CliError::new(e.message, ""))?;
-            print!("{}", crate::root::p256_spki_pem(&point));
+            out!("{}", crate::root::p256_spki_pem(&point));
             Ok(())
         }
     }

@@ -45,7 +45,7 @@ pub struct IdArg {
 }
 
 fn show(g: &pb::BreakGlassGrant) {
-    println!(
+    outln!(
         "{}  {:<8} {} on {}  approvals {}/{}  {}",
         g.id,
         g.state,
@@ -73,7 +73,7 @@ fn json(g: &pb::BreakGlassGrant) -> serde_json::Value {
 }
 
 pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
-    let (conn, g) = match c {
+    let g = match c {
         BreakGlassCmd::Request {
             conn,
             principal,
@@ -103,7 +103,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 duration_minutes: minutes,
             };
             let g = conn.connect().await?.request_break_glass(req).await?;
-            (conn, g)
+            g
         }
         BreakGlassCmd::Approve(a) => {
             let g = a
@@ -112,7 +112,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 .await?
                 .approve_break_glass(pb::BreakGlassRef { id: a.id.clone() })
                 .await?;
-            (a.conn, g)
+            g
         }
         BreakGlassCmd::Revoke(a) => {
             let g = a
@@ -121,7 +121,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 .await?
                 .revoke_break_glass(pb::BreakGlassRef { id: a.id.clone() })
                 .await?;
-            (a.conn, g)
+            g
         }
         BreakGlassCmd::List(conn) => {
             let r = conn
@@ -129,7 +129,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
                 .await?
                 .list_break_glass(pb::ListBreakGlassRequest {})
                 .await?;
-            if conn.json {
+            if super::json() {
                 return print_json(
                     &serde_json::json!({"grants": r.grants.iter().map(json).collect::<Vec<_>>()}),
                 );
@@ -140,7 +140,7 @@ pub async fn run(c: BreakGlassCmd) -> Result<(), CliError> {
             return Ok(());
         }
     };
-    if conn.json {
+    if super::json() {
         return print_json(&json(&g));
     }
     show(&g);

@@ -34,6 +34,9 @@ pub struct IoArgs {
     /// Encryption context entry KEY=VALUE (repeat); decrypt needs the same as encrypt.
     #[arg(long = "context")]
     context: Vec<String>,
+    /// Ciphertext as base64 text (encrypt writes it, decrypt reads it).
+    #[arg(long)]
+    base64: bool,
 }
 
 /// Arguments of `decrypt`.
@@ -62,6 +65,10 @@ pub struct DataKeyArgs {
     /// Write the wrapped key to this file (else it is printed in base64).
     #[arg(long)]
     out_wrapped: Option<PathBuf>,
+    /// Write the plaintext data key (32 raw bytes) to this file, created
+    /// mode 0600, instead of printing it.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn context(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
@@ -98,6 +105,23 @@ fn read_input(p: &Option<PathBuf>) -> Result<Zeroizing<Vec<u8>>, CliError> {
     Ok(buf)
 }
 
+/// True when the output goes to stdout.
+fn to_stdout(p: &Option<PathBuf>) -> bool {
+    p.as_ref().is_none_or(|p| p.as_os_str() == "-")
+}
+
+/// Binary ciphertext is never written to a terminal (it would garble it).
+fn refuse_binary_terminal(p: &Option<PathBuf>) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    if to_stdout(p) && std::io::stdout().is_terminal() {
+        return Err(CliError::new(
+            "refusing to write binary ciphertext to a terminal",
+            "use --out FILE, --base64, or --json",
+        ));
+    }
+    Ok(())
+}
+
 fn write_output(p: &Option<PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
     match p {
         Some(path) if path.as_os_str() != "-" => {
@@ -123,17 +147,45 @@ pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
         context: ctx,
     };
     let r = c.encrypt(req).await?;
-    if a.conn.json {
-        return print_json(&serde_json::json!({
-            "ciphertext_base64": B64.encode(&r.ciphertext), "key_id": r.key_id, "key_version": r.key_version,
-        }));
+    let json = super::json();
+    if !to_stdout(&a.io.output) {
+        write_output(&a.io.output, &r.ciphertext)?;
     }
-    write_output(&a.io.output, &r.ciphertext)
+    if json {
+        let mut v = serde_json::json!({"key_id": r.key_id, "key_version": r.key_version});
+        if to_stdout(&a.io.output) {
+            v["ciphertext_base64"] = B64.encode(&r.ciphertext).into();
+        } else {
+            v["out"] = a.io.output.as_ref().map(|p| p.display().to_string()).into();
+            v["bytes"] = r.ciphertext.len().into();
+        }
+        return print_json(&v);
+    }
+    if to_stdout(&a.io.output) {
+        if a.io.base64 {
+            outln!("{}", B64.encode(&r.ciphertext));
+            return Ok(());
+        }
+        refuse_binary_terminal(&a.io.output)?;
+        write_output(&a.io.output, &r.ciphertext)?;
+    }
+    Ok(())
 }
 
 pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
     let ctx = context(&a.io.context)?;
-    let ct = read_input(&a.io.input)?;
+    let mut ct = read_input(&a.io.input)?;
+    if a.io.base64 {
+        let text = String::from_utf8_lossy(&ct)
+            .split_whitespace()
+            .collect::<String>();
+        ct = Zeroizing::new(B64.decode(text).map_err(|_| {
+            CliError::new(
+                "the input is not base64",
+                "drop --base64 for a binary ciphertext",
+            )
+        })?);
+    }
     let mut c = a.conn.connect().await?;
     let mut r = c
         .decrypt(pb::DecryptRequest {
@@ -142,12 +194,23 @@ pub async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
         })
         .await?;
     let pt = Zeroizing::new(std::mem::take(&mut r.plaintext));
-    if a.conn.json {
-        return print_json(&serde_json::json!({
-            "plaintext_base64": B64.encode(&*pt), "key_id": r.key_id, "key_version": r.key_version,
-        }));
+    if !to_stdout(&a.io.output) {
+        write_output(&a.io.output, &pt)?;
     }
-    write_output(&a.io.output, &pt)
+    if super::json() {
+        let mut v = serde_json::json!({"key_id": r.key_id, "key_version": r.key_version});
+        if to_stdout(&a.io.output) {
+            v["plaintext_base64"] = B64.encode(&*pt).into();
+        } else {
+            v["out"] = a.io.output.as_ref().map(|p| p.display().to_string()).into();
+            v["bytes"] = pt.len().into();
+        }
+        return print_json(&v);
+    }
+    if to_stdout(&a.io.output) {
+        write_output(&a.io.output, &pt)?;
+    }
+    Ok(())
 }
 
 pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
@@ -173,19 +236,29 @@ pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
     if let Some(path) = &a.out_wrapped {
         write_output(&Some(path.clone()), &wrapped)?;
     }
+    if let (Some(path), Some(p)) = (&a.out, &plain) {
+        write_output(&Some(path.clone()), p)?;
+    }
+    let plain = if a.out.is_some() { None } else { plain };
     let plain_b64 = plain.as_ref().map(|p| Zeroizing::new(B64.encode(&**p)));
-    if a.conn.json {
+    if super::json() {
         return print_json(&serde_json::json!({
             "plaintext_key_base64": plain_b64.as_deref().map(|s| s.as_str()),
             "wrapped_key_base64": B64.encode(&wrapped), "key_id": key_id, "key_version": version,
         }));
     }
     if let Some(p) = &plain_b64 {
-        println!("plaintext key (base64)  {}", p.as_str());
+        outln!("plaintext key (base64)  {}", p.as_str());
+    }
+    if let Some(path) = &a.out {
+        outln!(
+            "plaintext key           written to {} (mode 0600)",
+            path.display()
+        );
     }
     if a.out_wrapped.is_none() {
-        println!("wrapped key (base64)    {}", B64.encode(&wrapped));
+        outln!("wrapped key (base64)    {}", B64.encode(&wrapped));
     }
-    println!("key                     {key_id} version {version}");
+    outln!("key                     {key_id} version {version}");
     Ok(())
 }

@@ -61,7 +61,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         .iter()
         .map(|r| Region::parse(r).map_err(err))
         .collect::<Result<_, _>>()?;
-    println!(
+    outln!(
         "1. minting a development PKI (one CA per region) in {}",
         pki_dir.display()
     );
@@ -74,11 +74,11 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         )
     })?;
     if a.software_root {
-        println!(
+        outln!(
             "2. starting two brokers, each with its own store and a DEVELOPMENT-ONLY software root"
         );
     } else {
-        println!("2. starting two brokers, each with its own store and its own SoftHSM2 token (private SOFTHSM2_CONF)");
+        outln!("2. starting two brokers, each with its own store and its own SoftHSM2 token (private SOFTHSM2_CONF)");
     }
     let mut brokers = HashMap::new();
     for r in &regions[..2] {
@@ -107,7 +107,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         };
         let log = dir.join(format!("{r}.log"));
         let b = start_broker(&exe, &cfg, &log, conf.as_deref()).await?;
-        println!(
+        outln!(
             "   {r:<11} broker on {}: {root_desc} (log: {})",
             b.addr,
             log.display()
@@ -119,7 +119,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         let _ = b.child.start_kill();
         let _ = b.child.wait().await;
     }
-    println!("5. brokers stopped");
+    outln!("5. brokers stopped");
     result
 }
 
@@ -132,7 +132,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         )
         .await?;
     }
-    println!("3. both brokers report SERVING (gRPC health)");
+    outln!("3. both brokers report SERVING (gRPC health)");
 
     let mut rows = Vec::new();
     let svc = |r: &str| format!("spiffe://{TD}/region/{r}/service/app");
@@ -311,7 +311,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         detail,
     });
 
-    println!("4. scenario:\n");
+    outln!("4. scenario:\n");
     print_table(&rows);
     let failed = rows.iter().filter(|r| r.got != r.expected).count();
     if failed > 0 {
@@ -320,7 +320,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
             "see the table and the broker logs",
         ));
     }
-    println!(
+    outln!(
         "\nall {} steps gave the expected answer: plaintext stayed in eu-central.",
         rows.len()
     );
@@ -328,9 +328,12 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
 }
 
 fn print_table(rows: &[Row]) {
-    println!(
+    outln!(
         "#   {:<20} {:<11} {:<26} {:<20} DETAIL",
-        "CALLER", "BROKER", "OPERATION", "RESULT"
+        "CALLER",
+        "BROKER",
+        "OPERATION",
+        "RESULT"
     );
     for (i, r) in rows.iter().enumerate() {
         let mark = if r.got == r.expected {
@@ -338,7 +341,7 @@ fn print_table(rows: &[Row]) {
         } else {
             " (UNEXPECTED)"
         };
-        println!(
+        outln!(
             "{:<3} {:<20} {:<11} {:<26} {:<20} {}{mark}",
             i + 1,
             r.caller,

@@ -23,9 +23,6 @@ pub enum HsmCmd {
         /// Also print every mechanism.
         #[arg(long)]
         mechanisms: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
     },
     /// Create a development token (SoftHSM2) in the first free slot. Real
     /// HSMs are initialized with their vendor's tools.
@@ -107,7 +104,6 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             module,
             profile,
             mechanisms,
-            json,
         } => {
             let module = match module {
                 Some(m) => m,
@@ -118,18 +114,18 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 }
             };
             let slots = admin::list(&module).map_err(root_err)?;
-            if json {
+            if super::json() {
                 return print_json(
                     &serde_json::to_value(&slots).map_err(|e| CliError::new(e.to_string(), ""))?,
                 );
             }
-            println!("module {}", module.display());
+            outln!("module {}", module.display());
             for s in &slots {
                 if !s.initialized {
-                    println!("  slot {:<10} (no initialized token)", s.slot_id);
+                    outln!("  slot {:<10} (no initialized token)", s.slot_id);
                     continue;
                 }
-                println!(
+                outln!(
                     "  slot {:<10} token '{}'  {} {}  serial {}  {} mechanisms",
                     s.slot_id,
                     s.label,
@@ -140,7 +136,7 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 );
                 if mechanisms {
                     for m in &s.mechanisms {
-                        println!("      {m}");
+                        outln!("      {m}");
                     }
                 }
             }
@@ -161,50 +157,52 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 .read()
                 .map_err(|e| CliError::new(e.message, ""))?;
             admin::init_dev_token(&prof.module, &label, &so, &pin).map_err(root_err)?;
-            println!("token '{label}' initialized");
+            outln!("token '{label}' initialized");
             Ok(())
         }
         HsmCmd::Init(c) => {
             let (_, p) = load(&c)?;
             let r = admin::provision(&p).map_err(root_err)?;
-            if c.json {
+            if super::json() {
                 return print_json(
                     &serde_json::to_value(&r).map_err(|e| CliError::new(e.to_string(), ""))?,
                 );
             }
             if r.created {
-                println!("provisioned token '{}'", p.token_label);
+                outln!("provisioned token '{}'", p.token_label);
             } else {
-                println!(
+                outln!(
                     "token '{}' was already provisioned; nothing was changed",
                     p.token_label
                 );
             }
-            println!("root key        {}", r.root_key_id);
-            println!("check value     {}", r.check_value);
-            println!("signing key     {}", r.signing_public_key_hex);
-            print!("{}", r.signing_public_key_pem);
+            outln!("root key        {}", r.root_key_id);
+            outln!("check value     {}", r.check_value);
+            outln!("signing key     {}", r.signing_public_key_hex);
+            out!("{}", r.signing_public_key_pem);
             Ok(())
         }
         HsmCmd::Status(c) => {
             let (_, p) = load(&c)?;
             let st = admin::status(&p).map_err(root_err)?;
-            if c.json {
+            if super::json() {
                 return print_json(
                     &serde_json::to_value(&st).map_err(|e| CliError::new(e.to_string(), ""))?,
                 );
             }
-            println!(
+            outln!(
                 "token    '{}' ({}), profile {}",
-                st.token, st.device, st.profile
+                st.token,
+                st.device,
+                st.profile
             );
             for o in &st.objects {
-                println!("\n{}  label '{}'  id {}", o.role, o.label, o.id);
+                outln!("\n{}  label '{}'  id {}", o.role, o.label, o.id);
                 if !o.check_value.is_empty() {
-                    println!("  CKA_CHECK_VALUE        {}", o.check_value);
+                    outln!("  CKA_CHECK_VALUE        {}", o.check_value);
                 }
                 for (k, v) in &o.flags {
-                    println!("  {k:<22} {v}");
+                    outln!("  {k:<22} {v}");
                 }
             }
             Ok(())
@@ -231,13 +229,15 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 .map(|(_, n)| n)
                 .sum();
             let new_root = if stale > 0 || resume_only {
-                println!("resuming: {stale} key version(s) still wrapped by an older root key");
+                outln!("resuming: {stale} key version(s) still wrapped by an older root key");
                 None
             } else {
                 let k = root.add_root_generation().map_err(root_err)?;
-                println!(
+                outln!(
                     "created root key {} (generation {}, check value {})",
-                    k.id_str, k.generation, k.check_value
+                    k.id_str,
+                    k.generation,
+                    k.check_value
                 );
                 Some(k.id_str)
             };
@@ -246,19 +246,19 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                     .map_err(|e| {
                         CliError::new(e.to_string(), "run the same command again to finish")
                     })?;
-            if c.json {
+            if super::json() {
                 return print_json(&serde_json::json!({
                     "new_root_key_id": new_root, "current_root_key_id": root.info().root_key_id, "report": report,
                 }));
             }
-            println!(
+            outln!(
                 "re-wrapped {} version(s) in {} key(s); {} already current. Current root key: {}",
                 report.versions_rewrapped,
                 report.keys_updated,
                 report.versions_current,
                 root.info().root_key_id
             );
-            println!("older root keys are kept; retire them with `sovkms hsm retire-root`");
+            outln!("older root keys are kept; retire them with `sovkms hsm retire-root`");
             Ok(())
         }
         HsmCmd::RetireRoot { c, root_key_id } => {
@@ -275,7 +275,7 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             }
             let root = Pkcs11Root::open(p).map_err(root_err)?;
             root.destroy_root(&root_key_id).map_err(root_err)?;
-            println!("root key {root_key_id} destroyed");
+            outln!("root key {root_key_id} destroyed");
             Ok(())
         }
         HsmCmd::Bench {
@@ -325,12 +325,12 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             };
             let wrap = measure("wrap")?;
             let unwrap = measure("unwrap")?;
-            if c.json {
+            if super::json() {
                 return print_json(
                     &serde_json::json!({"threads": threads, "wrap_per_s": wrap, "unwrap_per_s": unwrap}),
                 );
             }
-            println!(
+            outln!(
                 "{threads} thread(s): wrap {wrap:.0}/s, unwrap {unwrap:.0}/s ({})",
                 root.info().description
             );

@@ -82,9 +82,12 @@ pub enum KeyCmd {
     Destroy {
         #[command(flatten)]
         key: KeyArg,
-        /// Pending window in days (default: the broker's, 30).
+        /// Pending window in days, 1 to 3650 (default: the broker's, 30).
         #[arg(long)]
         days: Option<u32>,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
     },
     /// Cancel a scheduled destruction.
     CancelDestroy(KeyArg),
@@ -173,8 +176,8 @@ fn show(m: &pb::KeyMetadata, json: bool) -> Result<(), CliError> {
     if json {
         return print_json(&meta_json(m));
     }
-    println!("key        {}", m.key_id);
-    println!(
+    outln!("key        {}", m.key_id);
+    outln!(
         "name       {}{}",
         m.name,
         if m.tenant.is_empty() {
@@ -183,17 +186,59 @@ fn show(m: &pb::KeyMetadata, json: bool) -> Result<(), CliError> {
             format!(" (tenant {})", m.tenant)
         }
     );
-    println!("region     {}", m.home_region);
-    println!("state      {}", state_name(m.state));
-    if m.destroy_after_unix != 0 {
-        println!("destroy    scheduled at unix time {}", m.destroy_after_unix);
+    outln!("region     {}", m.home_region);
+    if m.destroy_after_unix != 0 && m.state != pb::KeyState::Destroyed as i32 {
+        outln!(
+            "state      {}, scheduled for destruction at {} (unusable until cancelled)",
+            state_name(m.state),
+            rfc3339_s(m.destroy_after_unix)
+        );
+    } else {
+        outln!("state      {}", state_name(m.state));
     }
-    println!("version    {} of {}", m.primary_version, m.versions.len());
+    outln!(
+        "created    {} by {}",
+        rfc3339_s(m.created_at_unix),
+        m.created_by
+    );
+    outln!("version    {} of {}", m.primary_version, m.versions.len());
     for g in &m.grants {
         let ops: Vec<_> = g.operations.iter().map(|o| op_name(*o)).collect();
-        println!("grant      {} → {}", g.principal, ops.join(", "));
+        outln!("grant      {} → {}", g.principal, ops.join(", "));
     }
     Ok(())
+}
+
+/// Asks on the terminal before scheduling a destruction; refuses without
+/// `--yes` when there is no terminal to ask on.
+fn confirm_destroy(key_id: &str) -> Result<(), CliError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            format!("destroying key {key_id} needs confirmation"),
+            "add --yes to schedule the destruction from a script",
+        ));
+    }
+    eprint!("Schedule key {key_id} for destruction? Everything encrypted under it becomes unrecoverable when the window ends. Type the key id to confirm: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::new(format!("cannot read the confirmation: {e}"), ""))?;
+    if line.trim() == key_id {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            "not confirmed; nothing was scheduled",
+            "type the key id exactly, or pass --yes",
+        ))
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC, for people.
+fn rfc3339_s(unix: i64) -> String {
+    crate::audit::rfc3339(u64::try_from(unix).unwrap_or(0).saturating_mul(1000))
 }
 
 fn key_ref(k: &KeyArg) -> pb::KeyRef {
@@ -255,7 +300,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                     activate: !pre_active,
                 })
                 .await?;
-            show(&m, conn.json)
+            show(&m, super::json())
         }
         KeyCmd::List {
             conn,
@@ -280,15 +325,15 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                     page_token,
                 })
                 .await?;
-            if conn.json {
+            if super::json() {
                 return print_json(&serde_json::json!({
                     "keys": r.keys.iter().map(meta_json).collect::<Vec<_>>(),
                     "next_page_token": r.next_page_token,
                 }));
             }
-            println!("{:<36} {:<12} {:<8} NAME", "KEY", "STATE", "VERSION");
+            outln!("{:<36} {:<12} {:<8} NAME", "KEY", "STATE", "VERSION");
             for k in &r.keys {
-                println!(
+                outln!(
                     "{:<36} {:<12} {:<8} {}",
                     k.key_id,
                     state_name(k.state),
@@ -297,13 +342,13 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 );
             }
             if !r.next_page_token.is_empty() {
-                println!("(more: --page-token {})", r.next_page_token);
+                outln!("(more: --page-token {})", r.next_page_token);
             }
             Ok(())
         }
         KeyCmd::Show(k) => {
             let m = k.conn.connect().await?.get_attributes(key_ref(&k)).await?;
-            show(&m, k.conn.json)
+            show(&m, super::json())
         }
         KeyCmd::Provenance {
             key,
@@ -312,7 +357,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
         } => provenance(key, pubkey).await,
         KeyCmd::Activate(k) => {
             let m = k.conn.connect().await?.activate_key(key_ref(&k)).await?;
-            show(&m, k.conn.json)
+            show(&m, super::json())
         }
         KeyCmd::Revoke {
             key,
@@ -325,23 +370,32 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 message,
             };
             let m = key.conn.connect().await?.revoke_key(req).await?;
-            show(&m, key.conn.json)
+            show(&m, super::json())
         }
         KeyCmd::Rekey(k) => {
             let m = k.conn.connect().await?.rekey(key_ref(&k)).await?;
-            show(&m, k.conn.json)
+            show(&m, super::json())
         }
-        KeyCmd::Destroy { key, days } => {
+        KeyCmd::Destroy { key, days, yes } => {
+            if days == Some(0) {
+                return Err(CliError::new(
+                    "--days 0 is not a pending window",
+                    "give 1 to 3650 days, or leave --days out for the broker's default",
+                ));
+            }
+            if !yes {
+                confirm_destroy(&key.key_id)?;
+            }
             let req = pb::DestroyRequest {
                 key_id: key.key_id.clone(),
                 pending_window_days: days.unwrap_or(0),
             };
             let m = key.conn.connect().await?.destroy_key(req).await?;
-            show(&m, key.conn.json)
+            show(&m, super::json())
         }
         KeyCmd::CancelDestroy(k) => {
             let m = k.conn.connect().await?.cancel_destroy(key_ref(&k)).await?;
-            show(&m, k.conn.json)
+            show(&m, super::json())
         }
         KeyCmd::Grant { key, allow } => {
             let req = pb::SetGrantsRequest {
@@ -349,7 +403,7 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                 grants: parse_grants(&allow)?,
             };
             let m = key.conn.connect().await?.set_grants(req).await?;
-            show(&m, key.conn.json)
+            show(&m, super::json())
         }
     }
 }
@@ -420,7 +474,7 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
         Err(e) if e.code == Code::PermissionDenied => Vec::new(),
         Err(s) => return Err(s.into()),
     };
-    if k.conn.json {
+    if super::json() {
         print_json(&serde_json::json!({
             "key_id": m.key_id,
             "versions": out.iter().map(|(p, v)| serde_json::json!({"provenance": p, "signature_verified": v})).collect::<Vec<_>>(),
@@ -428,29 +482,29 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
         }))?;
     } else {
         for (p, v) in &out {
-            println!("version {} of {}", p.version, p.key_id);
-            println!(
+            outln!("version {} of {}", p.version, p.key_id);
+            outln!(
                 "  created     {} by {}",
                 crate::audit::rfc3339(p.created_at_unix.max(0) as u64 * 1000),
                 p.creator
             );
-            println!("  region      {} (broker {})", p.region, p.broker_id);
-            println!("  root        {}: {}", p.root_kind, p.root_description);
-            println!("  root key    {}", p.root_key_id);
-            println!("  mechanism   {}", p.mechanism);
-            println!("  audit seq   {}", p.audit_seq);
+            outln!("  region      {} (broker {})", p.region, p.broker_id);
+            outln!("  root        {}: {}", p.root_kind, p.root_description);
+            outln!("  root key    {}", p.root_key_id);
+            outln!("  mechanism   {}", p.mechanism);
+            outln!("  audit seq   {}", p.audit_seq);
             match v {
-                Some(true) => println!("  signature   verified"),
-                Some(false) => println!("  signature   DOES NOT VERIFY"),
-                None => println!("  signature   {} (pass --pubkey to verify)", p.signature),
+                Some(true) => outln!("  signature   verified"),
+                Some(false) => outln!("  signature   DOES NOT VERIFY"),
+                None => outln!("  signature   {} (pass --pubkey to verify)", p.signature),
             }
         }
         if events.is_empty() {
-            println!("lifecycle events: none readable (auditors of the region may read them)");
+            outln!("lifecycle events: none readable (auditors of the region may read them)");
         } else {
-            println!("lifecycle events (audit chain):");
+            outln!("lifecycle events (audit chain):");
             for e in &events {
-                println!(
+                outln!(
                     "  seq {:<6} {} {} {} by {}",
                     e["seq"],
                     e["time"].as_str().unwrap_or(""),

@@ -1,5 +1,17 @@
 //! The `sovkms` command line: one file per command family.
 
+/// `println!` for results: a closed pipe (`sovkms … | head -1`) ends the
+/// process quietly with the status a shell gives a SIGPIPE (141), instead of
+/// a panic.
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `print!` with the same handling of a closed pipe.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
 mod audit;
 mod bench;
 mod breakglass;
@@ -21,8 +33,33 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "sovkms", version, about, long_about = None)]
 struct Cli {
+    /// Machine-readable JSON output (every command that prints a result).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Command,
+}
+
+/// Writes to stdout; exits quietly on a closed pipe, and with a message on
+/// any other write error.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `--json`, set once from the command line before any command runs.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when the command line asked for JSON output.
+pub(crate) fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Subcommand)]
@@ -73,9 +110,6 @@ pub struct ConfigArg {
     /// Broker config file.
     #[arg(long, short)]
     config: PathBuf,
-    /// JSON output.
-    #[arg(long)]
-    json: bool,
 }
 
 /// How to reach a broker; every flag also reads an environment variable.
@@ -93,18 +127,20 @@ pub struct ConnArgs {
     /// Your client private key (PEM).
     #[arg(long, env = "SOVKMS_KEY")]
     key: PathBuf,
-    /// Name to check in the broker's certificate.
-    #[arg(long, env = "SOVKMS_SERVER_NAME", default_value = "localhost")]
-    server_name: String,
-    /// Machine-readable JSON output.
-    #[arg(long)]
-    json: bool,
+    /// Name to check in the broker's certificate (DNS name or IP address);
+    /// default: the host of --addr.
+    #[arg(long, env = "SOVKMS_SERVER_NAME")]
+    server_name: Option<String>,
 }
 
 impl ConnArgs {
     async fn connect(&self) -> Result<Client, CliError> {
-        let tls = ClientTls::from_files(&self.ca, &self.cert, &self.key, &self.server_name)
-            .map_err(|e| {
+        let host = client::addr_host(&self.addr).map_err(|e| {
+            CliError::new(e, "set --addr (or SOVKMS_ADDR) to the broker's host:port")
+        })?;
+        let server_name = self.server_name.as_deref().unwrap_or(host);
+        let tls =
+            ClientTls::from_files(&self.ca, &self.cert, &self.key, server_name).map_err(|e| {
                 CliError::new(
                     e.to_string(),
                     "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)",
@@ -151,13 +187,14 @@ impl From<RemoteError> for CliError {
 
 fn print_json(v: &serde_json::Value) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::new(e.to_string(), ""))?;
-    println!("{s}");
+    outln!("{s}");
     Ok(())
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    JSON.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     let filter = tracing_subscriber::EnvFilter::try_from_env("SOVKMS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -209,10 +246,10 @@ pub fn main() -> ExitCode {
 async fn health(a: ConnArgs) -> Result<(), CliError> {
     let c = a.connect().await?;
     let serving = c.serving().await?;
-    if a.json {
+    if json() {
         print_json(&serde_json::json!({ "serving": serving }))?;
     } else {
-        println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+        outln!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
     }
     if serving {
         Ok(())
@@ -227,7 +264,7 @@ async fn health(a: ConnArgs) -> Result<(), CliError> {
 async fn info(a: ConnArgs) -> Result<(), CliError> {
     let mut c = a.connect().await?;
     let i = c.info(crate::api::proto::GetInfoRequest {}).await?;
-    if a.json {
+    if json() {
         print_json(&serde_json::json!({
             "region": i.region, "broker_id": i.broker_id, "root_kind": i.root_kind,
             "root_description": i.root_description, "development_only": i.development_only,
@@ -235,17 +272,19 @@ async fn info(a: ConnArgs) -> Result<(), CliError> {
             "root_calls": i.root_calls, "caller": i.caller,
         }))
     } else {
-        println!("region           {}", i.region);
-        println!("broker           {} (sovkms {})", i.broker_id, i.version);
-        println!("root of trust    {}: {}", i.root_kind, i.root_description);
+        outln!("region           {}", i.region);
+        outln!("broker           {} (sovkms {})", i.broker_id, i.version);
+        outln!("root of trust    {}: {}", i.root_kind, i.root_description);
         if i.development_only {
-            println!("WARNING          development-only root of trust: not for production data");
+            outln!("WARNING          development-only root of trust: not for production data");
         }
-        println!(
+        outln!(
             "kek cache        {} hits, {} misses; {} root calls",
-            i.cache_hits, i.cache_misses, i.root_calls
+            i.cache_hits,
+            i.cache_misses,
+            i.root_calls
         );
-        println!("you are          {}", i.caller);
+        outln!("you are          {}", i.caller);
         Ok(())
     }
 }

@@ -85,7 +85,7 @@ pub fn run(c: PkiCmd) -> Result<(), CliError> {
         } => {
             let ca = pki::new_ca(&trust_domain, &region(&r)?, days).map_err(pki_err)?;
             pki::write(&out, "ca", &ca).map_err(pki_err)?;
-            println!("wrote {}/ca.pem and ca.key", out.display());
+            outln!("wrote {}/ca.pem and ca.key", out.display());
         }
         PkiCmd::Issue {
             ca_cert,
@@ -129,7 +129,7 @@ pub fn run(c: PkiCmd) -> Result<(), CliError> {
                 Kind::Caller(role) => format!("{}-{name}", role.as_str()),
             };
             pki::write(&out, &stem, &issued).map_err(pki_err)?;
-            println!(
+            outln!(
                 "wrote {}/{stem}.pem and {stem}.key for {}",
                 out.display(),
                 pki::spiffe_id(&trust_domain, &r, kind, &name)
@@ -145,7 +145,7 @@ pub fn run(c: PkiCmd) -> Result<(), CliError> {
                 .map(|r| region(r))
                 .collect::<Result<Vec<_>, _>>()?;
             pki::dev_pki(&out, &trust_domain, &regions, 30).map_err(pki_err)?;
-            println!("development PKI written to {}", out.display());
+            outln!("development PKI written to {}", out.display());
         }
     }
     Ok(())

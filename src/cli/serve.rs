@@ -25,7 +25,7 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
     // One machine-readable line on stdout, for supervisors and tests.
-    println!("listening on {}", server.local_addr);
+    outln!("listening on {}", server.local_addr);
     server
         .run_until(shutdown_signal())
         .await

@@ -109,17 +109,17 @@ fn report(r: &SealReport, json: bool, what: &str) -> Result<(), CliError> {
     if json {
         return print_json(&serde_json::to_value(r).map_err(|e| CliError::new(e.to_string(), ""))?);
     }
-    println!("{what}: {}", r.path);
-    println!(
+    outln!("{what}: {}", r.path);
+    outln!(
         "policy           PCR {} = {}",
         r.policy,
         r.pcr_values.join(",")
     );
     if let Some(id) = &r.root_key_id {
-        println!("root key         {id}");
+        outln!("root key         {id}");
     }
     if r.unseal_ms > 0.0 {
-        println!("unseal           {:.1} ms", r.unseal_ms);
+        outln!("unseal           {:.1} ms", r.unseal_ms);
     }
     Ok(())
 }
@@ -162,11 +162,11 @@ pub(super) fn print_attestation(r: &tpm::AttestReport, json: bool) -> Result<(),
     if json {
         return print_json(&serde_json::to_value(r).map_err(|e| CliError::new(e.to_string(), ""))?);
     }
-    println!("quote written to {}", r.dir);
-    println!("pcrs             {} = {}", r.pcrs, r.pcr_values.join(","));
-    println!("ak fingerprint   {}", r.ak_fingerprint);
-    println!("quote            {:.1} ms", r.quote_ms);
-    println!("verify with      (cd {} && {})", r.dir, r.verify_with);
+    outln!("quote written to {}", r.dir);
+    outln!("pcrs             {} = {}", r.pcrs, r.pcr_values.join(","));
+    outln!("ak fingerprint   {}", r.ak_fingerprint);
+    outln!("quote            {:.1} ms", r.quote_ms);
+    outln!("verify with      (cd {} && {})", r.dir, r.verify_with);
     Ok(())
 }
 
@@ -179,19 +179,19 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             let f = tpm.facts().map_err(tpm_err)?;
             let values = tpm.pcr_values(&t.policy).map_err(tpm_err)?;
             let values: Vec<String> = values.iter().map(hex::encode).collect();
-            if c.json {
+            if super::json() {
                 return print_json(&serde_json::json!({
                     "tcti": t.tcti, "manufacturer": f.manufacturer, "vendor": f.vendor,
                     "firmware": f.firmware, "pcr_banks": f.pcr_banks,
                     "policy": t.policy.spec(), "pcr_values": values,
                 }));
             }
-            println!("tcti             {}", t.tcti);
-            println!("manufacturer     {} ({})", f.manufacturer, f.vendor);
-            println!("firmware         {}", f.firmware);
-            println!("pcr banks        {}", f.pcr_banks.join(", "));
+            outln!("tcti             {}", t.tcti);
+            outln!("manufacturer     {} ({})", f.manufacturer, f.vendor);
+            outln!("firmware         {}", f.firmware);
+            outln!("pcr banks        {}", f.pcr_banks.join(", "));
             for (p, v) in t.policy.pcrs.iter().zip(&values) {
-                println!("pcr {}:{p:<8}  {v}", t.policy.bank);
+                outln!("pcr {}:{p:<8}  {v}", t.policy.bank);
             }
             Ok(())
         }
@@ -204,7 +204,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
                 ));
             }
             let r = tpm::seal_root(&t, &path).map_err(tpm_err)?;
-            report(&r, c.json, "sealed root written")
+            report(&r, super::json(), "sealed root written")
         }
         TpmCmd::SealPin {
             c,
@@ -230,12 +230,12 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             };
             let pin = source.read().map_err(tpm_err)?;
             let r = tpm::seal_pin(&t, &path, &pin).map_err(tpm_err)?;
-            report(&r, c.json, "sealed HSM PIN written")
+            report(&r, super::json(), "sealed HSM PIN written")
         }
         TpmCmd::Check { c } => {
             let (t, path, purpose) = load_sealed(&c)?;
             let r = tpm::check(&t, &path, purpose).map_err(tpm_err)?;
-            report(&r, c.json, "unseals")
+            report(&r, super::json(), "unseals")
         }
         TpmCmd::Reseal {
             c,
@@ -245,13 +245,13 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             let (t, path, purpose) = load_sealed(&c)?;
             if confirm {
                 let r = tpm::confirm_reseal(&t, &path, purpose).map_err(tpm_err)?;
-                return report(&r, c.json, "reseal confirmed");
+                return report(&r, super::json(), "reseal confirmed");
             }
             let expected = parse_expected(&expect_pcr, &t)?;
             let r = tpm::reseal(&t, &path, purpose, expected).map_err(tpm_err)?;
             report(
                 &r,
-                c.json,
+                super::json(),
                 "pending reseal written (confirm with `sovkms tpm reseal --confirm` after the change)",
             )
         }
@@ -263,7 +263,7 @@ pub fn run(cmd: TpmCmd) -> Result<(), CliError> {
             let (q, ms) = tpm::quote(&t, &nonce).map_err(tpm_err)?;
             let r = tpm::write_attestation(&out, &t.policy.spec(), &nonce, &q, ms)
                 .map_err(|e| CliError::new(e, ""))?;
-            print_attestation(&r, c.json)
+            print_attestation(&r, super::json())
         }
     }
 }

@@ -31,8 +31,8 @@ pub enum BenchCmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
-        /// Write results as JSON.
-        #[arg(long)]
+        /// Write results as JSON to this file.
+        #[arg(long = "json-file", value_name = "FILE")]
         json: Option<PathBuf>,
     },
     /// Key creation rate, start-up time, memory and Locate latency by key count.
@@ -92,8 +92,8 @@ pub struct RpcArgs {
     /// Fail unless every Encrypt/Decrypt rate is at least this ratio of the ceiling.
     #[arg(long)]
     min_ratio: Option<f64>,
-    /// Write results as JSON.
-    #[arg(long)]
+    /// Write results as JSON to this file.
+    #[arg(long = "json-file", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 
@@ -115,8 +115,8 @@ pub struct LifecycleArgs {
     /// HSM profile.
     #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
     profile: PathBuf,
-    /// Write results as JSON.
-    #[arg(long)]
+    /// Write results as JSON to this file.
+    #[arg(long = "json-file", value_name = "FILE")]
     json: Option<PathBuf>,
 }
 
@@ -334,7 +334,7 @@ fn list<T>(s: &str, f: impl Fn(&str) -> Result<T, CliError>) -> Result<Vec<T>, C
         .collect()
 }
 
-/// Writes a benchmark's rows as JSON (`--json FILE`), with the core count.
+/// Writes a benchmark's rows as JSON (`--json-file FILE`), with the core count.
 fn write_rows(
     path: Option<&Path>,
     ncpu: usize,

@@ -1,0 +1,269 @@
+//! What a new operator hits in the first hour with the CLI, each against a
+//! real broker on a SoftHSM2 token over mTLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn sovkms_in(dir: &Path, env: &Env, b: &TestBroker, who: &str, args: &[&str]) -> Output {
+    let (r, stem) = who.split_once('/').unwrap();
+    let pki = env.pki.join(r);
+    Command::new(env!("CARGO_BIN_EXE_sovkms"))
+        .current_dir(dir)
+        .args(args)
+        .env("SOVKMS_ADDR", &b.addr)
+        .env("SOVKMS_CA", env.pki.join(&b.region).join("ca.pem"))
+        .env("SOVKMS_CERT", pki.join(format!("{stem}.pem")))
+        .env("SOVKMS_KEY", pki.join(format!("{stem}.key")))
+        .env_remove("SOVKMS_SERVER_NAME")
+        .env("SOVKMS_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_files_names_and_confirmations() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "reports", vec![grant(&app, &ALL_OPS)]).await;
+    let work = env.dir.path().join("work");
+    std::fs::create_dir_all(work.join("dir")).unwrap();
+    std::fs::write(work.join("report.pdf"), b"quarterly figures").unwrap();
+    let svc = "eu-central/service-app";
+
+    // A bare --out name, exactly as the README writes it (the server name
+    // defaults to the host of --addr: 127.0.0.1, in the broker's certificate).
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &[
+            "encrypt",
+            "--key-id",
+            &k,
+            "--in",
+            "report.pdf",
+            "--out",
+            "report.pdf.skms",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(work.join("report.pdf.skms").is_file());
+
+    // An unrelated NAME.tmp is never touched; the output is 0600.
+    std::fs::write(work.join("dir/notes.tmp"), b"someone else's file").unwrap();
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &[
+            "decrypt",
+            "--in",
+            "report.pdf.skms",
+            "--out",
+            "dir/notes.txt",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(
+        std::fs::read(work.join("dir/notes.txt")).unwrap(),
+        b"quarterly figures"
+    );
+    assert_eq!(
+        std::fs::read(work.join("dir/notes.tmp")).unwrap(),
+        b"someone else's file"
+    );
+    let mode = std::fs::metadata(work.join("dir/notes.txt"))
+        .unwrap()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // --out naming a directory: an error, and no plaintext left behind.
+    let before = names(&work);
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &["decrypt", "--in", "report.pdf.skms", "--out", "dir"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert_eq!(names(&work), before);
+    assert_eq!(names(&work.join("dir")), ["notes.tmp", "notes.txt"]);
+
+    // --json is global, and with --out the file is still written.
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &[
+            "--json",
+            "encrypt",
+            "--key-id",
+            &k,
+            "--in",
+            "report.pdf",
+            "--out",
+            "j.skms",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["out"], "j.skms");
+    assert!(v.get("ciphertext_base64").is_none());
+    assert!(work.join("j.skms").is_file());
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        "eu-central/operator-admin",
+        &["--json", "key", "list"],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+
+    // Addresses: a URL or a missing port is refused with what to write.
+    for (addr, says) in [
+        ("https://127.0.0.1:7443", "is a URL"),
+        ("127.0.0.1", "has no port"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args([
+                "health", "--addr", addr, "--ca", "x", "--cert", "x", "--key", "x",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            err(&o).contains(says) && err(&o).contains("host:port"),
+            "{}",
+            err(&o)
+        );
+    }
+    // A wrong explicit server name fails; the default (the host) works.
+    let mut o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &["health", "--server-name", "elsewhere.example"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    o = sovkms_in(&work, &env, &eu, svc, &["health"]);
+    assert!(o.status.success(), "{}", err(&o));
+
+    // Destroy: no silent default, no unconfirmed destruction, and a
+    // scheduled key shows it and cannot be activated.
+    let op = "eu-central/operator-admin";
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        op,
+        &["key", "destroy", &k, "--days", "0", "--yes"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("--days 0"), "{}", err(&o));
+    let o = sovkms_in(&work, &env, &eu, op, &["key", "destroy", &k, "--days", "3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("--yes"), "{}", err(&o));
+    let o = sovkms_in(&work, &env, &eu, op, &["key", "show", &k]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("scheduled"));
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        op,
+        &["key", "destroy", &k, "--days", "3", "--yes"],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let o = sovkms_in(&work, &env, &eu, op, &["key", "show", &k]);
+    let shown = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(shown.contains("scheduled for destruction at 20"), "{shown}");
+    let o = sovkms_in(&work, &env, &eu, op, &["key", "activate", &k]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("cancel the destruction first"),
+        "{}",
+        err(&o)
+    );
+}
+
+/// A broker that cannot serve (bad TLS file, busy port, listen without a
+/// port) stops before it logs in to the HSM or writes its audit log.
+#[test]
+fn a_broker_that_cannot_serve_touches_nothing() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let audit = env.dir.path().join("data/eu-central/audit.log");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    for (what, from, to) in [
+        ("bad TLS path", "broker.pem", "no-such.pem"),
+        ("busy port", "127.0.0.1:0", busy_addr.as_str()),
+        ("no port", "127.0.0.1:0", "127.0.0.1"),
+    ] {
+        std::fs::write(&cfg, text.replacen(from, to, 1)).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("SOVKMS_LOG", "error")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{what}");
+        assert!(
+            !audit.exists(),
+            "{what}: the audit log was written: {}",
+            err(&o)
+        );
+    }
+}
+
+/// `audit export | head -1`: the closed pipe ends the export quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_into_a_closed_pipe_is_quiet() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    for i in 0..300 {
+        create_key(&env, &eu, &format!("k{i}"), vec![]).await;
+    }
+    let log = eu.audit_path.clone();
+    eu.stop().await;
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' audit export --log '{}' | head -1",
+            env!("CARGO_BIN_EXE_sovkms"),
+            log.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+    assert!(!err(&o).contains("error"), "{}", err(&o));
+    assert!(!err(&o).contains("panicked"), "{}", err(&o));
+}
