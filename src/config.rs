@@ -424,8 +424,8 @@ fn root_settings(
             if r.danger_development_only {
                 return Err("root.danger_development_only applies only to kind = \"software\"".into());
             }
-            let profile_path = abs(r.profile.ok_or("root.profile (an HSM profile file) is required for kind = \"pkcs11\"")?);
-            let profile = HsmProfile::load(&profile_path).map_err(|e| e.to_string())?;
+            let spec = r.profile.ok_or("root.profile (a built-in HSM profile such as \"softhsm2\", or a profile file) is required for kind = \"pkcs11\"")?;
+            let profile = HsmProfile::find(&spec.to_string_lossy(), &abs(PathBuf::new())).map_err(|e| e.to_string())?;
             let token_label = r.token_label.ok_or("root.token_label is required for kind = \"pkcs11\"")?;
             if token_label.is_empty() || token_label.len() > 32 {
                 return Err("root.token_label must be 1-32 characters (PKCS#11 token labels are 32 bytes)".into());

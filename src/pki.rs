@@ -246,10 +246,9 @@ pub fn dev_broker_config(
 pub const DEV_SOFTWARE_ROOT: &str = "kind = \"software\"\ndanger_development_only = true\n";
 
 /// `[root]` body for a PKCS#11 token.
-pub fn pkcs11_root_toml(profile: &Path, token_label: &str, pin_file: &Path) -> String {
+pub fn pkcs11_root_toml(profile: &str, token_label: &str, pin_file: &Path) -> String {
     format!(
-        "kind = \"pkcs11\"\nprofile = \"{}\"\ntoken_label = \"{token_label}\"\npin_file = \"{}\"\n",
-        profile.display(),
+        "kind = \"pkcs11\"\nprofile = \"{profile}\"\ntoken_label = \"{token_label}\"\npin_file = \"{}\"\n",
         pin_file.display()
     )
 }

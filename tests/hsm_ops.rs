@@ -192,7 +192,7 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
         &e,
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let root = sovkms::pki::pkcs11_root_toml(&profile, "outage", &pin);
+    let root = sovkms::pki::pkcs11_root_toml(&path_str(&profile), "outage", &pin);
     let cfg = env.config_with_root("eu-central", "", &root);
     let o = run_sovkms(&["hsm", "init", "--config", cfg.to_str().unwrap()], &e);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -78,6 +78,13 @@ impl RunningServer {
     }
 }
 
+/// Loads the TLS material a broker would serve with (certificate, key,
+/// client CAs), binding nothing: for `sovkms config check`.
+pub fn check_tls(settings: &crate::config::TlsSettings) -> Result<(), ServeError> {
+    TlsServer::new(settings)?;
+    Ok(())
+}
+
 /// A listener bound with its TLS configuration loaded: everything that can
 /// fail on the network side, done before the root of trust is opened.
 pub struct Bound {

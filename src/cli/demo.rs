@@ -23,8 +23,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = ".quickstart")]
     dir: PathBuf,
     /// HSM profile of the SoftHSM2 tokens.
-    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
-    profile: PathBuf,
+    #[arg(long, default_value = "softhsm2")]
+    profile: String,
     /// Use the development software root instead of SoftHSM2 tokens.
     #[arg(long)]
     software_root: bool,
@@ -67,12 +67,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
     );
     pki::dev_pki(&pki_dir, TD, &regions, 2).map_err(err)?;
 
-    let profile = a.profile.canonicalize().map_err(|e| {
-        CliError::new(
-            format!("HSM profile {}: {e}", a.profile.display()),
-            "run from the repository root, or pass --profile",
-        )
-    })?;
+    let profile = super::devenv::profile_spec(&a.profile)?;
     if a.software_root {
         outln!(
             "2. starting two brokers, each with its own store and a DEVELOPMENT-ONLY software root"

@@ -34,7 +34,7 @@ pub(super) fn softhsm_token(
     exe: &Path,
     dir: &Path,
     region: &Region,
-    profile: &Path,
+    profile: &str,
 ) -> Result<(String, PathBuf), CliError> {
     let hsm = dir.join("hsm").join(region.as_str());
     let tokens = hsm.join("tokens");
@@ -47,8 +47,7 @@ pub(super) fn softhsm_token(
     crate::files::write_file_durably(&so, random_hex(16)?.as_bytes(), 0o600).map_err(err)?;
     let label = format!("sovkms-{region}");
     let o = std::process::Command::new(exe)
-        .args(["hsm", "init-token", "--profile"])
-        .arg(profile)
+        .args(["hsm", "init-token", "--profile", profile])
         .args(["--label", &label, "--pin-file"])
         .arg(&pin)
         .arg("--so-pin-file")
@@ -66,6 +65,26 @@ pub(super) fn softhsm_token(
         ));
     }
     Ok((pki::pkcs11_root_toml(profile, &label, &pin), conf))
+}
+
+/// An HSM profile argument as a config can name it: a built-in name as is,
+/// a file as an absolute path (the config may live elsewhere).
+pub(super) fn profile_spec(spec: &str) -> Result<String, CliError> {
+    use crate::root::pkcs11::profile::HsmProfile;
+    let abs = if spec.contains('/') || spec.ends_with(".toml") {
+        let p = Path::new(spec).canonicalize().map_err(|e| {
+            CliError::new(
+                format!("HSM profile {spec}: {e}"),
+                "pass --profile softhsm2 or a profile file",
+            )
+        })?;
+        p.display().to_string()
+    } else {
+        spec.to_owned()
+    };
+    HsmProfile::find(&abs, Path::new("."))
+        .map_err(|e| CliError::new(e, "pass --profile softhsm2 or a profile file"))?;
+    Ok(abs)
 }
 
 pub(super) fn provision(exe: &Path, cfg: &Path, conf: &Path) -> Result<String, CliError> {

@@ -17,9 +17,9 @@ pub enum HsmCmd {
         /// PKCS#11 module; default: the module of --profile.
         #[arg(long)]
         module: Option<PathBuf>,
-        /// HSM profile whose module to use.
-        #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
-        profile: PathBuf,
+        /// HSM profile whose module to use: a built-in name or a profile file.
+        #[arg(long, default_value = "softhsm2")]
+        profile: String,
         /// Also print every mechanism.
         #[arg(long)]
         mechanisms: bool,
@@ -27,9 +27,9 @@ pub enum HsmCmd {
     /// Create a development token (SoftHSM2) in the first free slot. Real
     /// HSMs are initialized with their vendor's tools.
     InitToken {
-        /// HSM profile whose module to use.
-        #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
-        profile: PathBuf,
+        /// HSM profile whose module to use: a built-in name or a profile file.
+        #[arg(long, default_value = "softhsm2")]
+        profile: String,
         /// Token label.
         #[arg(long)]
         label: String,
@@ -108,7 +108,7 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             let module = match module {
                 Some(m) => m,
                 None => {
-                    HsmProfile::load(&profile)
+                    HsmProfile::find(&profile, std::path::Path::new("."))
                         .map_err(|e| CliError::new(e, "pass --module or --profile"))?
                         .module
                 }
@@ -148,8 +148,8 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             pin_file,
             so_pin_file,
         } => {
-            let prof =
-                HsmProfile::load(&profile).map_err(|e| CliError::new(e, "pass --profile"))?;
+            let prof = HsmProfile::find(&profile, std::path::Path::new("."))
+                .map_err(|e| CliError::new(e, "pass --profile"))?;
             let pin = PinSource::File(pin_file)
                 .read()
                 .map_err(|e| CliError::new(e.message, ""))?;

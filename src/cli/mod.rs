@@ -91,7 +91,17 @@ enum Command {
     #[command(subcommand)]
     Audit(audit::AuditCmd),
     /// Ask a broker whether it is serving (gRPC health check).
-    Health(ConnArgs),
+    Health(HealthArgs),
+    /// Check a broker config as `serve` would, without opening anything that writes.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Version and build facts.
+    Version,
+    /// Shell completions: `sovkms completions bash > /etc/bash_completion.d/sovkms`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Show what a broker is (region, root of trust, cache figures).
     Info(ConnArgs),
     /// Benchmarks: RPC load against the echo ceiling, crypto, lifecycle.
@@ -110,6 +120,27 @@ pub struct ConfigArg {
     /// Broker config file.
     #[arg(long, short)]
     config: PathBuf,
+}
+
+/// `sovkms health`.
+#[derive(Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Keep asking for up to this many seconds until the broker serves.
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<f64>,
+}
+
+/// `sovkms config …`.
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Parse and validate a broker config: every value, the TLS files, the
+    /// HSM profile. Opens no store, token or audit log.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
 }
 
 /// How to reach a broker; every flag also reads an environment variable.
@@ -223,6 +254,18 @@ pub fn main() -> ExitCode {
             Command::Decrypt(a) => crypto::decrypt(a).await,
             Command::GenerateDataKey(a) => crypto::data_key(a).await,
             Command::Health(a) => health(a).await,
+            Command::Config(ConfigCmd::Check { file }) => config_check(&file).await,
+            Command::Version => version(),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "sovkms",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
             Command::Audit(c) => audit::run(c).await,
             Command::BreakGlass(c) => breakglass::run(c).await,
             Command::Info(a) => info(a).await,
@@ -243,9 +286,33 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn health(a: ConnArgs) -> Result<(), CliError> {
-    let c = a.connect().await?;
-    let serving = c.serving().await?;
+async fn health(h: HealthArgs) -> Result<(), CliError> {
+    let a = h.conn;
+    let deadline = h
+        .wait
+        .map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s.max(0.0)));
+    let serving = loop {
+        let answer = match a.connect().await {
+            Ok(c) => c.serving().await.map_err(CliError::from),
+            Err(e) => Err(e),
+        };
+        match (answer, deadline) {
+            (Ok(true), _) => break true,
+            (Ok(false), None) => break false,
+            (Err(e), None) => return Err(e),
+            (_, Some(d)) if std::time::Instant::now() >= d => {
+                return Err(CliError::new(
+                    format!(
+                        "the broker at {} did not serve within {:?}",
+                        a.addr,
+                        h.wait.unwrap_or(0.0)
+                    ),
+                    "see the broker's log",
+                ))
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    };
     if json() {
         print_json(&serde_json::json!({ "serving": serving }))?;
     } else {
@@ -259,6 +326,70 @@ async fn health(a: ConnArgs) -> Result<(), CliError> {
             "its root of trust is unavailable; see the broker's log",
         ))
     }
+}
+
+/// `sovkms version`.
+fn version() -> Result<(), CliError> {
+    let profiles: Vec<_> = crate::root::pkcs11::profile::HsmProfile::built_in_names().collect();
+    let v = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+        "roots": ["pkcs11", "tpm", "software (development only)"],
+        "hsm_profiles": profiles,
+        "envelope": "sovkms ciphertext format v1, algorithms 1 and 2 (writes 2)",
+    });
+    if json() {
+        return print_json(&v);
+    }
+    outln!(
+        "sovkms {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        v["target"].as_str().unwrap_or("")
+    );
+    outln!("roots of trust   pkcs11, tpm, software (development only)");
+    outln!("HSM profiles     {}", profiles.join(", "));
+    outln!("ciphertext       format v1, algorithms 1 and 2 (writes 2)");
+    Ok(())
+}
+
+/// `sovkms config check FILE`.
+async fn config_check(file: &std::path::Path) -> Result<(), CliError> {
+    let s = crate::config::Settings::load(file).map_err(|e| {
+        CliError::new(
+            e,
+            "fix the config; deploy/broker.example.toml documents every key",
+        )
+    })?;
+    crate::api::check_tls(&s.tls).map_err(|e| {
+        CliError::new(
+            e,
+            "check [tls] cert, key and client_ca paths and that the key matches the certificate",
+        )
+    })?;
+    let root = match &s.root {
+        crate::config::RootSettings::Pkcs11(p) => format!(
+            "pkcs11, profile {} (module {}), token '{}'",
+            p.profile.name,
+            p.module.display(),
+            p.token_label
+        ),
+        crate::config::RootSettings::Tpm { sealed, .. } => {
+            format!("tpm, sealed root {}", sealed.display())
+        }
+        crate::config::RootSettings::Software { .. } => "software (DEVELOPMENT ONLY)".into(),
+    };
+    if json() {
+        return print_json(&serde_json::json!({
+            "ok": true, "region": s.broker.region.to_string(), "listen": s.listen,
+            "data_dir": s.data_dir.display().to_string(), "root": root,
+        }));
+    }
+    outln!("{}: ok", file.display());
+    outln!("region           {}", s.broker.region);
+    outln!("listen           {}", s.listen);
+    outln!("data directory   {}", s.data_dir.display());
+    outln!("root of trust    {root}");
+    Ok(())
 }
 
 async fn info(a: ConnArgs) -> Result<(), CliError> {

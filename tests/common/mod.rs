@@ -311,7 +311,7 @@ pub fn new_unprovisioned_token(dir: &Path, r: &str) -> Token {
         &sovkms::secret::Pin::new(pin),
     )
     .unwrap();
-    let root_toml = pki::pkcs11_root_toml(&softhsm_profile(), &label, &pin_file);
+    let root_toml = pki::pkcs11_root_toml(&path_str(&softhsm_profile()), &label, &pin_file);
     Token {
         label,
         pin_file,

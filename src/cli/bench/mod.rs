@@ -86,9 +86,9 @@ pub struct RpcArgs {
     /// Use the development software root instead of SoftHSM2.
     #[arg(long)]
     software_root: bool,
-    /// HSM profile.
-    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
-    profile: PathBuf,
+    /// HSM profile: a built-in name or a profile file.
+    #[arg(long, default_value = "softhsm2")]
+    profile: String,
     /// Fail unless every Encrypt/Decrypt rate is at least this ratio of the ceiling.
     #[arg(long)]
     min_ratio: Option<f64>,
@@ -112,9 +112,9 @@ pub struct LifecycleArgs {
     /// Working directory; wiped first.
     #[arg(long, default_value = "target/bench-lifecycle")]
     dir: PathBuf,
-    /// HSM profile.
-    #[arg(long, default_value = "hsm-profiles/softhsm2.toml")]
-    profile: PathBuf,
+    /// HSM profile: a built-in name or a profile file.
+    #[arg(long, default_value = "softhsm2")]
+    profile: String,
     /// Write results as JSON to this file.
     #[arg(long = "json-file", value_name = "FILE")]
     json: Option<PathBuf>,
@@ -161,7 +161,7 @@ struct Env {
 async fn setup(
     dir: &Path,
     software_root: bool,
-    profile: &Path,
+    profile: &str,
     tail: &str,
 ) -> Result<Env, CliError> {
     if dir.exists() {
@@ -176,12 +176,7 @@ async fn setup(
     let (root, conf) = if software_root {
         (pki::DEV_SOFTWARE_ROOT.to_owned(), None)
     } else {
-        let profile = profile.canonicalize().map_err(|e| {
-            CliError::new(
-                format!("{}: {e}", profile.display()),
-                "run from the repository root or pass --profile",
-            )
-        })?;
+        let profile = devenv::profile_spec(profile)?;
         let (root, conf) = devenv::softhsm_token(&exe, &dir, &eu, &profile)?;
         (root, Some(conf))
     };

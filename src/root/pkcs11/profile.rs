@@ -150,12 +150,66 @@ pub enum ProfileError {
         "mechanisms.wrap = {0:?} is not supported; use CKM_AES_KEY_WRAP_PAD or CKM_AES_KEY_WRAP"
     )]
     WrapMechanism(String),
+    /// Neither a file nor a built-in name.
+    #[error("HSM profile {0:?} is neither a file nor a built-in profile (softhsm2, thales-luna7, entrust-nshield, yubihsm2, aws-cloudhsm)")]
+    Unknown(String),
     /// Session pool size out of range.
     #[error("sessions.pool_size = {0} must be between 1 and 256")]
     PoolSize(usize),
 }
 
+/// The profiles shipped in `hsm-profiles/`, built into the binary so that a
+/// config can name one (`profile = "softhsm2"`) wherever sovkms is installed.
+const BUILT_IN: [(&str, &str); 5] = [
+    (
+        "softhsm2",
+        include_str!("../../../hsm-profiles/softhsm2.toml"),
+    ),
+    (
+        "thales-luna7",
+        include_str!("../../../hsm-profiles/thales-luna7.toml"),
+    ),
+    (
+        "entrust-nshield",
+        include_str!("../../../hsm-profiles/entrust-nshield.toml"),
+    ),
+    (
+        "yubihsm2",
+        include_str!("../../../hsm-profiles/yubihsm2.toml"),
+    ),
+    (
+        "aws-cloudhsm",
+        include_str!("../../../hsm-profiles/aws-cloudhsm.toml"),
+    ),
+];
+
 impl HsmProfile {
+    /// The names of the built-in profiles.
+    pub fn built_in_names() -> impl Iterator<Item = &'static str> {
+        BUILT_IN.iter().map(|(n, _)| *n)
+    }
+
+    /// A profile by built-in name (`softhsm2`) or by file path (anything
+    /// with a `/` or ending in `.toml`; relative paths against `base`).
+    pub fn find(spec: &str, base: &Path) -> Result<Self, ProfileError> {
+        if spec.contains('/') || spec.ends_with(".toml") {
+            let p = Path::new(spec);
+            return Self::load(&if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            });
+        }
+        let (_, text) = BUILT_IN
+            .iter()
+            .find(|(n, _)| *n == spec)
+            .ok_or_else(|| ProfileError::Unknown(spec.to_owned()))?;
+        Self::parse(text).map_err(|e| ProfileError::In {
+            path: format!("built-in profile {spec}"),
+            source: Box::new(e),
+        })
+    }
+
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Self, ProfileError> {
         let at = || path.display().to_string();
@@ -209,6 +263,23 @@ mod tests {
             }
         }
         assert!(n >= 4, "softhsm2 plus at least three real HSM profiles");
+    }
+
+    #[test]
+    fn built_in_profiles_are_the_shipped_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-profiles");
+        for name in HsmProfile::built_in_names() {
+            let b = HsmProfile::find(name, Path::new("/nowhere")).unwrap();
+            let f = HsmProfile::load(&dir.join(format!("{name}.toml"))).unwrap();
+            assert_eq!(b.name, f.name);
+        }
+        let n = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(
+            n,
+            HsmProfile::built_in_names().count(),
+            "a profile file is not built in"
+        );
+        assert!(HsmProfile::find("nosuch", Path::new(".")).is_err());
     }
 
     #[test]
