@@ -17,7 +17,10 @@ pub enum StartError {
     #[error("root of trust: {0}")]
     Root(#[from] crate::root::RootError),
     /// Store.
-    #[error("store at {path}: {err}")]
+    #[error("{}", match err {
+        crate::store::StoreError::Locked(_) => err.to_string(),
+        _ => format!("store at {path}: {err}"),
+    })]
     Store {
         /// data dir
         path: String,

@@ -267,3 +267,102 @@ async fn export_into_a_closed_pipe_is_quiet() {
     assert!(!err(&o).contains("error"), "{}", err(&o));
     assert!(!err(&o).contains("panicked"), "{}", err(&o));
 }
+
+/// Client-side TLS mistakes each get one sentence naming the problem and
+/// what to do, never a bare "transport error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_mistakes_say_what_to_do() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let work = env.dir.path().to_owned();
+    let eu_pki = env.pki.join("eu-central");
+    let p = |f: &str| eu_pki.join(f).display().to_string();
+    let us_ca = env.pki.join("us-east/ca.pem").display().to_string();
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (
+            vec!["--ca".into(), us_ca],
+            "was not issued by the CA in --ca",
+            "pass with --ca the CA certificate",
+        ),
+        (
+            vec![
+                "--cert".into(),
+                p("service-app.key"),
+                "--key".into(),
+                p("service-app.pem"),
+            ],
+            "are --cert and --key swapped?",
+            "",
+        ),
+        (
+            vec!["--key".into(), p("operator-admin.key")],
+            "does not belong to the certificate",
+            "",
+        ),
+        (
+            vec![
+                "--cert".into(),
+                p("rogue-service.pem"),
+                "--key".into(),
+                p("rogue-service.key"),
+            ],
+            "the broker closed the connection during TLS",
+            "trusts for your region",
+        ),
+        (
+            vec!["--server-name".into(), "other.example".into()],
+            "is not valid for the name other.example",
+            "--server-name",
+        ),
+    ];
+    for (flags, says, hint) in cases {
+        let mut args = vec!["health"];
+        args.extend(flags.iter().map(String::as_str));
+        let o = sovkms_in(&work, &env, &eu, "eu-central/service-app", &args);
+        let e = err(&o);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {e}");
+        assert!(e.contains(says) && e.contains(hint), "{flags:?}: {e}");
+        assert_eq!(e.matches("invalid peer certificate").count(), 0, "{e}");
+    }
+    // A CA certificate where the broker's signing key belongs.
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        "eu-central/auditor-audit",
+        &[
+            "audit",
+            "verify",
+            "--log",
+            &eu.audit_path.display().to_string(),
+            "--pubkey",
+            &p("ca.pem"),
+        ],
+    );
+    assert!(
+        err(&o).contains("this is a certificate, not the broker's signing public key"),
+        "{}",
+        err(&o)
+    );
+}
+
+/// A second broker on a data directory in use is told so.
+#[test]
+fn a_second_broker_on_a_data_directory_in_use_is_told_so() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let mut first = spawn_broker(&cfg, &[]);
+    let o = Command::new(env!("CARGO_BIN_EXE_sovkms"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("SOVKMS_LOG", "error")
+        .output()
+        .unwrap();
+    stop(&mut first);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("is in use by another sovkms process"),
+        "{}",
+        err(&o)
+    );
+}

@@ -61,6 +61,44 @@ pub enum ClientError {
         /// cause
         err: std::io::Error,
     },
+    /// A file that should hold a certificate holds none.
+    #[error("{path} holds no PEM certificate{}", if *.key_instead { " (it holds a private key: are --cert and --key swapped?)" } else { "" })]
+    NotCertificate {
+        /// file
+        path: String,
+        /// It holds a private key instead.
+        key_instead: bool,
+    },
+    /// A file that should hold a private key holds none.
+    #[error("{path} holds no PEM private key{}", if *.cert_instead { " (it holds a certificate: are --cert and --key swapped?)" } else { "" })]
+    NotPrivateKey {
+        /// file
+        path: String,
+        /// It holds a certificate instead.
+        cert_instead: bool,
+    },
+    /// The private key is not the certificate's.
+    #[error("the private key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch {
+        /// certificate file
+        cert: String,
+        /// key file
+        key: String,
+    },
+    /// The broker's certificate does not chain to the CA given.
+    #[error("the certificate of the broker at {addr} was not issued by the CA in --ca")]
+    BrokerNotTrusted {
+        /// address
+        addr: String,
+    },
+    /// The broker's certificate does not name the host dialled.
+    #[error("the certificate of the broker at {addr} is not valid for the name {name}")]
+    WrongName {
+        /// address
+        addr: String,
+        /// the server name checked
+        name: String,
+    },
     /// Connection or TLS.
     #[error("cannot connect to {addr}: {err}")]
     Connect {
@@ -69,6 +107,91 @@ pub enum ClientError {
         /// cause
         err: String,
     },
+}
+
+/// What the user should do about a [`ClientError`].
+impl ClientError {
+    /// One sentence of advice.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Self::Read { .. } => "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)",
+            Self::NotCertificate { .. } | Self::NotPrivateKey { .. } | Self::KeyMismatch { .. } => {
+                "pass your certificate with --cert and its own private key with --key"
+            }
+            Self::BrokerNotTrusted { .. } => {
+                "pass with --ca the CA certificate that issued the broker's certificate"
+            }
+            Self::WrongName { .. } => {
+                "dial the broker by a name its certificate carries, or name it with --server-name"
+            }
+            Self::Connect { .. } => "is the broker running at that address?",
+        }
+    }
+}
+
+fn pem_kinds(text: &str) -> (bool, bool) {
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    let mut cert = false;
+    let mut key = false;
+    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(text.as_bytes()).flatten() {
+        match item.0 {
+            SectionKind::Certificate => cert = true,
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                key = true
+            }
+            _ => {}
+        }
+    }
+    (cert, key)
+}
+
+/// Checks the client's PEM files before any connection: a CA certificate,
+/// a certificate, a private key, and that the key is the certificate's.
+fn check_identity(ca: &Path, cert: &Path, key: &Path, tls: &ClientTls) -> Result<(), ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let shown = |p: &Path| p.display().to_string();
+    let (ca_cert, ca_key) = pem_kinds(&tls.ca_pem);
+    if !ca_cert {
+        return Err(ClientError::NotCertificate {
+            path: shown(ca),
+            key_instead: ca_key,
+        });
+    }
+    let (Some(cert_pem), Some(key_pem)) = (&tls.cert_pem, &tls.key_pem) else {
+        return Ok(());
+    };
+    let (c_cert, c_key) = pem_kinds(cert_pem);
+    if !c_cert {
+        return Err(ClientError::NotCertificate {
+            path: shown(cert),
+            key_instead: c_key,
+        });
+    }
+    let (k_cert, k_key) = pem_kinds(key_pem);
+    if !k_key {
+        return Err(ClientError::NotPrivateKey {
+            path: shown(key),
+            cert_instead: k_cert,
+        });
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .flatten()
+        .collect();
+    let private = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+        ClientError::NotPrivateKey {
+            path: shown(key),
+            cert_instead: false,
+        }
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|_| {
+        ClientError::KeyMismatch {
+            cert: shown(cert),
+            key: shown(key),
+        }
+    })?;
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String, ClientError> {
@@ -86,12 +209,14 @@ impl ClientTls {
         key: &Path,
         server_name: &str,
     ) -> Result<Self, ClientError> {
-        Ok(Self {
+        let tls = Self {
             ca_pem: read(ca)?,
             cert_pem: Some(read(cert)?),
             key_pem: Some(zeroize::Zeroizing::new(read(key)?)),
             server_name: server_name.to_owned(),
-        })
+        };
+        check_identity(ca, cert, key, &tls)?;
+        Ok(tls)
     }
 }
 
@@ -131,7 +256,21 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError>
         .map_err(|e| err(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| err(error_chain(&e)))?;
+        .map_err(|e| {
+            let text = error_chain(&e);
+            if text.contains("UnknownIssuer") {
+                ClientError::BrokerNotTrusted {
+                    addr: addr.to_owned(),
+                }
+            } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+                ClientError::WrongName {
+                    addr: addr.to_owned(),
+                    name: tls.server_name.clone(),
+                }
+            } else {
+                err(text)
+            }
+        })?;
     let max = crate::broker::MAX_PLAINTEXT_LIMIT + 64 * 1024;
     Ok(Client {
         keys: KeyServiceClient::new(channel.clone()),
@@ -145,13 +284,17 @@ pub async fn connect(addr: &str, tls: &ClientTls) -> Result<Client, ClientError>
     })
 }
 
-/// An error with its sources, on one line.
+/// An error with its sources, on one line; a source whose text the line
+/// already holds is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
         cur = c.source();
     }
     s

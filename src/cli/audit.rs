@@ -169,10 +169,12 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                             &serde_json::json!({"ok": false, "line": f.line, "seq": f.seq, "why": f.why}),
                         )?;
                     }
-                    Err(CliError::new(
-                        f.to_string(),
-                        "the log was altered, truncated or signed by another key",
-                    ))
+                    let hint = if f.why.contains("does not end with a signed checkpoint") {
+                        "a running broker signs checkpoints as it goes and at shutdown: wait for its next checkpoint or stop it; otherwise the tail was cut off"
+                    } else {
+                        "the log was altered, truncated or signed by another key"
+                    };
+                    Err(CliError::new(f.to_string(), hint))
                 }
             }
         }

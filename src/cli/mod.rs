@@ -170,19 +170,11 @@ impl ConnArgs {
             CliError::new(e, "set --addr (or SOVKMS_ADDR) to the broker's host:port")
         })?;
         let server_name = self.server_name.as_deref().unwrap_or(host);
-        let tls =
-            ClientTls::from_files(&self.ca, &self.cert, &self.key, server_name).map_err(|e| {
-                CliError::new(
-                    e.to_string(),
-                    "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)",
-                )
-            })?;
-        client::connect(&self.addr, &tls).await.map_err(|e| {
-            CliError::new(
-                e.to_string(),
-                "is the broker running at that address, and was your certificate issued by a CA it trusts?",
-            )
-        })
+        let tls = ClientTls::from_files(&self.ca, &self.cert, &self.key, server_name)
+            .map_err(|e| CliError::new(&e, e.hint()))?;
+        client::connect(&self.addr, &tls)
+            .await
+            .map_err(|e| CliError::new(&e, e.hint()))
     }
 }
 
@@ -203,6 +195,17 @@ impl CliError {
 
 impl From<RemoteError> for CliError {
     fn from(e: RemoteError) -> Self {
+        // TLS 1.3: a client certificate the broker refuses is only seen at
+        // the first call, as a transport error.
+        if matches!(e.code, Code::Unknown | Code::Unavailable | Code::Cancelled)
+            && (e.message.contains("transport error")
+                || e.message.contains("operation was canceled"))
+        {
+            return Self::new(
+                "the broker closed the connection during TLS",
+                "is your certificate (--cert) issued by a CA the broker trusts for your region, and still valid?",
+            );
+        }
         let hint = match e.code {
             Code::PermissionDenied => "the broker refused this identity; the reason above says which rule",
             Code::NotFound => "check the key id with `sovkms key list`",

@@ -18,6 +18,9 @@ pub enum StoreError {
     /// An id that must be new already exists.
     #[error("key {0} already exists")]
     AlreadyExists(KeyId),
+    /// Another process holds the data directory.
+    #[error("the data directory {0} is in use by another sovkms process (a running broker?); stop it first")]
+    Locked(String),
     /// I/O or database failure; the store may be unavailable.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),

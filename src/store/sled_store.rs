@@ -41,7 +41,14 @@ impl SledStore {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(unavailable)?;
+            .map_err(|e| match &e {
+                // sled's file lock: another broker (or an offline command)
+                // has this directory open.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked(dir.display().to_string())
+                }
+                _ => unavailable(e),
+            })?;
         let keys = db.open_tree("keys").map_err(unavailable)?;
         let break_glass = db.open_tree("break-glass").map_err(unavailable)?;
         Ok(Self {
