@@ -217,6 +217,21 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Secrets and state that others than the owner can read: the TLS key,
+    /// the HSM PIN file, the data directory. One sentence each, to warn.
+    pub fn readable_secrets(&self) -> Vec<String> {
+        let mut paths: Vec<(&str, &Path)> = vec![
+            ("TLS private key", &self.tls.key),
+            ("data directory", &self.data_dir),
+        ];
+        if let RootSettings::Pkcs11(p) = &self.root {
+            if let PinSource::File(f) = &p.pin {
+                paths.push(("HSM PIN file", f));
+            }
+        }
+        crate::files::readable_by_others(&paths)
+    }
+
     /// The blob this config seals to the TPM and what it holds: the root
     /// (`kind = "tpm"`) or the HSM PIN (`pin_tpm_sealed`); None otherwise.
     pub fn tpm_sealed(&self) -> Option<(PathBuf, Purpose)> {

@@ -28,6 +28,40 @@ pub fn write_file_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Resu
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Creates a directory (and its missing parents) readable by its owner only
+/// (0700); an existing directory is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Files and directories that others than the owner can read: a PIN, a
+/// private key, a data directory. Each entry is one sentence for the log or
+/// the CLI; a path that does not exist is not reported here.
+pub fn readable_by_others(paths: &[(&str, &Path)]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .filter_map(|(what, p)| {
+            let mode = std::fs::metadata(p).ok()?.mode() & 0o777;
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "{what} {} is accessible to group or others (mode {mode:o}); chmod {} it",
+                    p.display(),
+                    if std::fs::metadata(p).is_ok_and(|m| m.is_dir()) {
+                        "700"
+                    } else {
+                        "600"
+                    }
+                )
+            })
+        })
+        .collect()
+}
+
 /// A file operation that failed, naming the file.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {path}: {source}")]

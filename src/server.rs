@@ -42,6 +42,10 @@ pub enum StartError {
 /// holds an exclusive lock).
 pub fn open_store(settings: &Settings) -> Result<SledStore, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
+    crate::files::create_private_dir(&keys_dir).map_err(|e| StartError::Store {
+        path: keys_dir.display().to_string(),
+        err: crate::store::StoreError::Unavailable(Box::new(e)),
+    })?;
     SledStore::open(&keys_dir).map_err(|err| StartError::Store {
         path: keys_dir.display().to_string(),
         err,
@@ -69,12 +73,10 @@ pub fn open_root(settings: &Settings) -> Result<Arc<dyn RootOfTrust>, StartError
 /// Opens the store and the root of trust and builds the core. The audit
 /// log gets its `start` record from [`start`], once the broker can serve.
 pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
-    let keys_dir = settings.data_dir.join("keys.sled");
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&keys_dir).map_err(|err| StartError::Store {
-            path: keys_dir.display().to_string(),
-            err,
-        })?);
+    for warning in settings.readable_secrets() {
+        tracing::warn!("{warning}");
+    }
+    let store: Arc<dyn Store> = Arc::new(open_store(settings)?);
     let root = open_root(settings)?;
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");

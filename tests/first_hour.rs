@@ -366,3 +366,39 @@ fn a_second_broker_on_a_data_directory_in_use_is_told_so() {
         err(&o)
     );
 }
+
+/// The audit log and the store are created private; `config check` names a
+/// PIN file or a TLS key that others can read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_private_and_loose_secrets_are_named() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&eu.audit_path), 0o600);
+    let data = eu.audit_path.parent().unwrap();
+    assert_eq!(mode(&data.join("keys.sled")), 0o700);
+    eu.stop().await;
+
+    let cfg = env.config("us-east", "");
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args(["config", "check"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let o = check();
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(!err(&o).contains("warning"), "{}", err(&o));
+    let key = env.pki.join("us-east/broker.key");
+    let before = mode(&key);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = check();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(before)).unwrap();
+    assert!(o.status.success());
+    assert!(
+        err(&o).contains("TLS private key") && err(&o).contains("chmod 600"),
+        "{}",
+        err(&o)
+    );
+}

@@ -13,6 +13,7 @@ use super::{AuditError, AuditSink, Event};
 use crate::root::RootOfTrust;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -372,9 +373,10 @@ impl AuditLog {
     pub fn open(settings: LogSettings, root: Arc<dyn RootOfTrust>) -> Result<Self, AuditError> {
         let path = settings.path.clone();
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir.display(), e))?;
+            crate::files::create_private_dir(dir).map_err(|e| AuditError::io(dir.display(), e))?;
         }
         let mut file = OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .append(true)
             .create(true)

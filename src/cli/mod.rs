@@ -381,11 +381,15 @@ async fn config_check(file: &std::path::Path) -> Result<(), CliError> {
         }
         crate::config::RootSettings::Software { .. } => "software (DEVELOPMENT ONLY)".into(),
     };
+    let warnings = s.readable_secrets();
     if json() {
         return print_json(&serde_json::json!({
             "ok": true, "region": s.broker.region.to_string(), "listen": s.listen,
-            "data_dir": s.data_dir.display().to_string(), "root": root,
+            "data_dir": s.data_dir.display().to_string(), "root": root, "warnings": warnings,
         }));
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
     }
     outln!("{}: ok", file.display());
     outln!("region           {}", s.broker.region);

@@ -303,7 +303,7 @@ pub fn new_unprovisioned_token(dir: &Path, r: &str) -> Token {
     let label = format!("t{}-{r}", random_hex(4));
     let pin = random_hex(8);
     let pin_file = dir.join(format!("{label}.pin"));
-    std::fs::write(&pin_file, &pin).unwrap();
+    sovkms::files::write_file_durably(&pin_file, pin.as_bytes(), 0o600).unwrap();
     sovkms::root::pkcs11::admin::init_dev_token(
         &softhsm_module(),
         &label,
