@@ -402,3 +402,67 @@ async fn state_is_private_and_loose_secrets_are_named() {
         err(&o)
     );
 }
+
+/// Client profiles replace the four variables; flags still win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_profiles_choose_the_connection() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let pki = env.pki.join("eu-central");
+    let file = env.dir.path().join("profiles.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "default = \"eu-audit\"\n\n\
+             [profiles.eu-op]\naddr = \"{addr}\"\nca = \"{p}/ca.pem\"\ntls_cert = \"{p}/operator-admin.pem\"\ntls_key = \"{p}/operator-admin.key\"\n\n\
+             [profiles.eu-audit]\naddr = \"{addr}\"\nca = \"{p}/ca.pem\"\ntls_cert = \"{p}/auditor-audit.pem\"\ntls_key = \"{p}/auditor-audit.key\"\n",
+            addr = eu.addr,
+            p = pki.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args(args)
+            .env("SOVKMS_CONFIG", &file)
+            .env_remove("SOVKMS_ADDR")
+            .env_remove("SOVKMS_CA")
+            .env_remove("SOVKMS_CERT")
+            .env_remove("SOVKMS_KEY")
+            .env("SOVKMS_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--json", "info"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["caller"].as_str().unwrap().ends_with("/auditor/audit"),
+        "{v}"
+    );
+    let o = run(&["--json", "info", "--profile", "eu-op"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["caller"].as_str().unwrap().ends_with("/operator/admin"),
+        "{v}"
+    );
+    // A flag beats the profile.
+    let o = run(&[
+        "--json",
+        "info",
+        "--profile",
+        "eu-op",
+        "--tls-cert",
+        &pki.join("service-app.pem").display().to_string(),
+        "--tls-key",
+        &pki.join("service-app.key").display().to_string(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["caller"].as_str().unwrap().ends_with("/service/app"),
+        "{v}"
+    );
+    let o = run(&["info", "--profile", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("eu-audit, eu-op"), "{}", err(&o));
+}

@@ -21,6 +21,7 @@ mod devenv;
 mod hsm;
 mod key;
 mod pki;
+mod profile;
 mod serve;
 mod tpm;
 
@@ -143,36 +144,80 @@ enum ConfigCmd {
     },
 }
 
-/// How to reach a broker; every flag also reads an environment variable.
+/// How to reach a broker: flags, else environment variables, else the
+/// client profile (`--profile`, see `cli/profile.rs`).
 #[derive(Args, Clone)]
 pub struct ConnArgs {
+    /// Client profile to use from the profile file (default: its `default`).
+    #[arg(long, env = "SOVKMS_PROFILE")]
+    profile: Option<String>,
     /// Broker address, host:port.
     #[arg(long, env = "SOVKMS_ADDR")]
-    addr: String,
+    addr: Option<String>,
     /// CA certificate that issued the broker's certificate (PEM).
     #[arg(long, env = "SOVKMS_CA")]
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     /// Your client certificate (PEM).
-    #[arg(long, env = "SOVKMS_CERT")]
-    cert: PathBuf,
+    #[arg(long = "tls-cert", alias = "cert", env = "SOVKMS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
     /// Your client private key (PEM).
-    #[arg(long, env = "SOVKMS_KEY")]
-    key: PathBuf,
+    #[arg(long = "tls-key", alias = "key", env = "SOVKMS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Name to check in the broker's certificate (DNS name or IP address);
     /// default: the host of --addr.
     #[arg(long, env = "SOVKMS_SERVER_NAME")]
     server_name: Option<String>,
 }
 
+/// A value from the flag or variable, else the profile, else an error
+/// naming all three ways to give it.
+fn need<T: Clone>(
+    v: &Option<T>,
+    from_profile: &Option<T>,
+    flag: &str,
+    var: &str,
+) -> Result<T, CliError> {
+    v.clone().or_else(|| from_profile.clone()).ok_or_else(|| {
+        CliError::new(
+            format!("no {flag} given"),
+            format!("pass {flag}, set {var}, or name a client profile with --profile"),
+        )
+    })
+}
+
+/// The variables of earlier releases, still read when the new ones are unset.
+fn old_var(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from)
+}
+
 impl ConnArgs {
     async fn connect(&self) -> Result<Client, CliError> {
-        let host = client::addr_host(&self.addr).map_err(|e| {
+        let p = profile::load(self.profile.as_deref())?;
+        let addr = need(&self.addr, &p.addr, "--addr", "SOVKMS_ADDR")?;
+        let ca = need(&self.ca, &p.ca, "--ca", "SOVKMS_CA")?;
+        let cert = need(
+            &self.tls_cert.clone().or_else(|| old_var("SOVKMS_CERT")),
+            &p.tls_cert,
+            "--tls-cert",
+            "SOVKMS_TLS_CERT",
+        )?;
+        let key = need(
+            &self.tls_key.clone().or_else(|| old_var("SOVKMS_KEY")),
+            &p.tls_key,
+            "--tls-key",
+            "SOVKMS_TLS_KEY",
+        )?;
+        let host = client::addr_host(&addr).map_err(|e| {
             CliError::new(e, "set --addr (or SOVKMS_ADDR) to the broker's host:port")
         })?;
-        let server_name = self.server_name.as_deref().unwrap_or(host);
-        let tls = ClientTls::from_files(&self.ca, &self.cert, &self.key, server_name)
+        let server_name = self
+            .server_name
+            .clone()
+            .or(p.server_name)
+            .unwrap_or_else(|| host.to_owned());
+        let tls = ClientTls::from_files(&ca, &cert, &key, &server_name)
             .map_err(|e| CliError::new(&e, e.hint()))?;
-        client::connect(&self.addr, &tls)
+        client::connect(&addr, &tls)
             .await
             .map_err(|e| CliError::new(&e, e.hint()))
     }
@@ -306,8 +351,7 @@ async fn health(h: HealthArgs) -> Result<(), CliError> {
             (_, Some(d)) if std::time::Instant::now() >= d => {
                 return Err(CliError::new(
                     format!(
-                        "the broker at {} did not serve within {:?}",
-                        a.addr,
+                        "the broker did not serve within {} s",
                         h.wait.unwrap_or(0.0)
                     ),
                     "see the broker's log",
