@@ -152,7 +152,15 @@ async fn output_files_names_and_confirmations() {
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_sovkms"))
             .args([
-                "health", "--addr", addr, "--ca", "x", "--cert", "x", "--key", "x",
+                "health",
+                "--addr",
+                addr,
+                "--ca",
+                "x",
+                "--tls-cert",
+                "x",
+                "--tls-key",
+                "x",
             ])
             .output()
             .unwrap();
@@ -286,24 +294,24 @@ async fn tls_mistakes_say_what_to_do() {
         ),
         (
             vec![
-                "--cert".into(),
+                "--tls-cert".into(),
                 p("service-app.key"),
-                "--key".into(),
+                "--tls-key".into(),
                 p("service-app.pem"),
             ],
-            "are --cert and --key swapped?",
+            "are --tls-cert and --tls-key swapped?",
             "",
         ),
         (
-            vec!["--key".into(), p("operator-admin.key")],
+            vec!["--tls-key".into(), p("operator-admin.key")],
             "does not belong to the certificate",
             "",
         ),
         (
             vec![
-                "--cert".into(),
+                "--tls-cert".into(),
                 p("rogue-service.pem"),
-                "--key".into(),
+                "--tls-key".into(),
                 p("rogue-service.key"),
             ],
             "the broker closed the connection during TLS",
@@ -465,4 +473,71 @@ async fn client_profiles_choose_the_connection() {
     let o = run(&["info", "--profile", "nosuch"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("eu-audit, eu-op"), "{}", err(&o));
+}
+
+/// Keys by name: for services among the keys granted to them only, and an
+/// ambiguous name is refused with the candidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_by_name() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let mine = create_key(&env, &eu, "patient-records", vec![grant(&app, &ALL_OPS)]).await;
+    let d1 = create_key(&env, &eu, "dup", vec![grant(&app, &ALL_OPS)]).await;
+    let d2 = create_key(&env, &eu, "dup", vec![grant(&app, &ALL_OPS)]).await;
+    let other = spiffe("eu-central", "service", "other");
+    let hidden = create_key(&env, &eu, "hidden", vec![grant(&other, &ALL_OPS)]).await;
+    let work = env.dir.path().to_owned();
+    std::fs::write(work.join("r.txt"), b"x").unwrap();
+    let svc = "eu-central/service-app";
+    for name in ["patient-records", "alias/patient-records"] {
+        let o = sovkms_in(
+            &work,
+            &env,
+            &eu,
+            svc,
+            &["--json", "encrypt", "--key", name, "--in", "r.txt"],
+        );
+        assert!(o.status.success(), "{name}: {}", err(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["key_id"], mine.as_str());
+    }
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &["encrypt", "--key", "dup", "--in", "r.txt"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("2 keys are named \"dup\"")
+            && err(&o).contains(&d1)
+            && err(&o).contains(&d2),
+        "{}",
+        err(&o)
+    );
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &["encrypt", "--key", "hidden", "--in", "r.txt"],
+    );
+    assert!(err(&o).contains("no key named \"hidden\""), "{}", err(&o));
+    // A service lists only its own keys; an operator sees them all and
+    // manages by name.
+    let o = sovkms_in(&work, &env, &eu, svc, &["key", "list"]);
+    let listed = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        listed.contains(&mine) && !listed.contains(&hidden),
+        "{listed}"
+    );
+    let op = "eu-central/operator-admin";
+    let o = sovkms_in(&work, &env, &eu, op, &["key", "show", "hidden"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&hidden),
+        "{}",
+        err(&o)
+    );
 }

@@ -62,7 +62,7 @@ pub enum ClientError {
         err: std::io::Error,
     },
     /// A file that should hold a certificate holds none.
-    #[error("{path} holds no PEM certificate{}", if *.key_instead { " (it holds a private key: are --cert and --key swapped?)" } else { "" })]
+    #[error("{path} holds no PEM certificate{}", if *.key_instead { " (it holds a private key: are --tls-cert and --tls-key swapped?)" } else { "" })]
     NotCertificate {
         /// file
         path: String,
@@ -70,7 +70,7 @@ pub enum ClientError {
         key_instead: bool,
     },
     /// A file that should hold a private key holds none.
-    #[error("{path} holds no PEM private key{}", if *.cert_instead { " (it holds a certificate: are --cert and --key swapped?)" } else { "" })]
+    #[error("{path} holds no PEM private key{}", if *.cert_instead { " (it holds a certificate: are --tls-cert and --tls-key swapped?)" } else { "" })]
     NotPrivateKey {
         /// file
         path: String,
@@ -114,9 +114,11 @@ impl ClientError {
     /// One sentence of advice.
     pub fn hint(&self) -> &'static str {
         match self {
-            Self::Read { .. } => "check the --ca/--cert/--key paths (or SOVKMS_CA/CERT/KEY)",
+            Self::Read { .. } => {
+                "check the --ca/--tls-cert/--tls-key paths (or SOVKMS_CA/TLS_CERT/TLS_KEY)"
+            }
             Self::NotCertificate { .. } | Self::NotPrivateKey { .. } | Self::KeyMismatch { .. } => {
-                "pass your certificate with --cert and its own private key with --key"
+                "pass your certificate with --tls-cert and its own private key with --tls-key"
             }
             Self::BrokerNotTrusted { .. } => {
                 "pass with --ca the CA certificate that issued the broker's certificate"

@@ -224,8 +224,8 @@ mod tests {
             | O::GenerateDataKey
             | O::GenerateDataKeyWithoutPlaintext
             | O::ReEncrypt => role == Role::Service,
-            O::GetAttributes | O::Locate | O::ListBreakGlass => role != Role::Service,
-            O::GetInfo => true,
+            O::GetAttributes | O::ListBreakGlass => role != Role::Service,
+            O::GetInfo | O::Locate => true,
             O::ExportAuditRecords | O::ReadAuditAggregates | O::Attest => role == Role::Auditor,
             O::DestroyKey => false,
             _ => role == Role::Operator,

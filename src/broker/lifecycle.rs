@@ -338,9 +338,17 @@ impl Broker {
                 n => n,
             };
             let now = self.clock.now_unix();
+            let caller = &cx.caller;
+            // A service sees only the keys it holds a grant on: names and ids
+            // of other keys are not its business.
+            let visible = |r: &KeyRecord| {
+                caller.role != crate::region::Role::Service
+                    || r.grants.iter().any(|g| g.principal.matches(caller))
+            };
             let matches = |r: &KeyRecord| {
                 let state = effective_state(r, now);
-                filter.name.as_ref().is_none_or(|n| *n == r.name)
+                visible(r)
+                    && filter.name.as_ref().is_none_or(|n| *n == r.name)
                     && filter.tenant.as_ref().is_none_or(|t| *t == r.tenant)
                     && filter.state.is_none_or(|s| s == state)
             };

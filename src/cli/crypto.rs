@@ -15,8 +15,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 pub struct EncryptArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Key id.
-    #[arg(long)]
+    /// Key id, or the key's name (`alias/NAME` to say it is a name).
+    #[arg(long = "key", alias = "key-id", value_name = "KEY")]
     key_id: String,
     #[command(flatten)]
     io: IoArgs,
@@ -53,8 +53,8 @@ pub struct DecryptArgs {
 pub struct DataKeyArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Key id.
-    #[arg(long)]
+    /// Key id, or the key's name (`alias/NAME` to say it is a name).
+    #[arg(long = "key", alias = "key-id", value_name = "KEY")]
     key_id: String,
     /// Encryption context entry KEY=VALUE (repeat).
     #[arg(long = "context")]
@@ -142,7 +142,7 @@ pub async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
     let mut pt = read_input(&a.io.input)?;
     let mut c = a.conn.connect().await?;
     let req = pb::EncryptRequest {
-        key_id: a.key_id,
+        key_id: super::resolve_key(&mut c, &a.key_id).await?,
         plaintext: std::mem::take(&mut *pt),
         context: ctx,
     };
@@ -217,7 +217,7 @@ pub async fn data_key(a: DataKeyArgs) -> Result<(), CliError> {
     let ctx = context(&a.context)?;
     let mut c = a.conn.connect().await?;
     let req = pb::GenerateDataKeyRequest {
-        key_id: a.key_id,
+        key_id: super::resolve_key(&mut c, &a.key_id).await?,
         context: ctx,
     };
     let (plain, wrapped, key_id, version) = if a.without_plaintext {

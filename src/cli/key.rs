@@ -101,13 +101,23 @@ pub enum KeyCmd {
     },
 }
 
-/// A connection and a key id.
+/// A connection and a key.
 #[derive(clap::Args)]
 pub struct KeyArg {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Key id.
+    /// Key id, or the key's name (`alias/NAME` to say it is a name).
+    #[arg(value_name = "KEY")]
     key_id: String,
+}
+
+impl KeyArg {
+    /// Connects and resolves the key to its id.
+    async fn open(&self) -> Result<(crate::client::Client, pb::KeyRef), CliError> {
+        let mut c = self.conn.connect().await?;
+        let key_id = super::resolve_key(&mut c, &self.key_id).await?;
+        Ok((c, pb::KeyRef { key_id }))
+    }
 }
 
 fn parse_grants(allow: &[String]) -> Result<Vec<pb::Grant>, CliError> {
@@ -241,12 +251,6 @@ fn rfc3339_s(unix: i64) -> String {
     crate::audit::rfc3339(u64::try_from(unix).unwrap_or(0).saturating_mul(1000))
 }
 
-fn key_ref(k: &KeyArg) -> pb::KeyRef {
-    pb::KeyRef {
-        key_id: k.key_id.clone(),
-    }
-}
-
 fn reason(s: &str) -> Result<pb::RevocationReason, CliError> {
     Ok(match s {
         "superseded" => pb::RevocationReason::Superseded,
@@ -347,7 +351,8 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             Ok(())
         }
         KeyCmd::Show(k) => {
-            let m = k.conn.connect().await?.get_attributes(key_ref(&k)).await?;
+            let (mut c, r) = k.open().await?;
+            let m = c.get_attributes(r).await?;
             show(&m, super::json())
         }
         KeyCmd::Provenance {
@@ -356,7 +361,8 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             verify: _,
         } => provenance(key, pubkey).await,
         KeyCmd::Activate(k) => {
-            let m = k.conn.connect().await?.activate_key(key_ref(&k)).await?;
+            let (mut c, r) = k.open().await?;
+            let m = c.activate_key(r).await?;
             show(&m, super::json())
         }
         KeyCmd::Revoke {
@@ -364,16 +370,19 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
             reason: r,
             message,
         } => {
+            let reason = reason(&r)? as i32;
+            let (mut c, r) = key.open().await?;
             let req = pb::RevokeRequest {
-                key_id: key.key_id.clone(),
-                reason: reason(&r)? as i32,
+                key_id: r.key_id,
+                reason,
                 message,
             };
-            let m = key.conn.connect().await?.revoke_key(req).await?;
+            let m = c.revoke_key(req).await?;
             show(&m, super::json())
         }
         KeyCmd::Rekey(k) => {
-            let m = k.conn.connect().await?.rekey(key_ref(&k)).await?;
+            let (mut c, r) = k.open().await?;
+            let m = c.rekey(r).await?;
             show(&m, super::json())
         }
         KeyCmd::Destroy { key, days, yes } => {
@@ -383,26 +392,30 @@ pub async fn run(c: KeyCmd) -> Result<(), CliError> {
                     "give 1 to 3650 days, or leave --days out for the broker's default",
                 ));
             }
+            let (mut c, r) = key.open().await?;
             if !yes {
-                confirm_destroy(&key.key_id)?;
+                confirm_destroy(&r.key_id)?;
             }
             let req = pb::DestroyRequest {
-                key_id: key.key_id.clone(),
+                key_id: r.key_id,
                 pending_window_days: days.unwrap_or(0),
             };
-            let m = key.conn.connect().await?.destroy_key(req).await?;
+            let m = c.destroy_key(req).await?;
             show(&m, super::json())
         }
         KeyCmd::CancelDestroy(k) => {
-            let m = k.conn.connect().await?.cancel_destroy(key_ref(&k)).await?;
+            let (mut c, r) = k.open().await?;
+            let m = c.cancel_destroy(r).await?;
             show(&m, super::json())
         }
         KeyCmd::Grant { key, allow } => {
+            let grants = parse_grants(&allow)?;
+            let (mut c, r) = key.open().await?;
             let req = pb::SetGrantsRequest {
-                key_id: key.key_id.clone(),
-                grants: parse_grants(&allow)?,
+                key_id: r.key_id,
+                grants,
             };
-            let m = key.conn.connect().await?.set_grants(req).await?;
+            let m = c.set_grants(req).await?;
             show(&m, super::json())
         }
     }
@@ -418,8 +431,8 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
         }
         None => None,
     };
-    let mut c = k.conn.connect().await?;
-    let m = c.get_attributes(key_ref(&k)).await?;
+    let (mut c, r) = k.open().await?;
+    let m = c.get_attributes(r).await?;
     let mut out = Vec::new();
     let mut bad = Vec::new();
     for v in &m.versions {
@@ -447,7 +460,7 @@ async fn provenance(k: KeyArg, pubkey: Option<std::path::PathBuf>) -> Result<(),
     }
     let events: Vec<serde_json::Value> = match c
         .export_records(pb::ExportRecordsRequest {
-            key_id: k.key_id.clone(),
+            key_id: m.key_id.clone(),
             ..Default::default()
         })
         .await

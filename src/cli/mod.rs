@@ -161,7 +161,7 @@ pub struct ConnArgs {
     #[arg(long = "tls-cert", alias = "cert", env = "SOVKMS_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// Your client private key (PEM).
-    #[arg(long = "tls-key", alias = "key", env = "SOVKMS_TLS_KEY")]
+    #[arg(long = "tls-key", env = "SOVKMS_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Name to check in the broker's certificate (DNS name or IP address);
     /// default: the host of --addr.
@@ -223,6 +223,50 @@ impl ConnArgs {
     }
 }
 
+/// A key named on the command line: its id (`k-` and 32 hex digits), or its
+/// name (`alias/NAME` says so explicitly), resolved through Locate among
+/// the keys the caller may see. Several keys of one name are refused.
+pub(crate) async fn resolve_key(c: &mut Client, spec: &str) -> Result<String, CliError> {
+    let is_id = spec.len() == 34
+        && spec.starts_with("k-")
+        && spec[2..].bytes().all(|b| b.is_ascii_hexdigit());
+    if is_id {
+        return Ok(spec.to_owned());
+    }
+    let name = spec.strip_prefix("alias/").unwrap_or(spec);
+    let r = c
+        .locate(crate::api::proto::LocateRequest {
+            name: name.to_owned(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await?;
+    match r.keys.as_slice() {
+        [one] => Ok(one.key_id.clone()),
+        [] => Err(CliError::new(
+            format!("no key named {name:?} that you may use"),
+            "check the name with `sovkms key list`, or give the key id",
+        )),
+        several => Err(CliError::new(
+            format!(
+                "{}{} keys are named {name:?}: {}",
+                several.len(),
+                if r.next_page_token.is_empty() {
+                    ""
+                } else {
+                    " or more"
+                },
+                several
+                    .iter()
+                    .map(|k| k.key_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "name the key by its id",
+        )),
+    }
+}
+
 /// An error for humans: what went wrong and what to do.
 pub struct CliError {
     what: String,
@@ -248,7 +292,7 @@ impl From<RemoteError> for CliError {
         {
             return Self::new(
                 "the broker closed the connection during TLS",
-                "is your certificate (--cert) issued by a CA the broker trusts for your region, and still valid?",
+                "is your certificate (--tls-cert) issued by a CA the broker trusts for your region, and still valid?",
             );
         }
         let hint = match e.code {

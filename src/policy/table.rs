@@ -310,12 +310,14 @@ pub static RULES: [Rule; 23] = [
         READERS,
         InRegion,
     ),
+    // Services locate too (to find a key by name), but see only the keys
+    // whose grants name them (`Broker::locate`).
     row(
         O::Locate,
         "locate",
         "locate keys",
         Duty::Read,
-        READERS,
+        EVERYONE,
         InRegion,
     ),
     row(
