@@ -541,3 +541,50 @@ async fn keys_by_name() {
         err(&o)
     );
 }
+
+/// `sovkms doctor`: one line per check, and a failure says what to do.
+#[test]
+fn doctor_checks_the_broker_host() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let doctor = || {
+        Command::new(env!("CARGO_BIN_EXE_sovkms"))
+            .args(["doctor", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let o = doctor();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", err(&o));
+    for check in [
+        "config",
+        "tls files",
+        "broker certificate",
+        "listen",
+        "token",
+        "hsm pin",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check}: {out}"
+        );
+    }
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let label = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token_label = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_owned();
+    std::fs::write(&cfg, text.replace(&label, "no-such-token")).unwrap();
+    let o = doctor();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out.contains("FAIL  token") && out.contains("no token labelled 'no-such-token'"),
+        "{out}"
+    );
+    assert!(out.contains("→ check [root] token_label"), "{out}");
+}

@@ -18,6 +18,7 @@ mod breakglass;
 mod crypto;
 mod demo;
 mod devenv;
+mod doctor;
 mod hsm;
 mod key;
 mod pki;
@@ -96,6 +97,13 @@ enum Command {
     /// Check a broker config as `serve` would, without opening anything that writes.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Check a broker host: config, TLS files and certificate, clock,
+    /// permissions, port, HSM module and token, PIN, TPM. One line per check.
+    Doctor {
+        /// Broker config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Version and build facts.
     Version,
     /// Shell completions: `sovkms completions bash > /etc/bash_completion.d/sovkms`.
@@ -348,6 +356,7 @@ pub fn main() -> ExitCode {
             Command::Health(a) => health(a).await,
             Command::Config(ConfigCmd::Check { file }) => config_check(&file).await,
             Command::Version => version(),
+            Command::Doctor { config } => tokio::task::block_in_place(|| doctor::run(&config)),
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(
