@@ -540,6 +540,32 @@ async fn keys_by_name() {
         "{}",
         err(&o)
     );
+
+    // A data key's plaintext goes to a 0600 file, not to the screen.
+    let o = sovkms_in(
+        &work,
+        &env,
+        &eu,
+        svc,
+        &[
+            "generate-data-key",
+            "--key",
+            "patient-records",
+            "--out",
+            "dk.bin",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("plaintext key (base64)"));
+    let dk = work.join("dk.bin");
+    assert_eq!(std::fs::read(&dk).unwrap().len(), 32);
+    assert_eq!(std::fs::metadata(&dk).unwrap().mode() & 0o777, 0o600);
+
+    // The command describes itself.
+    let o = sovkms_in(&work, &env, &eu, svc, &["version"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let o = sovkms_in(&work, &env, &eu, svc, &["completions", "bash"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("generate-data-key"));
 }
 
 /// `sovkms doctor`: one line per check, and a failure says what to do.
