@@ -32,6 +32,7 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod files;
+pub mod hardening;
 pub mod id;
 pub mod keys;
 pub mod pki;

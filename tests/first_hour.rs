@@ -360,6 +360,17 @@ fn a_second_broker_on_a_data_directory_in_use_is_told_so() {
     let env = Env::new();
     let cfg = env.config("eu-central", "");
     let mut first = spawn_broker(&cfg, &[]);
+    // The broker dumps no core (SECURITY M26).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", first.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core}"
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_sovkms"))
         .args(["serve", "--config"])
         .arg(&cfg)

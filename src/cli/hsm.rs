@@ -52,7 +52,9 @@ pub enum HsmCmd {
         /// Only finish an interrupted rotation; never create a new root key.
         #[arg(long)]
         resume_only: bool,
-        /// Test hook: abort the process after this many keys were rewritten.
+        /// Test hook, debug builds only: abort the process after this many
+        /// keys were rewritten (release builds have no such switch).
+        #[cfg(debug_assertions)]
         #[arg(long, hide = true)]
         danger_crash_after: Option<usize>,
     },
@@ -210,8 +212,11 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
         HsmCmd::RotateRoot {
             c,
             resume_only,
+            #[cfg(debug_assertions)]
             danger_crash_after,
         } => {
+            #[cfg(not(debug_assertions))]
+            let danger_crash_after: Option<usize> = None;
             let (settings, p) = load(&c)?;
             let store = crate::server::open_store(&settings).map_err(|e| {
                 CliError::new(

@@ -15,6 +15,13 @@ pub struct ServeArgs {
 }
 
 pub async fn run(a: ServeArgs) -> Result<(), CliError> {
+    // Before any key material exists in this process.
+    crate::hardening::harden_process().map_err(|e| {
+        CliError::new(
+            format!("cannot disable core dumps and ptrace for the broker: {e}"),
+            "the broker refuses to run where its memory could be dumped",
+        )
+    })?;
     let settings = Settings::load(&a.config).map_err(|e| {
         CliError::new(
             e.to_string(),
