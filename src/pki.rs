@@ -47,9 +47,13 @@ pub enum PkiError {
 }
 
 fn validity(p: &mut CertificateParams, days: u32) {
+    validity_for(p, std::time::Duration::from_secs(u64::from(days) * 86_400));
+}
+
+fn validity_for(p: &mut CertificateParams, lifetime: std::time::Duration) {
     let now = time_now();
     p.not_before = now - time::Duration::minutes(5);
-    p.not_after = now + time::Duration::days(i64::from(days));
+    p.not_after = now + lifetime;
 }
 
 fn time_now() -> time::OffsetDateTime {
@@ -103,6 +107,30 @@ pub fn issue(
     dns_names: &[String],
     days: u32,
 ) -> Result<Issued, PkiError> {
+    issue_for(
+        ca_cert_pem,
+        ca_key_pem,
+        trust_domain,
+        region,
+        kind,
+        name,
+        dns_names,
+        std::time::Duration::from_secs(u64::from(days) * 86_400),
+    )
+}
+
+/// [`issue`] with a lifetime of any length (short-lived certificates).
+#[allow(clippy::too_many_arguments)]
+pub fn issue_for(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    trust_domain: &str,
+    region: &Region,
+    kind: Kind,
+    name: &str,
+    dns_names: &[String],
+    lifetime: std::time::Duration,
+) -> Result<Issued, PkiError> {
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
     let key = KeyPair::generate()?;
@@ -130,7 +158,7 @@ pub fn issue(
     }
     p.subject_alt_names = sans;
     p.use_authority_key_identifier_extension = true;
-    validity(&mut p, days);
+    validity_for(&mut p, lifetime);
     let cert = p.signed_by(&key, &issuer)?;
     Ok(Issued {
         cert_pem: cert.pem(),

@@ -178,6 +178,12 @@ pub enum IdentityError {
     /// One that does not parse.
     #[error(transparent)]
     Spiffe(#[from] SpiffeError),
+    /// The certificate expired after the connection was opened.
+    #[error("the client certificate expired at {at}; reconnect with a valid one")]
+    Expired {
+        /// When, RFC 3339.
+        at: String,
+    },
     /// Issued by a CA that may not vouch for the region it names.
     #[error("the certificate of {caller} was not issued by a CA trusted for region {region}")]
     UntrustedForRegion {

@@ -233,15 +233,17 @@ fn accept_loop(
                 match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(tcp)).await
                 {
                     Ok(Ok(stream)) => {
-                        let caller = tls.identify(&stream);
-                        if let Err(why) = &caller {
+                        let identified = tls.identify(&stream);
+                        if let Err(why) = &identified {
                             tracing::warn!(%remote, reason = %why, "client certificate carries no usable identity");
                         }
+                        let not_after = identified.as_ref().map_or(0, |(_, t)| *t);
                         let conn = TlsConn {
                             stream,
                             info: PeerInfo {
                                 remote,
-                                caller: caller.map(Arc::new),
+                                caller: identified.map(|(c, _)| Arc::new(c)),
+                                not_after,
                             },
                         };
                         let _ = tx.send(Ok(conn)).await;

@@ -20,6 +20,12 @@ pub struct Api {
 
 pub(super) const REQUEST_ID: &str = "x-request-id";
 
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn new_request_id() -> String {
     use crate::envelope::Entropy;
     let mut b = [0u8; 12];
@@ -129,6 +135,13 @@ impl Api {
             .unwrap_or_else(new_request_id);
         let caller = match req.extensions().get::<PeerInfo>() {
             None => Err(IdentityError::NotMutualTls),
+            // Identity is fixed per connection; its certificate's end is
+            // checked per request, so a long-lived connection cannot outlive it.
+            Some(info) if info.caller.is_ok() && now_unix() > info.not_after => {
+                Err(IdentityError::Expired {
+                    at: crate::audit::rfc3339(u64::try_from(info.not_after).unwrap_or(0) * 1000),
+                })
+            }
             Some(info) => info.caller.clone(),
         };
         match caller {

@@ -101,13 +101,16 @@ impl TlsServer {
     }
 
     /// The caller behind a completed handshake, or why there is none.
-    pub(crate) fn identify(&self, tls: &TlsStream<TcpStream>) -> Result<Caller, IdentityError> {
+    pub(crate) fn identify(
+        &self,
+        tls: &TlsStream<TcpStream>,
+    ) -> Result<(Caller, i64), IdentityError> {
         let (_, conn) = tls.get_ref();
         let certs = conn
             .peer_certificates()
             .ok_or(IdentityError::NoCertificate)?;
         let (ee, intermediates) = certs.split_first().ok_or(IdentityError::NoCertificate)?;
-        let caller = caller_from_cert(ee)?;
+        let (caller, not_after) = caller_and_expiry(ee)?;
         let now = UnixTime::now();
         let vouched = self.cas.iter().any(|ca| {
             ca.regions.contains(&caller.region)
@@ -122,14 +125,21 @@ impl TlsServer {
                 region: caller.region,
             });
         }
-        Ok(caller)
+        Ok((caller, not_after))
     }
 }
 
 /// Extracts the one sovkms SPIFFE id from a certificate's URI SANs.
 pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, IdentityError> {
+    caller_and_expiry(der).map(|(c, _)| c)
+}
+
+/// The caller and the certificate's `notAfter` (unix seconds): a connection
+/// opened before that moment is refused every request after it.
+fn caller_and_expiry(der: &CertificateDer<'_>) -> Result<(Caller, i64), IdentityError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparseable)?;
+    let not_after = cert.validity().not_after.timestamp();
     let san = cert
         .subject_alternative_name()
         .map_err(|_| IdentityError::MalformedSan)?
@@ -144,7 +154,7 @@ pub fn caller_from_cert(der: &CertificateDer<'_>) -> Result<Caller, IdentityErro
         })
         .collect();
     match uris.as_slice() {
-        [one] => Ok(Caller::parse_spiffe(one)?),
+        [one] => Ok((Caller::parse_spiffe(one)?, not_after)),
         [] => Err(IdentityError::NoSpiffeId),
         _ => Err(IdentityError::SeveralSpiffeIds),
     }
@@ -159,6 +169,8 @@ pub struct PeerInfo {
     /// Shared: every request of the connection, and its audit records,
     /// point at it instead of copying its strings.
     pub caller: Result<Arc<Caller>, IdentityError>,
+    /// The client certificate's `notAfter`, unix seconds.
+    pub not_after: i64,
 }
 
 /// A server-side TLS connection with its peer's identity.
