@@ -95,6 +95,9 @@ pub enum Invalid {
     /// A break-glass request the rules never allow.
     #[error(transparent)]
     BreakGlass(#[from] BreakGlassInvalid),
+    /// An aggregate window that is not whole past UTC days.
+    #[error("aggregates cover whole past UTC days: from and to must be UTC midnights, and to no later than the start of today")]
+    AggregateWindow,
     /// TPM quote nonce length.
     #[error("a quote nonce must be 8 to 64 bytes long; this one is {0}")]
     NonceLength(usize),

@@ -340,6 +340,15 @@ async fn raw_records_for_regional_auditors_aggregates_without_identities() {
     }
 
     let mut central = client(&env, "central/service-app", &eu).await;
+    // Today is still being written: aggregates cover past days only.
+    let today = central
+        .audit
+        .get_aggregates(pb::AggregatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(today.cells.is_empty(), "{today:?}");
+    eu.clock.advance(86_400);
     let agg = central
         .audit
         .get_aggregates(pb::AggregatesRequest::default())

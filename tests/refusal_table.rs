@@ -373,6 +373,11 @@ fn rows() -> Vec<(String, String, Error)> {
         "unknown grant",
         NotFound::BreakGlass("bg-1".into()).into(),
     );
+    row(
+        "read-audit-aggregates",
+        "window not whole past days",
+        Invalid::AggregateWindow.into(),
+    );
     row("attest", "no TPM configured", Precondition::NoTpm.into());
     row("attest", "nonce length", Invalid::NonceLength(4).into());
     for (why, e) in [

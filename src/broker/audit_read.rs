@@ -68,7 +68,15 @@ impl Broker {
         let op = Operation::ReadAuditAggregates;
         self.audited(cx, op, None, |note| {
             self.gate(cx, op, None, note)?;
-            let to = if to_ms == 0 { u64::MAX } else { to_ms };
+            // Whole past UTC days only: windows cut at arbitrary
+            // milliseconds, or a day still being written, let a reader
+            // difference two answers down to a single (suppressed) record.
+            const DAY_MS: u64 = 86_400_000;
+            let today = u64::try_from(self.clock.now_unix()).unwrap_or(0) * 1000 / DAY_MS * DAY_MS;
+            let to = if to_ms == 0 { today } else { to_ms };
+            if from_ms % DAY_MS != 0 || to % DAY_MS != 0 || to > today || from_ms > to {
+                return Err(Invalid::AggregateWindow.into());
+            }
             let min = self.settings.aggregate_min_group;
             let rows = audit::aggregate(self.open_log()?, from_ms, to, min).map_err(read_err)?;
             Ok((rows, min))
