@@ -73,6 +73,7 @@ struct RawAudit {
     path: Option<PathBuf>,
     checkpoint_every_records: Option<u64>,
     checkpoint_interval_seconds: Option<u64>,
+    witness: Option<PathBuf>,
     aggregate_min_group: Option<u64>,
     #[serde(default)]
     aggregate_readers: Vec<String>,
@@ -87,6 +88,9 @@ pub struct AuditSettings {
     pub checkpoint_every: u64,
     /// ...or after this long.
     pub checkpoint_interval: Duration,
+    /// Where signed checkpoint heads are also appended (outside the host's
+    /// reach: an append-only or remote medium), checked at every start.
+    pub witness: Option<PathBuf>,
     /// Aggregate cells below this count are suppressed.
     pub aggregate_min_group: u64,
     /// Who may read aggregates (any region).
@@ -337,6 +341,7 @@ impl Settings {
             checkpoint_interval: Duration::from_secs(
                 raw.audit.checkpoint_interval_seconds.unwrap_or(60).max(1),
             ),
+            witness: raw.audit.witness.map(&abs),
             aggregate_min_group: raw.audit.aggregate_min_group.unwrap_or(10).max(1),
             aggregate_readers: raw
                 .audit

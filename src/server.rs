@@ -87,6 +87,7 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
             broker_id: settings.broker.broker_id.clone(),
             checkpoint_every: settings.audit.checkpoint_every,
             checkpoint_interval: settings.audit.checkpoint_interval,
+            witness: settings.audit.witness.clone(),
         },
         Arc::clone(&root),
     )?;

@@ -108,3 +108,156 @@ async fn aggregates_cannot_be_differenced_down_to_one_record() {
         .unwrap();
     assert_eq!(dec.count, 6);
 }
+
+/// The insider's rewrite: with the broker stopped, records after an early
+/// checkpoint are edited (an allowed decrypt deleted, a caller changed),
+/// every later hash recomputed and the later checkpoints dropped. The chain
+/// is self-consistent again, so it verifies on its own; the witness and an
+/// auditor's kept head are what catch it, and the broker refuses to
+/// continue (and sign) such a chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_audit_history_is_caught_at_start_and_by_verify() {
+    let env = Env::new();
+    let witness = env.dir.path().join("witness.log");
+    let tail = format!(
+        "\n[audit]\ncheckpoint_every_records = 4\nwitness = \"{}\"\n",
+        witness.display()
+    );
+    let cfg = env.config_with_tail("eu-central", &tail);
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    for _ in 0..12 {
+        decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
+    }
+    let mut aud = client(&env, "eu-central/auditor-audit", &eu).await;
+    let pk = signing_key(&mut aud).await;
+    let pk_file = env.dir.path().join("signing.pem");
+    std::fs::write(&pk_file, sovkms::root::p256_spki_pem(&pk)).unwrap();
+    let log = eu.audit_path.clone();
+    eu.stop().await;
+
+    let records = read_records(&log);
+    let head = records.last().unwrap();
+    let kept = format!("{}:{}", head.seq, head.hash);
+    let is_cp = |r: &sovkms::audit::Record| r.kind == sovkms::audit::Kind::Checkpoint;
+    let first_cp = records.iter().position(is_cp).unwrap();
+    assert!(records.iter().filter(|r| is_cp(r)).count() >= 3);
+    // The forgery.
+    let mut forged: Vec<sovkms::audit::Record> = records[..=first_cp].to_vec();
+    let mut dropped_decrypt = false;
+    for r in &records[first_cp + 1..] {
+        if is_cp(r) {
+            continue;
+        }
+        if !dropped_decrypt && r.operation == "decrypt" && r.outcome == "allowed" {
+            dropped_decrypt = true;
+            continue;
+        }
+        let mut r = r.clone();
+        if r.operation == "decrypt" {
+            r.caller = "spiffe://sovkms.example/region/eu-central/service/someone-else".into();
+        }
+        let prev = forged.last().unwrap();
+        r.seq = prev.seq + 1;
+        r.prev_hash = prev.hash.clone();
+        r.hash = r.compute_hash();
+        forged.push(r);
+    }
+    assert!(dropped_decrypt);
+    let text: String = forged
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(&log, text).unwrap();
+
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--log",
+            log.to_str().unwrap(),
+            "--pubkey",
+            pk_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run_sovkms(&args, &[])
+    };
+    // On its own the forged chain is consistent: that is the attack.
+    assert!(verify(&[]).status.success());
+    // The auditor's kept head and the witness are not.
+    for extra in [
+        vec!["--anchor", kept.as_str()],
+        vec!["--witness", witness.to_str().unwrap()],
+    ] {
+        let o = verify(&extra);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("anchor"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // And the broker does not continue the forged chain.
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok((_, server)) => {
+            server.shutdown().await.unwrap();
+            panic!("the broker continued a rewritten audit chain");
+        }
+    };
+    assert!(
+        e.contains("audit log rejected") && e.contains("anchor"),
+        "{e}"
+    );
+}
+
+/// Without a working signing key there are no checkpoints, so no broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_signing_key_no_broker() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .unwrap()
+            .trim_end_matches('"')
+            .to_owned()
+    };
+    let (label, pin_file) = (field("token_label"), field("pin_file"));
+    let pin = std::fs::read_to_string(&pin_file).unwrap();
+    let o = std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(softhsm_module())
+        .args(["--token-label", &label, "--login", "--pin", pin.trim()])
+        .args([
+            "--delete-object",
+            "--type",
+            "privkey",
+            "--label",
+            "sovkms-signing",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok((_, server)) => {
+            server.shutdown().await.unwrap();
+            panic!("a broker started without a signing key");
+        }
+    };
+    assert!(e.contains("sign"), "{e}");
+}

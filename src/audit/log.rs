@@ -24,6 +24,8 @@ const MAX_BATCH: usize = 4096;
 /// Buffered records (nobody waits for them) wait at most this long for
 /// company before the writer wakes for them.
 const BUFFER_DELAY: Duration = Duration::from_millis(2);
+/// While a checkpoint cannot be signed, signing is retried this often.
+const SIGN_RETRY: Duration = Duration::from_millis(250);
 /// Buffered records (nobody waits for them) are synced at least this often.
 const SYNC_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 
@@ -40,6 +42,9 @@ pub struct LogSettings {
     pub checkpoint_every: u64,
     /// ...or after this long with unsigned records.
     pub checkpoint_interval: Duration,
+    /// Where each signed checkpoint head is also appended (a file on an
+    /// append-only or remote medium the host cannot rewrite); None: none.
+    pub witness: Option<PathBuf>,
 }
 
 /// Where the writer reports a durable record's sequence number.
@@ -62,6 +67,9 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// The last checkpoint could not be signed: nothing that needs a durable
+    /// record is accepted until one is (fail closed).
+    unsigned: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -140,6 +148,73 @@ fn recover_tail(f: &mut File, path: &Path) -> Result<(u64, String, u64), AuditEr
         }
         return Ok((rec.seq, rec.hash, durable_len));
     }
+}
+
+/// One line of the witness: a signed checkpoint, enough for an auditor to
+/// check a log against it (`sovkms audit verify --witness`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct WitnessLine {
+    /// The checkpoint record's sequence number.
+    pub seq: u64,
+    /// The checkpoint record's hash.
+    pub hash: String,
+    /// The last record it covers.
+    pub head_seq: u64,
+    /// That record's hash.
+    pub head_hash: String,
+    /// Broker that wrote it.
+    pub broker_id: String,
+    /// ECDSA P-256 signature of the head (hex), as in the record.
+    pub signature: String,
+}
+
+impl WitnessLine {
+    fn of(r: &Record) -> Self {
+        let cp = r.checkpoint.as_ref();
+        Self {
+            seq: r.seq,
+            hash: r.hash.clone(),
+            head_seq: cp.map_or(0, |c| c.head_seq),
+            head_hash: cp.map(|c| c.head_hash.clone()).unwrap_or_default(),
+            broker_id: r.broker_id.clone(),
+            signature: cp.map(|c| c.signature.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Before the broker appends to a log: its signing key works, the whole
+/// chain verifies against it (every link, every checkpoint signature), and
+/// the last head the witness holds is in the log. A host insider who
+/// rewrote records and recomputed their hashes is caught here instead of
+/// having the broker sign the forgery at its next checkpoint.
+fn check_before_continuing(
+    settings: &LogSettings,
+    root: &dyn RootOfTrust,
+) -> Result<(), AuditError> {
+    let pk = root
+        .signing_public_key()
+        .map_err(|e| AuditError::Unsigned(e.to_string()))?;
+    let probe = b"sovkms/v1/audit-signing-probe";
+    let sig = root
+        .sign(probe)
+        .map_err(|e| AuditError::Unsigned(e.to_string()))?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &pk)
+        .verify(probe, &sig)
+        .map_err(|_| {
+            AuditError::Unsigned(
+                "the signing key's signature does not verify with its public key".into(),
+            )
+        })?;
+    let anchors = match &settings.witness {
+        Some(w) => {
+            super::verify::witness_anchors(w).map_err(|e| AuditError::Rejected(e.to_string()))?
+        }
+        None => Vec::new(),
+    };
+    let f = File::open(&settings.path).map_err(|e| AuditError::io(settings.path.display(), e))?;
+    super::verify::verify_anchored(std::io::BufReader::new(f), &pk, false, &anchors)
+        .map_err(|e| AuditError::Rejected(format!("{}: {e}; the broker does not continue this chain (`sovkms audit verify` names the record)", settings.path.display())))?;
+    Ok(())
 }
 
 struct Writer {
@@ -288,7 +363,7 @@ impl Writer {
                 && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval)
     }
 
-    fn checkpoint(&mut self) {
+    fn checkpoint(&mut self, shared: &Shared) {
         let t = now_ms();
         let msg = checkpoint_message(
             self.seq,
@@ -300,7 +375,10 @@ impl Writer {
         let sig = match self.root.sign(&msg) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "audit checkpoint not signed; will retry");
+                tracing::error!(error = %e, "audit checkpoint not signed: refusing plaintext releases until one is");
+                shared
+                    .unsigned
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 self.last_checkpoint = Instant::now();
                 return;
             }
@@ -315,9 +393,38 @@ impl Writer {
         });
         r.hash = r.compute_hash();
         if self.commit(std::slice::from_ref(&r), true).is_ok() {
+            if let Err(e) = self.witness(&r) {
+                tracing::error!(error = %e, "audit witness not written: refusing plaintext releases until it is");
+                shared
+                    .unsigned
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.last_checkpoint = Instant::now();
+                return;
+            }
+            shared
+                .unsigned
+                .store(false, std::sync::atomic::Ordering::SeqCst);
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
         }
+    }
+
+    /// Appends a signed checkpoint to the witness, synced.
+    fn witness(&self, r: &Record) -> Result<(), AuditError> {
+        let Some(path) = &self.settings.witness else {
+            return Ok(());
+        };
+        let line = serde_json::to_string(&WitnessLine::of(r))
+            .map_err(|e| AuditError::Encode(Arc::new(e)))?;
+        let mut f = OpenOptions::new()
+            .mode(0o600)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| AuditError::io(path.display(), e))?;
+        f.write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| f.sync_data())
+            .map_err(|e| AuditError::io(path.display(), e))
     }
 
     fn run(mut self, shared: Arc<Shared>) {
@@ -325,6 +432,9 @@ impl Writer {
             let deadline = Instant::now()
                 + if self.unsynced_since.is_some() {
                     SYNC_AT_LEAST_EVERY
+                } else if shared.unsigned.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Releases wait for a signed checkpoint: retry soon.
+                    SIGN_RETRY
                 } else {
                     self.settings.checkpoint_interval
                 };
@@ -358,8 +468,9 @@ impl Writer {
                 self.write_batch(batch);
             }
             self.sync_if_due();
-            if self.checkpoint_due() || (shutdown && self.since_checkpoint > 0) {
-                self.checkpoint();
+            let unsigned = shared.unsigned.load(std::sync::atomic::Ordering::SeqCst);
+            if self.checkpoint_due() || unsigned || (shutdown && self.since_checkpoint > 0) {
+                self.checkpoint(&shared);
             }
             if shutdown {
                 return;
@@ -383,6 +494,7 @@ impl AuditLog {
             .open(&path)
             .map_err(|e| AuditError::io(path.display(), e))?;
         let (seq, hash, durable_len) = recover_tail(&mut file, &path)?;
+        check_before_continuing(&settings, root.as_ref())?;
         file.seek(SeekFrom::End(0))
             .map_err(|e| AuditError::io(path.display(), e))?;
         let writer = Writer {
@@ -401,6 +513,7 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            unsigned: std::sync::atomic::AtomicBool::new(false),
         });
         let for_writer = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -414,6 +527,16 @@ impl AuditLog {
     }
 
     fn push(&self, event: Event, waiter: Option<Waiter>) -> Result<(), AuditError> {
+        if waiter.is_some()
+            && self
+                .shared
+                .unsigned
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(AuditError::Unsigned(
+                "the last checkpoint could not be signed or witnessed".into(),
+            ));
+        }
         let mut q = self.shared.lock();
         if q.shutdown {
             return Err(AuditError::Stopped);
@@ -485,6 +608,7 @@ mod tests {
                 broker_id: "t".into(),
                 checkpoint_every: 1000,
                 checkpoint_interval: Duration::from_secs(60),
+                witness: None,
             },
             root,
         )
@@ -565,5 +689,103 @@ mod tests {
         for w in recs.windows(2) {
             assert_eq!(w[1].prev_hash, w[0].hash);
         }
+    }
+
+    /// A named fake: the software root whose signing can be switched off,
+    /// because a real HSM does not fail a signature on demand mid-run.
+    struct FailingSigner {
+        inner: crate::root::software::SoftwareRoot,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl RootOfTrust for FailingSigner {
+        fn info(&self) -> crate::root::RootInfo {
+            self.inner.info()
+        }
+        fn health(&self) -> Result<(), crate::root::RootError> {
+            self.inner.health()
+        }
+        fn generate_material(&self) -> Result<crate::secret::KeyMaterial, crate::root::RootError> {
+            self.inner.generate_material()
+        }
+        fn wrap(
+            &self,
+            m: &crate::secret::KeyMaterial,
+        ) -> Result<crate::root::WrappedKey, crate::root::RootError> {
+            self.inner.wrap(m)
+        }
+        fn unwrap(
+            &self,
+            w: &crate::root::WrappedKey,
+        ) -> Result<crate::secret::KeyMaterial, crate::root::RootError> {
+            self.inner.unwrap(w)
+        }
+        fn sign(&self, m: &[u8]) -> Result<Vec<u8>, crate::root::RootError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(crate::root::RootError::new(
+                    crate::root::RootErrorKind::Unavailable,
+                    "signing switched off by the test",
+                ));
+            }
+            self.inner.sign(m)
+        }
+        fn signing_public_key(&self) -> Result<Vec<u8>, crate::root::RootError> {
+            self.inner.signing_public_key()
+        }
+    }
+
+    /// A checkpoint that cannot be signed stops plaintext releases (durable
+    /// appends) until one is signed again.
+    #[test]
+    fn an_unsigned_checkpoint_fails_closed_until_signing_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Arc::new(FailingSigner {
+            inner: crate::root::software::SoftwareRoot::open_or_create(&dir.path().join("root"))
+                .unwrap(),
+            fail: std::sync::atomic::AtomicBool::new(false),
+        });
+        let log = AuditLog::open(
+            LogSettings {
+                path: dir.path().join("audit.log"),
+                region: "eu-central".into(),
+                broker_id: "t".into(),
+                checkpoint_every: 1,
+                checkpoint_interval: Duration::from_secs(60),
+                witness: None,
+            },
+            Arc::clone(&root) as Arc<dyn RootOfTrust>,
+        )
+        .unwrap();
+        log.append_durable(Event::system(Kind::Request, "decrypt", ""))
+            .unwrap();
+        root.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // This record is written; the checkpoint after it fails to sign.
+        log.append_durable(Event::system(Kind::Request, "decrypt", ""))
+            .unwrap();
+        let start = Instant::now();
+        let refused = loop {
+            match log.append_durable(Event::system(Kind::Request, "decrypt", "")) {
+                Err(AuditError::Unsigned(_)) => break true,
+                _ if start.elapsed() > Duration::from_secs(5) => break false,
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        assert!(
+            refused,
+            "plaintext releases went on without signed checkpoints"
+        );
+        root.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        let start = Instant::now();
+        while log
+            .append_durable(Event::system(Kind::Request, "decrypt", ""))
+            .is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "signing returned but releases did not"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        log.close();
     }
 }

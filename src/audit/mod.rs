@@ -6,12 +6,12 @@ mod log;
 pub mod record;
 mod verify;
 
-pub use log::{AuditLog, LogSettings};
+pub use log::{AuditLog, LogSettings, WitnessLine};
 pub use record::{Kind, Record};
 pub use verify::{
     aggregate, complete_lines, export, parse_public_key, rfc3339,
-    syslog_line as verify_syslog_line, verify, AggregateRow, ExportFormat, PublicKeyError,
-    ReadError, VerifyFailure, VerifyReport,
+    syslog_line as verify_syslog_line, verify, verify_anchored, witness_anchors, AggregateRow,
+    Anchor, ExportFormat, PublicKeyError, ReadError, VerifyFailure, VerifyReport,
 };
 
 use crate::region::Caller;
@@ -38,6 +38,14 @@ pub enum AuditError {
     /// The existing log is damaged.
     #[error("audit log corrupt: {0}")]
     Corrupt(String),
+    /// The log does not verify against its own checkpoints or its witness
+    /// (rewritten, cut, or signed by another key): the broker does not
+    /// continue such a chain.
+    #[error("audit log rejected: {0}")]
+    Rejected(String),
+    /// The root of trust cannot sign checkpoints.
+    #[error("audit checkpoints cannot be signed: {0}")]
+    Unsigned(String),
 }
 
 impl AuditError {

@@ -49,6 +49,8 @@ pub struct VerifyReport {
     pub last_seq: u64,
     /// Last sequence number covered by a verified checkpoint.
     pub last_checkpoint_head: u64,
+    /// The last record's hash: with `last_seq`, the anchor an auditor keeps.
+    pub last_hash: String,
 }
 
 /// Parses an auditor's public key: SubjectPublicKeyInfo PEM (as `sovkms hsm
@@ -138,6 +140,60 @@ fn records(input: impl BufRead) -> impl Iterator<Item = Result<(String, Record),
     })
 }
 
+/// A record an auditor (or a witness) holds: the log must contain exactly
+/// this record at this sequence number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    /// Sequence number.
+    pub seq: u64,
+    /// The record's hash (hex).
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+    /// `SEQ:HASH`, as `audit verify` prints a head.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seq, hash) = s
+            .split_once(':')
+            .ok_or_else(|| format!("anchor {s:?} is not SEQ:HASH"))?;
+        let seq = seq
+            .parse()
+            .map_err(|_| format!("anchor {s:?}: {seq:?} is not a sequence number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("anchor {s:?}: the hash must be 64 hex digits"));
+        }
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// The checkpoints a witness file holds, as anchors.
+pub fn witness_anchors(path: &std::path::Path) -> Result<Vec<Anchor>, ReadError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ReadError::Io { line: 0, source }),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let w: super::log::WitnessLine =
+                serde_json::from_str(l).map_err(|source| ReadError::Record {
+                    line: i + 1,
+                    source,
+                })?;
+            Ok(Anchor {
+                seq: w.seq,
+                hash: w.hash,
+            })
+        })
+        .collect()
+}
+
 /// Checks every link and every checkpoint signature. With
 /// `require_checkpoint`, the log must end with a checkpoint, so a tail cut
 /// off after the last checkpoint is detected.
@@ -146,6 +202,20 @@ pub fn verify(
     public_key: &[u8],
     require_checkpoint: bool,
 ) -> Result<VerifyReport, VerifyFailure> {
+    verify_anchored(input, public_key, require_checkpoint, &[])
+}
+
+/// [`verify`], and every anchor must be a record of the log: a log
+/// rewritten from an anchored record on (hashes recomputed, later
+/// checkpoints dropped) or cut before it fails, naming the anchor.
+pub fn verify_anchored(
+    input: impl BufRead,
+    public_key: &[u8],
+    require_checkpoint: bool,
+    anchors: &[Anchor],
+) -> Result<VerifyReport, VerifyFailure> {
+    let mut pending: std::collections::BTreeMap<u64, &str> =
+        anchors.iter().map(|a| (a.seq, a.hash.as_str())).collect();
     let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key);
     let mut rep = VerifyReport::default();
     let mut prev = GENESIS.to_owned();
@@ -207,10 +277,29 @@ pub fn verify(
             rep.checkpoints += 1;
             rep.last_checkpoint_head = cp.head_seq;
         }
+        if let Some(want) = pending.remove(&r.seq) {
+            if want != r.hash {
+                return Err(fail(format!(
+                    "record {} is not the one anchored (hash {want}): the log was rewritten from there on",
+                    r.seq
+                )));
+            }
+        }
         prev = r.hash.clone();
+        rep.last_hash = r.hash.clone();
         rep.last_seq = r.seq;
         rep.records += 1;
         last_kind = Some(r.kind);
+    }
+    if let Some((seq, _)) = pending.first_key_value() {
+        return Err(VerifyFailure {
+            line: rep.records + 1,
+            seq: rep.last_seq + 1,
+            why: format!(
+                "the log ends at sequence {} but an anchor holds record {seq}: records were cut off or rewritten",
+                rep.last_seq
+            ),
+        });
     }
     if require_checkpoint && last_kind != Some(Kind::Checkpoint) {
         return Err(VerifyFailure {

@@ -21,6 +21,14 @@ pub enum AuditCmd {
         /// Fail unless the log ends with a signed checkpoint (detects a cut-off tail).
         #[arg(long)]
         require_checkpoint: bool,
+        /// A record you kept, SEQ:HASH (what verify printed last time):
+        /// the log must still hold exactly that record. Repeat for several.
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<audit::Anchor>,
+        /// A witness file (`[audit] witness`): every checkpoint in it must
+        /// be in the log.
+        #[arg(long)]
+        witness: Option<PathBuf>,
     },
     /// Export a log file as JSON lines or RFC 5424 syslog.
     Export {
@@ -144,12 +152,20 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             log,
             pubkey,
             require_checkpoint,
+            mut anchors,
+            witness,
         } => {
+            if let Some(w) = &witness {
+                anchors.extend(
+                    audit::witness_anchors(w)
+                        .map_err(|e| CliError::new(format!("witness {}: {e}", w.display()), ""))?,
+                );
+            }
             let pk_text = std::fs::read_to_string(&pubkey)
                 .map_err(|e| CliError::new(format!("cannot read {}: {e}", pubkey.display()), ""))?;
             let pk = audit::parse_public_key(&pk_text)
                 .map_err(|e| CliError::new(e, "pass the PEM `sovkms hsm init` printed"))?;
-            match audit::verify(open(&log)?, &pk, require_checkpoint) {
+            match audit::verify_anchored(open(&log)?, &pk, require_checkpoint, &anchors) {
                 Ok(rep) => {
                     if super::json() {
                         return print_json(&serde_json::json!({"ok": true, "report": rep}));
@@ -161,6 +177,14 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                         rep.last_seq,
                         rep.last_checkpoint_head
                     );
+                    if !anchors.is_empty() {
+                        outln!("every anchor given ({}) is in the log", anchors.len());
+                    }
+                    outln!(
+                        "keep this head to check the next export: --anchor {}:{}",
+                        rep.last_seq,
+                        rep.last_hash
+                    );
                     Ok(())
                 }
                 Err(f) => {
@@ -169,7 +193,9 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                             &serde_json::json!({"ok": false, "line": f.line, "seq": f.seq, "why": f.why}),
                         )?;
                     }
-                    let hint = if f.why.contains("does not end with a signed checkpoint") {
+                    let hint = if f.why.contains("anchor") {
+                        "the log no longer holds a record that was kept outside it: it was rewritten or cut after that record"
+                    } else if f.why.contains("does not end with a signed checkpoint") {
                         "a running broker signs checkpoints as it goes and at shutdown: wait for its next checkpoint or stop it; otherwise the tail was cut off"
                     } else {
                         "the log was altered, truncated or signed by another key"

@@ -21,6 +21,7 @@ pub(super) fn audit(seconds: f64, dir: &Path) -> Result<(), CliError> {
                 broker_id: "bench".into(),
                 checkpoint_every: 1000,
                 checkpoint_interval: Duration::from_secs(60),
+                witness: None,
             },
             root,
         )
