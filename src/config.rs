@@ -38,6 +38,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     break_glass: RawBreakGlass,
+    #[serde(default)]
+    limits: RawLimits,
     tpm: Option<RawTpm>,
 }
 
@@ -57,6 +59,14 @@ fn default_pcr_bank() -> String {
 }
 fn default_pcrs() -> Vec<u8> {
     vec![7]
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    requests_per_second_per_caller: Option<u32>,
+    requests_per_second_per_region: Option<u32>,
+    refusal_records_per_second_per_caller: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -366,6 +376,7 @@ impl Settings {
                 break_glass_quorum: raw.break_glass.quorum.unwrap_or(2),
                 break_glass_max_minutes: raw.break_glass.max_duration_minutes.unwrap_or(60),
                 break_glass_approval_minutes: raw.break_glass.approval_window_minutes.unwrap_or(60),
+                limits: limits(&raw.limits)?,
             },
             listen: raw.listen,
             data_dir,
@@ -379,6 +390,22 @@ impl Settings {
             tpm,
         })
     }
+}
+
+/// `[limits]`: every value at least 1 (a limit of 0 would refuse everything).
+fn limits(raw: &RawLimits) -> Result<crate::broker::LimitSettings, String> {
+    let d = crate::broker::LimitSettings::default();
+    let l = crate::broker::LimitSettings {
+        per_caller: raw.requests_per_second_per_caller.unwrap_or(d.per_caller),
+        per_region: raw.requests_per_second_per_region.unwrap_or(d.per_region),
+        refusal_records_per_caller: raw
+            .refusal_records_per_second_per_caller
+            .unwrap_or(d.refusal_records_per_caller),
+    };
+    if l.per_caller == 0 || l.per_region == 0 || l.refusal_records_per_caller == 0 {
+        return Err("limits: every value must be at least 1".into());
+    }
+    Ok(l)
 }
 
 /// `listen` is `host:port` (IPv6 hosts in brackets), with a port: a broker

@@ -260,6 +260,22 @@ pub enum Limit {
     /// Versions per key.
     #[error("key {0} holds as many versions as a key can")]
     Versions(KeyId),
+    /// One identity's request rate.
+    #[error("{principal} exceeded its limit of {per_second} requests per second; retry later")]
+    CallerRate {
+        /// The caller's SPIFFE id.
+        principal: String,
+        /// The limit.
+        per_second: u32,
+    },
+    /// All identities of one region together.
+    #[error("callers of region {region} exceeded their shared limit of {per_second} requests per second at this broker; retry later")]
+    RegionRate {
+        /// The callers' region.
+        region: Region,
+        /// The limit.
+        per_second: u32,
+    },
     /// Larger than one envelope holds.
     #[error("plaintext is too large for one envelope")]
     Envelope,

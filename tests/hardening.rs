@@ -261,3 +261,110 @@ async fn no_signing_key_no_broker() {
     };
     assert!(e.contains("sign"), "{e}");
 }
+
+/// Another region looping refused decrypts: each of its refusals beyond
+/// the per-second record budget is counted, not written, while the
+/// region's own service keeps decrypting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_refusal_flood_is_coalesced_and_local_decrypts_go_on() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    let mut foreign = client(&env, "us-east/service-app", &eu).await;
+    let flood_ct = ct.clone();
+    let start = Instant::now();
+    let flood = tokio::spawn(async move {
+        let mut refused = 0u32;
+        for _ in 0..1500 {
+            if decrypt(&mut foreign, &flood_ct, &ctx(&[])).await.is_err() {
+                refused += 1;
+            }
+        }
+        refused
+    });
+    let mut local = 0;
+    while !flood.is_finished() {
+        decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
+        local += 1;
+    }
+    let refused = flood.await.unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(refused, 1500);
+    assert!(local > 10, "local decrypts starved: {local}");
+    // Let the last window end and be flushed (the health loop runs each second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = eu.audit_path.clone();
+    eu.stop().await;
+    let records = read_records(&log);
+    let foreign_records: Vec<_> = records
+        .iter()
+        .filter(|r| r.caller_region == "us-east")
+        .collect();
+    let written = foreign_records
+        .iter()
+        .filter(|r| r.operation == "decrypt")
+        .count();
+    let counted: u64 = foreign_records
+        .iter()
+        .filter(|r| r.operation == "suppressed-refusals")
+        .map(|r| {
+            r.reason
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        (written as f64) <= 20.0 * (secs.ceil() + 1.0),
+        "{written} refusal records in {secs:.1} s"
+    );
+    assert_eq!(
+        written as u64 + counted,
+        1500,
+        "every refusal is recorded or counted"
+    );
+}
+
+/// A caller over its rate is told so (RESOURCE_EXHAUSTED), and another
+/// identity is not affected by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_resource_exhausted() {
+    let env = Env::new();
+    let cfg = env.config_with_tail(
+        "eu-central",
+        "\n[limits]\nrequests_per_second_per_caller = 20\nrequests_per_second_per_region = 1000\n",
+    );
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let mut limited = None;
+    for _ in 0..200 {
+        if let Err(e) = encrypt(&mut svc, &k, b"x", &ctx(&[])).await {
+            limited = Some(e);
+            break;
+        }
+    }
+    let e = limited.expect("200 requests at once stayed under 20 per second");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("exceeded its limit of 20 requests per second"),
+        "{}",
+        e.message()
+    );
+    let mut aud = client(&env, "eu-central/auditor-audit", &eu).await;
+    assert!(aud
+        .keys
+        .get_attributes(sovkms::api::proto::KeyRef { key_id: k.clone() })
+        .await
+        .is_ok());
+}

@@ -380,6 +380,24 @@ fn rows() -> Vec<(String, String, Error)> {
     );
     row("attest", "no TPM configured", Precondition::NoTpm.into());
     row("attest", "nonce length", Invalid::NonceLength(4).into());
+    row(
+        any,
+        "caller over its rate",
+        Limit::CallerRate {
+            principal: APP.into(),
+            per_second: 20_000,
+        }
+        .into(),
+    );
+    row(
+        any,
+        "region over its rate",
+        Limit::RegionRate {
+            region: r("us-east"),
+            per_second: 50_000,
+        }
+        .into(),
+    );
     for (why, e) in [
         ("key store down", Unavailable::Store),
         ("HSM or TPM down", Unavailable::RootOfTrust),

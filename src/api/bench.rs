@@ -3,7 +3,7 @@
 //! its own payload. Its own proto package, started only by
 //! `sovkms bench-echo`; `sovkms serve` never registers or reflects it.
 
-use super::{bind, launch, RunningServer, ServeError, MAX_MESSAGE_BYTES};
+use super::{bind, launch, server_builder, RunningServer, ServeError, MAX_MESSAGE_BYTES};
 use crate::config::Settings;
 use tonic::{Request, Response, Status};
 
@@ -29,7 +29,7 @@ impl proto::echo_service_server::EchoService for Echo {
 /// Starts the echo ceiling with a broker config's TLS setup.
 pub async fn start_echo(settings: &Settings) -> Result<RunningServer, ServeError> {
     let (listener, local_addr, tls) = bind(settings).await?;
-    let router = tonic::transport::Server::builder().add_service(
+    let router = server_builder().add_service(
         proto::echo_service_server::EchoServiceServer::new(Echo)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

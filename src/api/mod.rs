@@ -12,6 +12,7 @@ pub mod tls;
 
 use crate::broker::Broker;
 use crate::config::Settings;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,38 @@ use tonic_health::ServingStatus;
 /// Largest gRPC message accepted: the plaintext limit's ceiling plus room
 /// for the envelope and context.
 const MAX_MESSAGE_BYTES: usize = crate::broker::MAX_PLAINTEXT_LIMIT + 64 * 1024;
+/// Largest message of the services that carry no payload (keys and grants,
+/// audit requests, break-glass, info): checked from the gRPC length prefix,
+/// before the body is buffered.
+const MAX_SMALL_MESSAGE_BYTES: usize = 256 * 1024;
+/// Concurrent streams one HTTP/2 connection may open (tonic passes none:
+/// unlimited).
+const STREAMS_PER_CONNECTION: u32 = 128;
+/// TLS handshakes in progress at once, in all and from one address.
+const HANDSHAKES: usize = 256;
+const HANDSHAKES_PER_ADDRESS: usize = 16;
+/// A handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server with its HTTP/2 and connection limits set explicitly, shared
+/// by the broker and the benchmark's echo ceiling (same limits, fair ratio).
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(16 * 1024)
+        // Rapid-reset floods: h2 closes a connection that resets more
+        // streams than this before they are answered.
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_local_error_reset_streams(Some(256))
+        .timeout(Duration::from_secs(30))
+        // Also bounds how long a connection outlives anything about its
+        // certificate (the per-request notAfter check covers expiry).
+        .max_connection_age(Duration::from_secs(3600))
+        .max_connection_age_grace(Duration::from_secs(30))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+}
 
 /// Failure to start or run the server.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +161,7 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    let router = tonic::transport::Server::builder()
+    let router = server_builder()
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -136,7 +169,7 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
             proto::key_service_server::KeyServiceServer::new(service::Api::new(Arc::clone(
                 &broker,
             )))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES),
         )
         .add_service(
             proto::crypto_service_server::CryptoServiceServer::new(service::Api::new(Arc::clone(
@@ -145,17 +178,22 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(proto::audit_service_server::AuditServiceServer::new(
-            service::Api::new(Arc::clone(&broker)),
-        ))
+        .add_service(
+            proto::audit_service_server::AuditServiceServer::new(service::Api::new(Arc::clone(
+                &broker,
+            )))
+            .max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES),
+        )
         .add_service(
             proto::break_glass_service_server::BreakGlassServiceServer::new(service::Api::new(
                 Arc::clone(&broker),
-            )),
+            ))
+            .max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES),
         )
-        .add_service(proto::broker_service_server::BrokerServiceServer::new(
-            service::Api::new(broker),
-        ));
+        .add_service(
+            proto::broker_service_server::BrokerServiceServer::new(service::Api::new(broker))
+                .max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES),
+        );
     let mut server = launch(router, listener, tls, local_addr);
     // The health monitor and the sweeper stop with the server.
     server.extra_stop = Some(stop_tasks);
@@ -205,6 +243,43 @@ fn launch(
     }
 }
 
+/// One handshake in progress from one address; released on drop.
+struct AddressSlot {
+    map: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        // The map holds counters only: a poisoned lock leaves it usable.
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            map: Arc::clone(map),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a
 /// slow or hostile client cannot hold up others.
 fn accept_loop(
@@ -213,6 +288,8 @@ fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+    let per_address: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -226,12 +303,25 @@ fn accept_loop(
                 },
                 _ = stopped(&mut stop) => return,
             };
+            // Handshakes cost CPU before anyone is identified: a bounded
+            // number at once, and a few per address; beyond that the
+            // connection is closed at once.
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                tracing::warn!(%remote, "too many TLS handshakes in progress: connection closed");
+                continue;
+            };
+            let Some(slot) = AddressSlot::take(&per_address, remote.ip()) else {
+                tracing::warn!(%remote, "too many TLS handshakes from this address: connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let tls = Arc::clone(&tls);
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(tcp)).await
-                {
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp)).await;
+                drop((permit, slot));
+                match handshake {
                     Ok(Ok(stream)) => {
                         let identified = tls.identify(&stream);
                         if let Err(why) = &identified {
@@ -272,9 +362,12 @@ async fn health_monitor(
     let mut last = None;
     loop {
         let b = Arc::clone(&broker);
-        let ok = tokio::task::spawn_blocking(move || b.health().is_ok())
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            b.flush_suppressed_refusals();
+            b.health().is_ok()
+        })
+        .await
+        .unwrap_or(false);
         if last != Some(ok) {
             let status = if ok {
                 ServingStatus::Serving

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Largest batch written with one sync.
 const MAX_BATCH: usize = 4096;
+/// Events waiting for the writer, at most: beyond, a request that needs a
+/// durable record is refused (backpressure) and a buffered record is
+/// counted instead of queued (one record then says how many).
+const MAX_QUEUED: usize = 65_536;
 /// Buffered records (nobody waits for them) wait at most this long for
 /// company before the writer wakes for them.
 const BUFFER_DELAY: Duration = Duration::from_millis(2);
@@ -62,6 +66,8 @@ struct Queue {
     /// The writer sleeps on the condvar: only then is a notify (a futex
     /// syscall per request under load) worth making.
     writer_waiting: bool,
+    /// Buffered records dropped because the queue was full.
+    dropped: u64,
 }
 
 struct Shared {
@@ -215,6 +221,22 @@ fn check_before_continuing(
     super::verify::verify_anchored(std::io::BufReader::new(f), &pk, false, &anchors)
         .map_err(|e| AuditError::Rejected(format!("{}: {e}; the broker does not continue this chain (`sovkms audit verify` names the record)", settings.path.display())))?;
     Ok(())
+}
+
+/// The record that stands for buffered records the full queue dropped.
+fn dropped_event(n: u64) -> Event {
+    Event {
+        kind: Kind::Request,
+        request_id: String::new(),
+        caller: None,
+        operation: "dropped-records",
+        key_id: String::new(),
+        key_version: 0,
+        context_sha256: String::new(),
+        outcome: super::Outcome::Failed,
+        code: "RESOURCE_EXHAUSTED",
+        reason: format!("{n} buffered audit records were dropped: the audit queue was full"),
+    }
 }
 
 struct Writer {
@@ -462,7 +484,12 @@ impl Writer {
                 }
                 q.waiters = 0;
                 q.first_at = None;
-                (std::mem::take(&mut q.events), q.shutdown)
+                let mut events = std::mem::take(&mut q.events);
+                if q.dropped > 0 {
+                    events.push((Box::new(dropped_event(q.dropped)), None));
+                    q.dropped = 0;
+                }
+                (events, q.shutdown)
             };
             if !batch.is_empty() {
                 self.write_batch(batch);
@@ -540,6 +567,13 @@ impl AuditLog {
         let mut q = self.shared.lock();
         if q.shutdown {
             return Err(AuditError::Stopped);
+        }
+        if q.events.len() >= MAX_QUEUED {
+            if waiter.is_some() {
+                return Err(AuditError::Busy);
+            }
+            q.dropped += 1;
+            return Ok(());
         }
         // The first buffered event of a window wakes the writer once, so that
         // it arms its BUFFER_DELAY timer; later ones ride along silently.

@@ -43,6 +43,10 @@ pub enum AuditError {
     /// continue such a chain.
     #[error("audit log rejected: {0}")]
     Rejected(String),
+    /// The queue of records waiting for the writer is full (the disk cannot
+    /// keep up): requests that need a durable record are refused.
+    #[error("the audit queue is full")]
+    Busy,
     /// The root of trust cannot sign checkpoints.
     #[error("audit checkpoints cannot be signed: {0}")]
     Unsigned(String),

@@ -79,8 +79,11 @@ impl Broker {
             Ok(v) => v,
             Err(Halt::WouldBlock) => return Err(Halt::WouldBlock),
             Err(Halt::Failed(e)) => {
-                self.audit
-                    .append(self.event(Some(cx), op, context, &note, Some(&e)));
+                self.record_failure(
+                    self.event(Some(cx), op, context, &note, Some(&e)),
+                    &e,
+                    Some(cx),
+                );
                 return Err(Halt::Failed(e));
             }
         };
@@ -109,7 +112,7 @@ impl Broker {
         let p = match prepare(&mut note) {
             Ok(p) => p,
             Err(e) => {
-                self.audit.append(self.event(cx, op, None, &note, Some(&e)));
+                self.record_failure(self.event(cx, op, None, &note, Some(&e)), &e, cx);
                 return Err(e);
             }
         };
@@ -125,6 +128,53 @@ impl Broker {
             );
             self.audit.append(ev);
         })
+    }
+
+    /// Records a refused or failed request. Refusals (and rate-limited
+    /// requests) beyond the caller's per-second record budget are counted
+    /// instead, and one summary record per second says how many: a flood of
+    /// refusals from another region cannot fill the disk.
+    fn record_failure(&self, ev: Event, e: &Error, cx: Option<&CallCtx>) {
+        let Some(cx) =
+            cx.filter(|_| e.outcome() == Outcome::Refused || matches!(e, Error::Limit(_)))
+        else {
+            self.audit.append(ev);
+            return;
+        };
+        let (decision, summary) = self.limits.refusal(&cx.caller);
+        if let Some(s) = summary {
+            self.audit.append(self.suppressed_event(s));
+        }
+        if decision == super::limits::RefusalRecord::Write {
+            self.audit.append(ev);
+        }
+    }
+
+    fn suppressed_event(&self, s: super::limits::Suppressed) -> Event {
+        Event {
+            kind: Kind::Request,
+            request_id: String::new(),
+            caller: Some(std::sync::Arc::new(s.caller)),
+            operation: "suppressed-refusals",
+            key_id: String::new(),
+            key_version: 0,
+            context_sha256: String::new(),
+            outcome: Outcome::Refused,
+            code: "RESOURCE_EXHAUSTED",
+            reason: format!(
+                "{} more refusals of this caller within one second were counted, not recorded one by one (at most {} a second are)",
+                s.count,
+                self.limits.refusal_budget()
+            ),
+        }
+    }
+
+    /// Writes the summary records of seconds that ended with suppressed
+    /// refusals (run periodically by the front end).
+    pub fn flush_suppressed_refusals(&self) {
+        for s in self.limits.ended_windows() {
+            self.audit.append(self.suppressed_event(s));
+        }
     }
 
     fn event(

@@ -3,8 +3,9 @@
 //! the key is known — the data's region (the residency rule), the grant
 //! (or an active break-glass grant) and the key's state, in that order.
 
+use super::limits::Exceeded;
 use super::{Broker, CallCtx, Note};
-use crate::error::{Error, Precondition, Result};
+use crate::error::{Error, Limit, Precondition, Result};
 use crate::keys::{KeyRecord, KeyState};
 use crate::policy::{Operation, Reach, Refusal};
 use crate::region::{check_residency, Breach};
@@ -39,6 +40,19 @@ impl Broker {
                 broker: self.settings.trust_domain.clone(),
             }
             .into());
+        }
+        // Once per request (the first pass, before any key is read).
+        if on.is_none() {
+            self.limits.admit(caller).map_err(|e| match e {
+                Exceeded::Caller(per_second) => Limit::CallerRate {
+                    principal: caller.spiffe_id(),
+                    per_second,
+                },
+                Exceeded::Region(per_second) => Limit::RegionRate {
+                    region: caller.region.clone(),
+                    per_second,
+                },
+            })?;
         }
         if rule.named_readers
             && self
@@ -178,6 +192,7 @@ mod tests {
             break_glass_quorum: 2,
             break_glass_max_minutes: 60,
             break_glass_approval_minutes: 60,
+            limits: Default::default(),
         };
         let root = crate::root::software::SoftwareRoot::open_or_create(&dir.join("root")).unwrap();
         let store = crate::store::SledStore::open(&dir.join("store")).unwrap();

@@ -18,12 +18,14 @@ mod breakglass;
 mod crypto;
 mod gate;
 mod lifecycle;
+mod limits;
 pub mod rewrap;
 
 pub use audited::AfterAudit;
 pub use breakglass::BreakGlassAsk;
 pub use crypto::{DataKey, Opened, ReEncrypted, Sealed};
 pub use lifecycle::{effective_state, CreateKey, GrantRequest, LocateFilter};
+pub use limits::LimitSettings;
 
 use crate::audit::AuditSink;
 use crate::clock::Clock;
@@ -69,6 +71,8 @@ pub struct BrokerSettings {
     pub break_glass_max_minutes: u32,
     /// How long a break-glass request waits for its quorum, in minutes.
     pub break_glass_approval_minutes: u32,
+    /// Request rates and refusal records per caller and region.
+    pub limits: LimitSettings,
 }
 
 /// Broker facts for `GetInfo`.
@@ -101,6 +105,7 @@ pub struct Broker {
     break_glass: std::sync::RwLock<Vec<crate::policy::breakglass::BreakGlass>>,
     /// The host's TPM, for the auditors' quotes (None: not configured).
     attestor: Option<Arc<dyn Attestor>>,
+    limits: limits::Limiter,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -137,7 +142,9 @@ impl Broker {
         audit: Arc<dyn AuditSink>,
     ) -> Self {
         let keyring = Keyring::new(settings.cache_max_entries, settings.cache_ttl);
+        let limits = limits::Limiter::new(settings.limits.clone());
         Self {
+            limits,
             settings,
             root,
             store,

@@ -189,6 +189,10 @@ async fn setup(
         &root,
     );
     text.push_str(tail);
+    // One identity drives the whole load: its rate limit is raised above
+    // anything this machine reaches, so the broker (limiter included) is
+    // measured, not the limit.
+    text.push_str("\n[limits]\nrequests_per_second_per_caller = 100000000\nrequests_per_second_per_region = 100000000\n");
     let cfg = dir.join("broker.toml");
     std::fs::write(&cfg, text).map_err(err)?;
     if let Some(c) = &conf {
