@@ -120,6 +120,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Vec<RawClientCa>,
+    #[serde(default)]
+    allowed_client_cidrs: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +191,8 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// Trusted client CAs.
     pub client_cas: Vec<ClientCa>,
+    /// Client networks accepted at the socket, before TLS; empty: any.
+    pub allowed_client_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Which root of trust.
@@ -318,6 +322,16 @@ impl Settings {
                 regions,
             });
         }
+        let allowed_client_cidrs = raw
+            .tls
+            .allowed_client_cidrs
+            .iter()
+            .map(|c| {
+                c.parse::<ipnet::IpNet>().map_err(|_| {
+                    format!("tls.allowed_client_cidrs: {c:?} is not a network in CIDR form (e.g. \"10.20.0.0/16\")")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let data_dir = abs(raw.data_dir);
         let tpm = match raw.tpm {
             None => None,
@@ -384,6 +398,7 @@ impl Settings {
                 cert: abs(raw.tls.cert),
                 key: abs(raw.tls.key),
                 client_cas,
+                allowed_client_cidrs,
             },
             root,
             audit,

@@ -368,3 +368,37 @@ async fn rate_limits_answer_resource_exhausted() {
         .await
         .is_ok());
 }
+
+/// The client network guard closes connections from outside the listed
+/// networks before TLS, and lets listed ones through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_guard_closes_unlisted_addresses_before_tls() {
+    let env = Env::new();
+    // Two brokers of their own (a data directory each: a log signed by
+    // another token's key is refused at start).
+    for (r, cidrs, open) in [
+        ("eu-central", "[\"10.0.0.0/8\"]", false),
+        ("us-east", "[\"127.0.0.0/8\"]", true),
+    ] {
+        let cfg = env.config(r, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+            "[tls]\n",
+            &format!("[tls]\nallowed_client_cidrs = {cidrs}\n"),
+            1,
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let settings = sovkms::config::Settings::load(&cfg).unwrap();
+        let (_broker, server) =
+            sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+                .await
+                .unwrap();
+        let addr = server.local_addr.to_string();
+        let tls = env.tls(&format!("{r}/service-app"), r);
+        let reached = match sovkms::client::connect(&addr, &tls).await {
+            Err(_) => false,
+            Ok(c) => c.serving().await.is_ok(),
+        };
+        assert_eq!(reached, open, "{cidrs}");
+        server.shutdown().await.unwrap();
+    }
+}

@@ -287,6 +287,7 @@ fn accept_loop(
     tls: Arc<TlsServer>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let allowed = tls.allowed_client_cidrs.clone();
     let (tx, rx) = mpsc::channel(128);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     let per_address: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
@@ -303,6 +304,13 @@ fn accept_loop(
                 },
                 _ = stopped(&mut stop) => return,
             };
+            // The network guard: outside the listed networks, the connection
+            // is closed before any TLS byte is read.
+            let ip = remote.ip().to_canonical();
+            if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(&ip)) {
+                tracing::warn!(%remote, "client address outside tls.allowed_client_cidrs: connection closed");
+                continue;
+            }
             // Handshakes cost CPU before anyone is identified: a bounded
             // number at once, and a few per address; beyond that the
             // connection is closed at once.

@@ -56,6 +56,8 @@ struct CaBinding {
 pub struct TlsServer {
     pub(crate) acceptor: tokio_rustls::TlsAcceptor,
     cas: Arc<Vec<CaBinding>>,
+    /// The network guard (empty: any address).
+    pub(crate) allowed_client_cidrs: Vec<ipnet::IpNet>,
 }
 
 fn verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
@@ -97,6 +99,7 @@ impl TlsServer {
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             cas: Arc::new(cas),
+            allowed_client_cidrs: s.allowed_client_cidrs.clone(),
         })
     }
 

@@ -523,3 +523,30 @@ async fn info(a: ConnArgs) -> Result<(), CliError> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency check of every command and flag (ids, types,
+    /// conflicts): a flag that collides with a global one fails here, not
+    /// at run time.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+        for args in [
+            &[
+                "sovkms",
+                "--json",
+                "bench",
+                "crypto",
+                "--json-file",
+                "x.json",
+            ][..],
+            &["sovkms", "bench", "rpc", "--json-file", "x.json", "--json"],
+            &["sovkms", "bench", "lifecycle", "--json-file", "x.json"],
+        ] {
+            let cli = <super::Cli as clap::Parser>::try_parse_from(args).unwrap();
+            assert!(matches!(cli.cmd, super::Command::Bench(_)));
+        }
+    }
+}

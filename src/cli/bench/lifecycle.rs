@@ -104,5 +104,5 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
         let mut b = b;
         let _ = b.child.kill().await;
     }
-    write_rows(a.json.as_deref(), ncpu, rows)
+    write_rows(a.json_file.as_deref(), ncpu, rows)
 }

@@ -33,7 +33,7 @@ pub enum BenchCmd {
         seconds: f64,
         /// Write results as JSON to this file.
         #[arg(long = "json-file", value_name = "FILE")]
-        json: Option<PathBuf>,
+        json_file: Option<PathBuf>,
     },
     /// Key creation rate, start-up time, memory and Locate latency by key count.
     Lifecycle(LifecycleArgs),
@@ -94,7 +94,7 @@ pub struct RpcArgs {
     min_ratio: Option<f64>,
     /// Write results as JSON to this file.
     #[arg(long = "json-file", value_name = "FILE")]
-    json: Option<PathBuf>,
+    json_file: Option<PathBuf>,
 }
 
 /// Arguments of `bench lifecycle`.
@@ -117,7 +117,7 @@ pub struct LifecycleArgs {
     profile: String,
     /// Write results as JSON to this file.
     #[arg(long = "json-file", value_name = "FILE")]
-    json: Option<PathBuf>,
+    json_file: Option<PathBuf>,
 }
 
 /// `sovkms bench-echo`: serve the echo ceiling with a broker config's TLS.
@@ -352,8 +352,8 @@ pub async fn run(c: BenchCmd) -> Result<(), CliError> {
             tokio::task::block_in_place(|| audit::audit(seconds, &dir))
         }
         BenchCmd::Rpc(a) => rpc::rpc(a).await,
-        BenchCmd::Crypto { seconds, json } => {
-            tokio::task::block_in_place(|| crypto::crypto(seconds, json))
+        BenchCmd::Crypto { seconds, json_file } => {
+            tokio::task::block_in_place(|| crypto::crypto(seconds, json_file))
         }
         BenchCmd::Lifecycle(a) => lifecycle::lifecycle(a).await,
         BenchCmd::Tpm { config, rounds } => {

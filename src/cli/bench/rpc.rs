@@ -241,7 +241,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
         }
     }
     drop((broker, echo));
-    if let Some(p) = a.json {
+    if let Some(p) = a.json_file {
         let v = serde_json::json!({"cores": ncpu, "inflight": a.inflight, "connections": conns, "seconds": a.seconds, "rows": rows});
         std::fs::write(&p, serde_json::to_string_pretty(&v).map_err(err)?).map_err(err)?;
     }
