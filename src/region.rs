@@ -114,7 +114,10 @@ pub struct Caller {
 }
 
 fn valid_segment(s: &str, max: usize) -> bool {
+    // `.` and `..` are path navigation, never a name (SPIFFE forbids them).
     (1..=max).contains(&s.len())
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
@@ -175,6 +178,12 @@ pub enum IdentityError {
     /// More than one.
     #[error("the client certificate has more than one SPIFFE id")]
     SeveralSpiffeIds,
+    /// A URI SAN besides the SPIFFE id: two names for one caller.
+    #[error("the client certificate carries a URI SAN besides its SPIFFE id")]
+    OtherUri,
+    /// No clientAuth extended key usage.
+    #[error("the client certificate is not marked for client authentication (extended key usage clientAuth)")]
+    NotForClients,
     /// One that does not parse.
     #[error(transparent)]
     Spiffe(#[from] SpiffeError),
@@ -328,6 +337,9 @@ mod tests {
             "spiffe://td/region/EU/service/a",
             "spiffe:///region/eu/service/a",
             "spiffe://td/region/eu/service/a b",
+            "spiffe://td/region/eu/service/..",
+            "spiffe://td/region/eu/service/.",
+            "spiffe://../region/eu/service/a",
         ] {
             assert!(Caller::parse_spiffe(bad).is_err(), "{bad}");
         }

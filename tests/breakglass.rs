@@ -260,6 +260,14 @@ async fn quorum_expiry_revocation_and_limits() {
     assert!(recs.iter().any(|r| r.operation == "approve-break-glass"
         && r.outcome == "refused"
         && r.reason.contains("cannot approve")));
+    // The records say what was asked and approved, not only that it was.
+    assert!(recs.iter().any(|r| r.operation == "request-break-glass"
+        && r.outcome == "allowed"
+        && r.reason.contains("asks spiffe://")
+        && r.reason.contains("minutes")));
+    assert!(recs.iter().any(|r| r.operation == "approve-break-glass"
+        && r.outcome == "allowed"
+        && r.reason.contains("approval 1 of")));
     let via: Vec<_> = recs
         .iter()
         .filter(|r| r.operation == "decrypt" && r.reason.contains("break-glass grant bg-"))

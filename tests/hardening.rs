@@ -402,3 +402,162 @@ async fn the_network_guard_closes_unlisted_addresses_before_tls() {
         server.shutdown().await.unwrap();
     }
 }
+
+/// Someone with the user PIN imports an AES key they know under the root's
+/// label, with a higher generation: the broker refuses to start rather
+/// than wrap new keys under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_root_key_is_refused() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .unwrap()
+            .trim_end_matches('"')
+            .to_owned()
+    };
+    let (label, pin_file) = (field("token_label"), field("pin_file"));
+    let pin = std::fs::read_to_string(&pin_file).unwrap();
+    let known = env.dir.path().join("known.key");
+    std::fs::write(&known, [7u8; 32]).unwrap();
+    let o = std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(softhsm_module())
+        .args(["--token-label", &label, "--login", "--pin", pin.trim()])
+        .arg("--write-object")
+        .arg(&known)
+        .args([
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "sovkms-root",
+            "--id",
+            "00000009aabbccddeeff0011",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+        .await
+    {
+        Err(e) => e.to_string(),
+        Ok((_, server)) => {
+            server.shutdown().await.unwrap();
+            panic!("the broker started with a planted root key");
+        }
+    };
+    assert!(e.contains("planted"), "{e}");
+}
+
+/// Identities that are ambiguous or not meant for clients are refused: a
+/// second (non-SPIFFE) URI SAN, no clientAuth usage, `..` as a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_non_client_certificates_are_no_identity() {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let dir = env.pki.join("eu-central");
+    let ca_cert = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, KeyPair::from_pem(&ca_key).unwrap()).unwrap();
+    let id = spiffe("eu-central", "service", "app");
+    let cases: [(&str, Vec<SanType>, bool, &str); 3] = [
+        (
+            "extra-uri",
+            vec![
+                SanType::URI(id.clone().try_into().unwrap()),
+                SanType::URI(
+                    "https://elsewhere.example/app"
+                        .to_string()
+                        .try_into()
+                        .unwrap(),
+                ),
+            ],
+            true,
+            "URI SAN besides its SPIFFE id",
+        ),
+        (
+            "no-eku",
+            vec![SanType::URI(id.clone().try_into().unwrap())],
+            false,
+            "not marked for client authentication",
+        ),
+        (
+            "dotdot",
+            vec![SanType::URI(
+                spiffe("eu-central", "service", "..").try_into().unwrap(),
+            )],
+            true,
+            "invalid name",
+        ),
+    ];
+    for (stem, sans, eku, says) in cases {
+        let k = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans;
+        if eku {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let c = p.signed_by(&k, &issuer).unwrap();
+        pki::write(
+            &dir,
+            stem,
+            &pki::Issued {
+                cert_pem: c.pem(),
+                key_pem: zeroize::Zeroizing::new(k.serialize_pem()),
+            },
+        )
+        .unwrap();
+        let mut c = client(&env, &format!("eu-central/{stem}"), &eu).await;
+        let e = c
+            .broker
+            .get_info(sovkms::api::proto::GetInfoRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{stem}: {}", e.message());
+        assert!(e.message().contains(says), "{stem}: {}", e.message());
+    }
+}
+
+/// ReEncrypt's record names the destination as well as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_encrypt_records_name_the_destination() {
+    use sovkms::api::proto as pb;
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let a = create_key(&env, &eu, "a", vec![grant(&app, &ALL_OPS)]).await;
+    let b = create_key(&env, &eu, "b", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &a, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    svc.crypto
+        .re_encrypt(pb::ReEncryptRequest {
+            ciphertext: ct,
+            destination_key_id: b.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let log = eu.audit_path.clone();
+    eu.stop().await;
+    let rec = read_records(&log)
+        .into_iter()
+        .find(|r| r.operation == "re-encrypt")
+        .unwrap();
+    assert_eq!(rec.key_id, a);
+    assert!(
+        rec.reason
+            .contains(&format!("re-encrypted under key {b} version 1"))
+            && rec.reason.contains("destination context sha256"),
+        "{}",
+        rec.reason
+    );
+}

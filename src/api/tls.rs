@@ -152,10 +152,23 @@ fn caller_and_expiry(der: &CertificateDer<'_>) -> Result<(Caller, i64), Identity
         .general_names
         .iter()
         .filter_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+            GeneralName::URI(u) => Some(*u),
             _ => None,
         })
         .collect();
+    if uris.iter().any(|u| !u.starts_with("spiffe://")) {
+        return Err(IdentityError::OtherUri);
+    }
+    // webpki checks an EKU only when there is one; a client identity must
+    // say it is one.
+    let for_clients = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.client_auth || e.value.any);
+    if !for_clients {
+        return Err(IdentityError::NotForClients);
+    }
     match uris.as_slice() {
         [one] => Ok((Caller::parse_spiffe(one)?, not_after)),
         [] => Err(IdentityError::NoSpiffeId),

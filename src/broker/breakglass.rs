@@ -115,8 +115,16 @@ impl Broker {
                 let mut ops = ask.operations.clone();
                 ops.sort();
                 ops.dedup();
+                let id = format!("bg-{}", hex::encode(b));
+                note.via = format!(
+                    "break-glass grant {id} asks {} for {} on key {} for {} minutes",
+                    ask.principal.as_str(),
+                    ops.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "),
+                    ask.key_id,
+                    ask.duration_minutes
+                );
                 Ok(BreakGlass {
-                    id: format!("bg-{}", hex::encode(b)),
+                    id,
                     principal: ask.principal.clone(),
                     key_id: ask.key_id.clone(),
                     operations: ops,
@@ -172,6 +180,16 @@ impl Broker {
                 if g.approved_by.len() as u32 >= g.quorum {
                     g.activated_at = Some(now);
                 }
+                note.via = format!(
+                    "approval {} of {} for break-glass grant {id} ({} may {} on key {} for {} minutes){}",
+                    g.approved_by.len(),
+                    g.quorum,
+                    g.principal.as_str(),
+                    g.operations.iter().map(|o| o.name()).collect::<Vec<_>>().join(", "),
+                    g.key_id,
+                    g.duration_minutes,
+                    if g.activated_at.is_some() { "; the grant is now active" } else { "" }
+                );
                 Ok(g)
             },
             |g, _| {

@@ -337,6 +337,18 @@ impl Broker {
             let src_version = env.header.key_version;
             let plaintext = self.open_checked(&src, env, source_ctx, wait)?;
             let sealed = self.seal(&dst, destination_ctx, &plaintext, wait)?;
+            // The record names the source (key fields) and the destination.
+            let dest = format!(
+                "re-encrypted under key {} version {} with destination context sha256 {}",
+                sealed.key_id,
+                sealed.key_version,
+                destination_ctx.digest_hex()
+            );
+            note.via = if note.via.is_empty() {
+                dest
+            } else {
+                format!("{dest}; {}", note.via)
+            };
             Ok(ReEncrypted {
                 ciphertext: sealed.ciphertext,
                 source: (src.id.clone(), src_version),

@@ -213,16 +213,44 @@ pub(crate) fn find_roots(
     let mut roots = Vec::new();
     for h in handles {
         let attrs = s
-            .get_attributes(h, &[AttributeType::Id, AttributeType::CheckValue])
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Id,
+                    AttributeType::CheckValue,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Local,
+                ],
+            )
             .map_err(|e| map(&e, "reading root key attributes", token))?;
         let mut id = Vec::new();
         let mut kcv = String::new();
+        // (sensitive, extractable, never extractable, local), unknown = unsafe
+        let mut born_here = (false, true, false, false);
         for a in attrs {
             match a {
                 Attribute::Id(v) => id = v,
                 Attribute::CheckValue(v) => kcv = hex::encode(v),
+                Attribute::Sensitive(v) => born_here.0 = v,
+                Attribute::Extractable(v) => born_here.1 = v,
+                Attribute::NeverExtractable(v) => born_here.2 = v,
+                Attribute::Local(v) => born_here.3 = v,
                 _ => {}
             }
+        }
+        // Someone with the user PIN could import a key they know under the
+        // root's label: only a key the token generated and never let out is
+        // a root.
+        if born_here != (true, false, true, true) {
+            return Err(RootError::new(
+                RootErrorKind::Integrity,
+                format!(
+                    "a key labelled {root_label} (id {}) on token {token} was not generated in the token and kept there (SENSITIVE, not EXTRACTABLE, NEVER_EXTRACTABLE and LOCAL are required): it may have been planted; remove it before the broker starts",
+                    hex::encode(&id)
+                ),
+            ));
         }
         let Some(gen_bytes) = id.get(..4) else {
             tracing::warn!(
@@ -263,6 +291,12 @@ pub(crate) fn find_signing(
             Attribute::Label(label.as_bytes().to_vec()),
         ])
         .map_err(|e| map(&e, "finding the signing public key", token))?;
+    if private.len() > 1 || public.len() > 1 {
+        return Err(RootError::new(
+            RootErrorKind::Integrity,
+            format!("token {token} holds more than one signing key labelled {label}: one may have been planted; remove the extra one"),
+        ));
+    }
     let (Some(&private), Some(&public)) = (private.first(), public.first()) else {
         return Ok(None);
     };
