@@ -135,7 +135,8 @@ async fn rotate_root_survives_a_crash_and_finishes_when_run_again() {
             .await
             .expect("undecryptable after rotation");
     }
-    let info = svc
+    let mut aud = connect_ready(&env, "eu-central/auditor-audit", "eu-central", &p.addr).await;
+    let info = aud
         .broker
         .get_info(pb::GetInfoRequest {})
         .await

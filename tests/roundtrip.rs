@@ -409,8 +409,22 @@ async fn steady_state_makes_no_root_calls_and_grant_changes_apply_at_once() {
         e.message()
     );
 
-    // GetInfo names the HSM root of trust.
-    let info = svc
+    // GetInfo names the HSM root of trust (to the region's auditors; a
+    // service learns only the kind).
+    let svc_info = svc
+        .broker
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(svc_info.root_kind, "pkcs11");
+    assert!(
+        svc_info.root_description.is_empty()
+            && svc_info.root_calls == 0
+            && svc_info.cache_hits == 0
+    );
+    let mut aud = client(&env, "eu-central/auditor-audit", &eu).await;
+    let info = aud
         .broker
         .get_info(pb::GetInfoRequest {})
         .await

@@ -175,10 +175,19 @@ impl Broker {
         use crate::policy::Operation;
         self.audited(cx, Operation::GetInfo, None, |note| {
             self.gate(cx, Operation::GetInfo, None, note)?;
-            Ok((
-                self.status(),
-                self.signing_public_key_pem().unwrap_or_default(),
-            ))
+            let mut status = self.status();
+            // Device details and live counters are for the region's
+            // operators and auditors; services and other regions learn the
+            // region, the kind of root and whether it is for development.
+            let insider = cx.caller.region == self.settings.region
+                && cx.caller.role != crate::region::Role::Service;
+            if !insider {
+                status.root.description = String::new();
+                status.root.root_key_id = String::new();
+                status.cache = CacheStats::default();
+                status.root_calls = 0;
+            }
+            Ok((status, self.signing_public_key_pem().unwrap_or_default()))
         })
     }
 
