@@ -96,7 +96,7 @@ async fn tls_1_2_is_refused() {
     let key = PrivateKeyDer::from_pem_file(dir.join("service-app.key")).unwrap();
     let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_protocol_versions(versions)
         .unwrap()
@@ -121,5 +121,55 @@ async fn tls_1_2_is_refused() {
     assert_eq!(
         ok.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+/// Post-quantum key exchange: our client and the broker agree on the hybrid
+/// X25519MLKEM768 group, and a client that offers only a classical group
+/// still connects (with X25519).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_post_quantum_key_exchange_is_preferred_and_classical_still_works() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let mut c = client(&env, "eu-central/service-app", &eu).await;
+    let info = c
+        .broker
+        .get_info(sovkms::api::proto::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.tls_key_exchange, "X25519MLKEM768");
+
+    let dir = env.pki.join("eu-central");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(dir.join("service-app.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("service-app.key")).unwrap();
+    let mut classical = rustls::crypto::aws_lc_rs::default_provider();
+    classical.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(classical))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(eu.addr.clone())
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519)
     );
 }

@@ -186,7 +186,7 @@ fn check_identity(ca: &Path, cert: &Path, key: &Path, tls: &ClientTls) -> Result
             cert_instead: false,
         }
     })?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|_| {
         ClientError::KeyMismatch {
             cert: shown(cert),

@@ -336,12 +336,20 @@ fn accept_loop(
                             tracing::warn!(%remote, reason = %why, "client certificate carries no usable identity");
                         }
                         let not_after = identified.as_ref().map_or(0, |(_, t)| *t);
+                        let key_exchange = stream
+                            .get_ref()
+                            .1
+                            .negotiated_key_exchange_group()
+                            .and_then(|g| g.name().as_str())
+                            .unwrap_or("unknown");
+                        tracing::debug!(%remote, key_exchange, "TLS handshake done");
                         let conn = TlsConn {
                             stream,
                             info: PeerInfo {
                                 remote,
                                 caller: identified.map(|(c, _)| Arc::new(c)),
                                 not_after,
+                                key_exchange,
                             },
                         };
                         let _ = tx.send(Ok(conn)).await;

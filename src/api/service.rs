@@ -422,6 +422,10 @@ impl pb::broker_service_server::BrokerService for Api {
         req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::BrokerInfo>, Status> {
         let cx = self.ctx(&req, Operation::GetInfo)?;
+        let key_exchange = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map_or("unknown", |p| p.key_exchange);
         let (cx, (s, pk)) = self.run(cx, |b, cx| b.info(cx)).await?;
         Ok(reply(
             &cx,
@@ -437,6 +441,7 @@ impl pb::broker_service_server::BrokerService for Api {
                 root_calls: s.root_calls,
                 caller: cx.caller.spiffe_id(),
                 signing_public_key_pem: pk,
+                tls_key_exchange: key_exchange.to_owned(),
             },
         ))
     }

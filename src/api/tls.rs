@@ -44,7 +44,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    // aws-lc-rs with `prefer-post-quantum`: X25519MLKEM768 first, then
+    // X25519, P-256, P-384 for clients that offer no hybrid group.
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 struct CaBinding {
@@ -187,6 +189,8 @@ pub struct PeerInfo {
     pub caller: Result<Arc<Caller>, IdentityError>,
     /// The client certificate's `notAfter`, unix seconds.
     pub not_after: i64,
+    /// The negotiated key exchange group (e.g. `X25519MLKEM768`).
+    pub key_exchange: &'static str,
 }
 
 /// A server-side TLS connection with its peer's identity.

@@ -505,6 +505,7 @@ async fn info(a: ConnArgs) -> Result<(), CliError> {
             "root_description": i.root_description, "development_only": i.development_only,
             "version": i.version, "cache_hits": i.cache_hits, "cache_misses": i.cache_misses,
             "root_calls": i.root_calls, "caller": i.caller,
+            "tls_key_exchange": i.tls_key_exchange,
         }))
     } else {
         outln!("region           {}", i.region);
@@ -520,6 +521,7 @@ async fn info(a: ConnArgs) -> Result<(), CliError> {
             i.root_calls
         );
         outln!("you are          {}", i.caller);
+        outln!("key exchange     {}", i.tls_key_exchange);
         Ok(())
     }
 }
