@@ -18,6 +18,9 @@ for p in pkg-config; do pkg_installed "$p" || need+=("$p"); done
 pkg_installed libtss2-dev || need+=(libtss2-dev)
 have swtpm || need+=(swtpm swtpm-tools)
 have tpm2_checkquote || need+=(tpm2-tools)
+# strace: a test watches the broker's syscalls to prove "record synced,
+# then answer sent" (the page cache would hide a missing sync from kill -9).
+have strace || need+=(strace)
 
 if ((${#need[@]})); then
     echo "deps: installing ${need[*]}"

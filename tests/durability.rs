@@ -111,3 +111,95 @@ async fn acknowledged_writes_survive_kill_9() {
     assert_eq!(v2.key_version, 2);
     kill9(&mut p);
 }
+
+/// "Audited, then released", observed from outside the process: under
+/// `strace -f`, the write of a decrypt's audit record is followed by an
+/// `fdatasync` of the log before any byte goes to a socket. (A kill -9 test
+/// cannot show this: the page cache survives a killed process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decrypt_is_answered_only_after_its_record_is_synced() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let config = env.config("eu-central", "");
+    let trace = env.dir.path().join("broker.strace");
+    let mut child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-s", "4096", "-e"])
+        .arg("trace=write,writev,sendto,sendmsg,fdatasync,fsync")
+        .arg("-o")
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_sovkms"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SOVKMS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace must be installed (deploy/deps.sh installs it)");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    // The broker is strace's child: it gets the stop signal (strace exits
+    // with it).
+    let strace_pid = child.id();
+    let broker_pid =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
+            .unwrap()
+            .trim()
+            .to_owned();
+    let mut p = Proc { child, addr };
+    let app = spiffe("eu-central", "service", "app");
+    let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
+    let k = create_key_as(&mut op, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
+    let c = ctx(&[]);
+    let ct = encrypt(&mut svc, &k, b"x", &c).await.unwrap().ciphertext;
+    let markers = [
+        "durability-marker-1",
+        "durability-marker-2",
+        "durability-marker-3",
+    ];
+    for m in markers {
+        // Let buffered records and their periodic sync go by first.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut req = tonic::Request::new(pb::DecryptRequest {
+            ciphertext: ct.clone(),
+            context: c.clone(),
+        });
+        req.metadata_mut()
+            .insert("x-request-id", m.parse().unwrap());
+        svc.crypto.decrypt(req).await.unwrap();
+    }
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &broker_pid])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    p.child.wait().unwrap();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for m in markers {
+        let at = lines
+            .iter()
+            .position(|l| l.contains("audit.log") && l.contains(m) && l.contains("write"))
+            .unwrap_or_else(|| panic!("no audit write for {m}"));
+        let after = &lines[at + 1..];
+        let sync = after
+            .iter()
+            .position(|l| l.contains("fdatasync(") && l.contains("audit.log"));
+        let reply = after
+            .iter()
+            .position(|l| (l.contains("socket:") || l.contains("TCP")) && !l.contains("resumed>"))
+            .unwrap_or_else(|| panic!("no socket write after {m}"));
+        assert!(
+            sync.is_some_and(|s| s < reply),
+            "{m}: the answer left before the record was synced:\n{}",
+            after[..=reply].join("\n")
+        );
+    }
+}
