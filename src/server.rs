@@ -1,7 +1,7 @@
 //! Wiring: validated settings → store, root of trust, broker core, API.
 
 use crate::api::{self, RunningServer, ServeError};
-use crate::audit::{AuditError, AuditLog, Event, Kind, LogSettings};
+use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
@@ -80,23 +80,39 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     let root = open_root(settings)?;
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
-    let audit = AuditLog::open(
-        LogSettings {
-            path: settings.audit.path.clone(),
-            region: settings.broker.region.to_string(),
-            broker_id: settings.broker.broker_id.clone(),
-            checkpoint_every: settings.audit.checkpoint_every,
-            checkpoint_interval: settings.audit.checkpoint_interval,
-            witness: settings.audit.witness.clone(),
-        },
-        Arc::clone(&root),
-    )?;
+    let audit = AuditLog::open(log_settings(settings), Arc::clone(&root))?;
     let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
     if let Some(tpm) = &settings.tpm {
         broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
     }
     broker.load_break_glass()?;
     Ok(Arc::new(broker))
+}
+
+fn log_settings(settings: &Settings) -> LogSettings {
+    LogSettings {
+        path: settings.audit.path.clone(),
+        region: settings.broker.region.to_string(),
+        broker_id: settings.broker.broker_id.clone(),
+        checkpoint_every: settings.audit.checkpoint_every,
+        checkpoint_interval: settings.audit.checkpoint_interval,
+        witness: settings.audit.witness.clone(),
+    }
+}
+
+/// Records an operator's offline change (broker stopped: root rotation or
+/// retirement) in the broker's own audit chain, durably, and closes it with
+/// a signed checkpoint. The chain is checked first, as at every start.
+pub fn audit_offline(
+    settings: &Settings,
+    root: Arc<dyn RootOfTrust>,
+    operation: &'static str,
+    reason: &str,
+) -> Result<u64, StartError> {
+    let log = AuditLog::open(log_settings(settings), root)?;
+    let seq = log.append_durable(Event::system(Kind::Request, operation, reason))?;
+    log.shutdown();
+    Ok(seq)
 }
 
 /// Opens everything and starts serving.

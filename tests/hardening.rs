@@ -204,16 +204,7 @@ async fn a_rewritten_audit_history_is_caught_at_start_and_by_verify() {
         );
     }
     // And the broker does not continue the forged chain.
-    let settings = sovkms::config::Settings::load(&cfg).unwrap();
-    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
-        .await
-    {
-        Err(e) => e.to_string(),
-        Ok((_, server)) => {
-            server.shutdown().await.unwrap();
-            panic!("the broker continued a rewritten audit chain");
-        }
-    };
+    let e = start_fails(&cfg, "the broker continued a rewritten audit chain").await;
     assert!(
         e.contains("audit log rejected") && e.contains("anchor"),
         "{e}"
@@ -225,40 +216,18 @@ async fn a_rewritten_audit_history_is_caught_at_start_and_by_verify() {
 async fn no_signing_key_no_broker() {
     let env = Env::new();
     let cfg = env.config("eu-central", "");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-            .unwrap()
-            .trim_end_matches('"')
-            .to_owned()
-    };
-    let (label, pin_file) = (field("token_label"), field("pin_file"));
-    let pin = std::fs::read_to_string(&pin_file).unwrap();
-    let o = std::process::Command::new("pkcs11-tool")
-        .arg("--module")
-        .arg(softhsm_module())
-        .args(["--token-label", &label, "--login", "--pin", pin.trim()])
-        .args([
+    let o = pkcs11_tool(
+        &cfg,
+        &[
             "--delete-object",
             "--type",
             "privkey",
             "--label",
             "sovkms-signing",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let settings = sovkms::config::Settings::load(&cfg).unwrap();
-    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
-        .await
-    {
-        Err(e) => e.to_string(),
-        Ok((_, server)) => {
-            server.shutdown().await.unwrap();
-            panic!("a broker started without a signing key");
-        }
-    };
+    let e = start_fails(&cfg, "a broker started without a signing key").await;
     assert!(e.contains("sign"), "{e}");
 }
 
@@ -410,25 +379,13 @@ async fn the_network_guard_closes_unlisted_addresses_before_tls() {
 async fn a_planted_root_key_is_refused() {
     let env = Env::new();
     let cfg = env.config("eu-central", "");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
-            .unwrap()
-            .trim_end_matches('"')
-            .to_owned()
-    };
-    let (label, pin_file) = (field("token_label"), field("pin_file"));
-    let pin = std::fs::read_to_string(&pin_file).unwrap();
     let known = env.dir.path().join("known.key");
     std::fs::write(&known, [7u8; 32]).unwrap();
-    let o = std::process::Command::new("pkcs11-tool")
-        .arg("--module")
-        .arg(softhsm_module())
-        .args(["--token-label", &label, "--login", "--pin", pin.trim()])
-        .arg("--write-object")
-        .arg(&known)
-        .args([
+    let o = pkcs11_tool(
+        &cfg,
+        &[
+            "--write-object",
+            known.to_str().unwrap(),
             "--type",
             "secrkey",
             "--key-type",
@@ -437,20 +394,10 @@ async fn a_planted_root_key_is_refused() {
             "sovkms-root",
             "--id",
             "00000009aabbccddeeff0011",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let settings = sovkms::config::Settings::load(&cfg).unwrap();
-    let e = match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
-        .await
-    {
-        Err(e) => e.to_string(),
-        Ok((_, server)) => {
-            server.shutdown().await.unwrap();
-            panic!("the broker started with a planted root key");
-        }
-    };
+    let e = start_fails(&cfg, "the broker started with a planted root key").await;
     assert!(e.contains("planted"), "{e}");
 }
 
@@ -560,4 +507,42 @@ async fn re_encrypt_records_name_the_destination() {
         "{}",
         rec.reason
     );
+}
+
+/// `pkcs11-tool` logged in to the token of a broker config.
+fn pkcs11_tool(cfg: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = \"")))
+            .unwrap()
+            .trim_end_matches('"')
+            .to_owned()
+    };
+    let pin = std::fs::read_to_string(field("pin_file")).unwrap();
+    std::process::Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(softhsm_module())
+        .args([
+            "--token-label",
+            &field("token_label"),
+            "--login",
+            "--pin",
+            pin.trim(),
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Starts a broker that must refuse to start; its error, as text.
+async fn start_fails(cfg: &std::path::Path, started: &str) -> String {
+    let settings = sovkms::config::Settings::load(cfg).unwrap();
+    match sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock)).await {
+        Err(e) => e.to_string(),
+        Ok((_, server)) => {
+            server.shutdown().await.unwrap();
+            panic!("{started}");
+        }
+    }
 }

@@ -127,6 +127,16 @@ async fn rotate_root_survives_a_crash_and_finishes_when_run_again() {
     let o = run_sovkms(&["hsm", "retire-root", "--config", &cfg_s, &old[0]], &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(status_roots(&cfg, &[]).len(), 1);
+    // Both offline changes are in the broker's own audit chain.
+    let audit = env.dir.path().join("data/eu-central/audit.log");
+    let recs = read_records(&audit);
+    for op in ["rotate-root", "retire-root"] {
+        assert!(
+            recs.iter()
+                .any(|r| r.operation == op && r.reason.contains("offline")),
+            "{op} not audited"
+        );
+    }
 
     let mut p = spawn_broker(&cfg, &[]);
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;

@@ -224,7 +224,7 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                     "stop the broker first: rotation needs its store exclusively",
                 )
             })?;
-            let root = Pkcs11Root::open(p).map_err(root_err)?;
+            let root = std::sync::Arc::new(Pkcs11Root::open(p).map_err(root_err)?);
             let current = root.info().root_key_id;
             let per_root =
                 rewrap::versions_per_root(&store).map_err(|e| CliError::new(e.to_string(), ""))?;
@@ -247,10 +247,24 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 Some(k.id_str)
             };
             let report =
-                rewrap::rewrap_all(&store, &root, danger_crash_after.map(DangerCrashAfter))
+                rewrap::rewrap_all(&store, &*root, danger_crash_after.map(DangerCrashAfter))
                     .map_err(|e| {
                         CliError::new(e.to_string(), "run the same command again to finish")
                     })?;
+            drop(store);
+            crate::server::audit_offline(
+                &settings,
+                root.clone(),
+                "rotate-root",
+                &format!(
+                    "offline on the broker host: root key {} is current ({}); {} version(s) re-wrapped in {} key(s)",
+                    root.info().root_key_id,
+                    new_root.as_deref().map_or("resumed rotation".to_owned(), |k| format!("created {k}")),
+                    report.versions_rewrapped,
+                    report.keys_updated
+                ),
+            )
+            .map_err(|e| CliError::new(e, "the rotation is done; its audit record was not written"))?;
             if super::json() {
                 return print_json(&serde_json::json!({
                     "new_root_key_id": new_root, "current_root_key_id": root.info().root_key_id, "report": report,
@@ -278,8 +292,18 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                     "run `sovkms hsm rotate-root --resume-only` first",
                 ));
             }
-            let root = Pkcs11Root::open(p).map_err(root_err)?;
+            let root = std::sync::Arc::new(Pkcs11Root::open(p).map_err(root_err)?);
             root.destroy_root(&root_key_id).map_err(root_err)?;
+            drop(store);
+            crate::server::audit_offline(
+                &settings,
+                root,
+                "retire-root",
+                &format!("offline on the broker host: root key {root_key_id} destroyed"),
+            )
+            .map_err(|e| {
+                CliError::new(e, "the key is destroyed; its audit record was not written")
+            })?;
             outln!("root key {root_key_id} destroyed");
             Ok(())
         }
