@@ -67,6 +67,7 @@ struct RawLimits {
     requests_per_second_per_caller: Option<u32>,
     requests_per_second_per_region: Option<u32>,
     refusal_records_per_second_per_caller: Option<u32>,
+    connections: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -416,8 +417,13 @@ fn limits(raw: &RawLimits) -> Result<crate::broker::LimitSettings, String> {
         refusal_records_per_caller: raw
             .refusal_records_per_second_per_caller
             .unwrap_or(d.refusal_records_per_caller),
+        connections: raw.connections.unwrap_or(d.connections),
     };
-    if l.per_caller == 0 || l.per_region == 0 || l.refusal_records_per_caller == 0 {
+    if l.per_caller == 0
+        || l.per_region == 0
+        || l.refusal_records_per_caller == 0
+        || l.connections == 0
+    {
         return Err("limits: every value must be at least 1".into());
     }
     Ok(l)

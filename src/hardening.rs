@@ -19,6 +19,22 @@ pub fn harden_process() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Raises the open-file limit to its hard maximum: each connection is a
+/// file descriptor, and `[limits] connections` should bind, not the default
+/// soft limit (often 1024).
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        },
+    )?;
+    Ok(l.maximum.unwrap_or(u64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use rustix::process::{dumpable_behavior, getrlimit, DumpableBehavior, Resource};

@@ -546,3 +546,43 @@ async fn start_fails(cfg: &std::path::Path, started: &str) -> String {
         }
     }
 }
+
+/// At most `[limits] connections` at once: one more is closed, and its
+/// place comes back when a connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed() {
+    let env = Env::new();
+    let cfg = env.config_with_tail("eu-central", "\n[limits]\nconnections = 2\n");
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let (_broker, server) =
+        sovkms::server::start(&settings, std::sync::Arc::new(sovkms::clock::SystemClock))
+            .await
+            .unwrap();
+    let addr = server.local_addr.to_string();
+    let tls = env.tls("eu-central/service-app", "eu-central");
+    let first = sovkms::client::connect(&addr, &tls).await.unwrap();
+    assert!(first.serving().await.is_ok());
+    let second = sovkms::client::connect(&addr, &tls).await.unwrap();
+    assert!(second.serving().await.is_ok());
+    let third = match sovkms::client::connect(&addr, &tls).await {
+        Err(_) => false,
+        Ok(c) => c.serving().await.is_ok(),
+    };
+    assert!(!third, "a third connection was served with a cap of 2");
+    drop(first);
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = sovkms::client::connect(&addr, &tls).await {
+            if c.serving().await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the freed place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(second);
+    server.shutdown().await.unwrap();
+}

@@ -203,7 +203,9 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
 async fn bind(
     settings: &Settings,
 ) -> Result<(TcpListener, SocketAddr, Arc<TlsServer>), ServeError> {
-    let tls = Arc::new(TlsServer::new(&settings.tls)?);
+    let mut tls = TlsServer::new(&settings.tls)?;
+    tls.max_connections = settings.broker.limits.connections as usize;
+    let tls = Arc::new(tls);
     let listener = TcpListener::bind(&settings.listen)
         .await
         .map_err(|err| ServeError::Bind {
@@ -288,6 +290,7 @@ fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let allowed = tls.allowed_client_cidrs.clone();
+    let connections = Arc::new(tokio::sync::Semaphore::new(tls.max_connections));
     let (tx, rx) = mpsc::channel(128);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     let per_address: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
@@ -311,6 +314,12 @@ fn accept_loop(
                 tracing::warn!(%remote, "client address outside tls.allowed_client_cidrs: connection closed");
                 continue;
             }
+            // Every connection holds a file descriptor and memory until it
+            // ends: at most so many at once.
+            let Ok(conn_slot) = Arc::clone(&connections).try_acquire_owned() else {
+                tracing::warn!(%remote, "connection limit reached ([limits] connections): connection closed");
+                continue;
+            };
             // Handshakes cost CPU before anyone is identified: a bounded
             // number at once, and a few per address; beyond that the
             // connection is closed at once.
@@ -344,6 +353,7 @@ fn accept_loop(
                             .unwrap_or("unknown");
                         tracing::debug!(%remote, key_exchange, "TLS handshake done");
                         let conn = TlsConn {
+                            _slot: conn_slot,
                             stream,
                             info: PeerInfo {
                                 remote,

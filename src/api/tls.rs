@@ -60,6 +60,8 @@ pub struct TlsServer {
     cas: Arc<Vec<CaBinding>>,
     /// The network guard (empty: any address).
     pub(crate) allowed_client_cidrs: Vec<ipnet::IpNet>,
+    /// Established connections at once.
+    pub(crate) max_connections: usize,
 }
 
 fn verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
@@ -102,6 +104,7 @@ impl TlsServer {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             cas: Arc::new(cas),
             allowed_client_cidrs: s.allowed_client_cidrs.clone(),
+            max_connections: 4096,
         })
     }
 
@@ -197,6 +200,9 @@ pub struct PeerInfo {
 pub struct TlsConn {
     pub(crate) stream: TlsStream<TcpStream>,
     pub(crate) info: PeerInfo,
+    /// This connection's place under the connection cap, given back when
+    /// the connection ends.
+    pub(crate) _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {

@@ -19,6 +19,8 @@ pub struct LimitSettings {
     /// Refusals per second of one identity recorded one by one; beyond, they
     /// are counted and recorded as one summary record per second.
     pub refusal_records_per_caller: u32,
+    /// Established connections at once; beyond, new ones are closed.
+    pub connections: u32,
 }
 
 impl Default for LimitSettings {
@@ -27,6 +29,7 @@ impl Default for LimitSettings {
             per_caller: 20_000,
             per_region: 50_000,
             refusal_records_per_caller: 20,
+            connections: 4096,
         }
     }
 }
@@ -220,6 +223,7 @@ mod tests {
             per_caller: 5,
             per_region: 8,
             refusal_records_per_caller: 2,
+            ..Default::default()
         });
         let (a, b) = (caller("us-east", "a"), caller("us-east", "b"));
         for _ in 0..5 {
@@ -240,6 +244,7 @@ mod tests {
             per_caller: 100,
             per_region: 100,
             refusal_records_per_caller: 2,
+            ..Default::default()
         });
         let a = caller("us-east", "a");
         let got: Vec<_> = (0..5).map(|_| l.refusal(&a).0).collect();

@@ -22,6 +22,10 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
             "the broker refuses to run where its memory could be dumped",
         )
     })?;
+    match crate::hardening::raise_fd_limit() {
+        Ok(n) => tracing::debug!(open_files = n, "file descriptor limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let settings = Settings::load(&a.config).map_err(|e| {
         CliError::new(
             e.to_string(),
