@@ -586,3 +586,55 @@ async fn connections_beyond_the_cap_are_closed() {
     drop(second);
     server.shutdown().await.unwrap();
 }
+
+/// Slow-handshake flood: ten hosts (127.0.0.2–11) open 50 TCP connections
+/// each and never speak TLS. The per-address cap keeps them to 16 each, so
+/// a new in-region connection still gets through, and decrypts on an open
+/// connection go on. Rates before and during are printed for the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handshake_flood_leaves_room_for_the_region() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    async fn rate(svc: &mut sovkms::client::Client, ct: &[u8]) -> (f64, Duration) {
+        let start = Instant::now();
+        let mut lat = Vec::new();
+        while start.elapsed() < Duration::from_secs(1) {
+            let t = Instant::now();
+            decrypt(svc, ct, &ctx(&[])).await.unwrap();
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let p99 = lat[lat.len() * 99 / 100];
+        (lat.len() as f64 / start.elapsed().as_secs_f64(), p99)
+    }
+    let (before, p99_before) = rate(&mut svc, &ct).await;
+    let target: std::net::SocketAddr = eu.addr.parse().unwrap();
+    let mut held = Vec::new();
+    for host in 2..12u8 {
+        for _ in 0..50 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+                .unwrap();
+            if let Ok(c) = s.connect(target).await {
+                held.push(c); // silent: never a ClientHello
+            }
+        }
+    }
+    let (during, p99_during) = rate(&mut svc, &ct).await;
+    // A new connection of the region still completes its handshake.
+    let mut fresh = client(&env, "eu-central/service-app", &eu).await;
+    decrypt(&mut fresh, &ct, &ctx(&[])).await.unwrap();
+    println!(
+        "decrypts/s on an open connection: {before:.0} before, {during:.0} during a flood of {} silent connections from 10 hosts; p99 {p99_before:?} before, {p99_during:?} during",
+        held.len()
+    );
+    assert!(during > before * 0.3, "{before:.0} → {during:.0}");
+    drop(held);
+}
