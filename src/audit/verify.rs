@@ -150,18 +150,22 @@ pub struct Anchor {
     pub hash: String,
 }
 
+/// Text that is not `SEQ:HASH`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "anchor {0:?} is not SEQ:HASH (a sequence number, a colon and the record's 64 hex digit hash)"
+)]
+pub struct AnchorError(String);
+
 impl std::str::FromStr for Anchor {
-    type Err = String;
+    type Err = AnchorError;
     /// `SEQ:HASH`, as `audit verify` prints a head.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (seq, hash) = s
-            .split_once(':')
-            .ok_or_else(|| format!("anchor {s:?} is not SEQ:HASH"))?;
-        let seq = seq
-            .parse()
-            .map_err(|_| format!("anchor {s:?}: {seq:?} is not a sequence number"))?;
+    fn from_str(s: &str) -> Result<Self, AnchorError> {
+        let bad = || AnchorError(s.chars().take(200).collect());
+        let (seq, hash) = s.split_once(':').ok_or_else(bad)?;
+        let seq = seq.parse().map_err(|_| bad())?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("anchor {s:?}: the hash must be 64 hex digits"));
+            return Err(bad());
         }
         Ok(Self {
             seq,
