@@ -295,25 +295,23 @@ pub fn verify_anchored(
         rep.records += 1;
         last_kind = Some(r.kind);
     }
+    // Failures found at the end of the log point just past its last record.
+    let at_end = |why: String| VerifyFailure {
+        line: rep.records + 1,
+        seq: rep.last_seq + 1,
+        why,
+    };
     if let Some((seq, _)) = pending.first_key_value() {
-        return Err(VerifyFailure {
-            line: rep.records + 1,
-            seq: rep.last_seq + 1,
-            why: format!(
-                "the log ends at sequence {} but an anchor holds record {seq}: records were cut off or rewritten",
-                rep.last_seq
-            ),
-        });
+        return Err(at_end(format!(
+            "the log ends at sequence {} but an anchor holds record {seq}: records were cut off or rewritten",
+            rep.last_seq
+        )));
     }
     if require_checkpoint && last_kind != Some(Kind::Checkpoint) {
-        return Err(VerifyFailure {
-            line: rep.records + 1,
-            seq: rep.last_seq + 1,
-            why: format!(
-                "the log does not end with a signed checkpoint (last checkpoint covers up to sequence {}): its tail may have been cut off",
-                rep.last_checkpoint_head
-            ),
-        });
+        return Err(at_end(format!(
+            "the log does not end with a signed checkpoint (last checkpoint covers up to sequence {}): its tail may have been cut off",
+            rep.last_checkpoint_head
+        )));
     }
     Ok(rep)
 }
