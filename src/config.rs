@@ -41,6 +41,23 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     tpm: Option<RawTpm>,
+    #[serde(default)]
+    kmip: RawKmip,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKmip {
+    listen: Option<String>,
+    #[serde(default)]
+    key_creators: Vec<String>,
+}
+
+/// `[kmip]`: the KMIP listener, when configured.
+#[derive(Clone, Debug)]
+pub struct KmipSettings {
+    /// Listen address (KMIP's port is 5696).
+    pub listen: String,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +250,8 @@ pub struct Settings {
     /// The host's TPM, when `[tpm]` is configured (TPM root, TPM-sealed
     /// HSM PIN, attestation).
     pub tpm: Option<TpmSettings>,
+    /// The KMIP listener (None: no KMIP).
+    pub kmip: Option<KmipSettings>,
 }
 
 impl Settings {
@@ -376,8 +395,33 @@ impl Settings {
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("audit.aggregate_readers: {e}"))?,
         };
+        let key_creators = raw
+            .kmip
+            .key_creators
+            .iter()
+            .map(|p| {
+                let p = crate::policy::Principal::parse(p)
+                    .map_err(|e| format!("kmip.key_creators: {e}"))?;
+                if p.role() != crate::region::Role::Service || *p.region() != region {
+                    return Err(format!(
+                        "kmip.key_creators: {} can never create keys here: only service identities of region {region} may",
+                        p.as_str()
+                    ));
+                }
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let kmip = match raw.kmip.listen {
+            Some(listen) => {
+                check_listen(&listen).map_err(|e| format!("kmip.listen: {e}"))?;
+                Some(KmipSettings { listen })
+            }
+            None => None,
+        };
         Ok(Self {
+            kmip,
             broker: BrokerSettings {
+                key_creators,
                 broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
                 region,
                 trust_domain: td,

@@ -101,6 +101,62 @@ pub enum Invalid {
     /// TPM quote nonce length.
     #[error("a quote nonce must be 8 to 64 bytes long; this one is {0}")]
     NonceLength(usize),
+    /// Cipher parameters of a managed object's Encrypt/Decrypt.
+    #[error(transparent)]
+    Cipher(#[from] CipherError),
+    /// Registered key bytes that do not match the declared length.
+    #[error("the key material is {got} bytes long; an AES key of {bits} bits is {} bytes", bits / 8)]
+    MaterialLength {
+        /// Bytes given.
+        got: usize,
+        /// Declared length in bits.
+        bits: u16,
+    },
+    /// An AES key length other than 128, 192 or 256 bits.
+    #[error("an AES key of {0} bits is not supported; use 128, 192 or 256")]
+    AesLength(u32),
+    /// A front end's operation the broker does not offer.
+    #[error("{0} is not supported by this server")]
+    Unsupported(String),
+    /// Secret data of no bytes or too many.
+    #[error("secret data must be 1 to {max} bytes long; this is {got}")]
+    SecretLength {
+        /// Bytes given.
+        got: usize,
+        /// Limit.
+        max: usize,
+    },
+}
+
+/// Parameters or data the cipher cannot take.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CipherError {
+    /// IV of the wrong length.
+    #[error("{mode} needs an IV of {want} bytes; this one is {got}")]
+    IvLength {
+        /// Mode name.
+        mode: &'static str,
+        /// Needed.
+        want: usize,
+        /// Given.
+        got: usize,
+    },
+    /// Decrypt without an IV.
+    #[error("decrypting with {0} needs the IV used to encrypt")]
+    MissingIv(&'static str),
+    /// Tag length other than 16.
+    #[error("AES-GCM here uses 16-byte tags; {0} bytes were asked for")]
+    TagLength(usize),
+    /// Decrypt with AES-GCM without a tag of the right length.
+    #[error("decrypting with AES-GCM needs the 16-byte authentication tag; {0} bytes were given")]
+    MissingTag(usize),
+    /// CBC without padding over a partial block.
+    #[error("AES-CBC without padding takes whole 16-byte blocks; the data is {0} bytes")]
+    PartialBlock(usize),
+    /// Authentication or padding failed on decrypt.
+    #[error("decryption failed: the data, IV, tag, additional data or key do not match")]
+    Failed,
 }
 
 /// Something named that does not exist here.
@@ -213,6 +269,23 @@ pub enum Precondition {
     /// Attest without `[tpm]`.
     #[error("this broker has no TPM configured ([tpm] in its config)")]
     NoTpm,
+    /// Export of a key whose policy keeps it inside.
+    #[error("key {0} was not created exportable; its material never leaves the broker")]
+    NotExportable(KeyId),
+    /// Export of, or caller-parameter cryptography with, a broker envelope key.
+    #[error("key {0} is a broker envelope key: its material never leaves the broker and it encrypts only in the broker's envelope format")]
+    EnvelopeKey(KeyId),
+    /// Envelope operations with a managed object.
+    #[error("key {0} is a key created or registered over KMIP; envelope operations need a broker envelope key")]
+    ManagedObject(KeyId),
+    /// Cryptography with an object that is not an AES key.
+    #[error("object {0} is secret data, not a key; it can only be fetched")]
+    NotAKey(KeyId),
+    /// A second live object with the same name.
+    #[error(
+        "an object named {0:?} already exists in this region; names of KMIP objects are unique"
+    )]
+    NameInUse(String),
 }
 
 fn key_state_sentence(key: &KeyId, state: KeyState, op: Operation) -> String {
@@ -327,6 +400,9 @@ pub enum Fault {
     /// A handler task died.
     #[error("handler task failed: {0}")]
     Task(String),
+    /// A managed object's sealed bytes do not open (altered store?).
+    #[error("managed object: {0}")]
+    Object(String),
 }
 
 impl Error {
@@ -362,4 +438,10 @@ macro_rules! invalid_from {
         }
     )*};
 }
-invalid_from!(FormatError, OpenError, GrantError, BreakGlassInvalid);
+invalid_from!(
+    FormatError,
+    OpenError,
+    GrantError,
+    BreakGlassInvalid,
+    CipherError
+);

@@ -35,6 +35,7 @@ pub mod files;
 pub mod hardening;
 pub mod id;
 pub mod keys;
+pub mod kmip;
 pub mod pki;
 pub mod policy;
 pub mod region;

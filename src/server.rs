@@ -30,6 +30,9 @@ pub enum StartError {
     /// Server.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// KMIP listener.
+    #[error(transparent)]
+    Kmip(#[from] crate::kmip::server::KmipServeError),
     /// Audit log.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
@@ -123,6 +126,17 @@ pub async fn start(
     // Everything that can fail without the root of trust fails first: a bad
     // TLS file or a busy port never logs in to the HSM or writes the log.
     let bound = api::bind_broker(settings).await?;
+    let kmip = match &settings.kmip {
+        Some(k) => Some(
+            crate::kmip::server::bind(
+                &k.listen,
+                &settings.tls,
+                settings.broker.limits.connections as usize,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let broker = open_broker(settings, clock)?;
     let info = broker.status().root;
     let start = format!(
@@ -130,7 +144,12 @@ pub async fn start(
         info.description, info.kind, info.root_key_id
     );
     broker.audit_system(Event::system(Kind::Start, "start", &start))?;
-    let server = api::start(bound, Arc::clone(&broker)).await?;
+    let mut server = api::start(bound, Arc::clone(&broker)).await?;
     tracing::info!(addr = %server.local_addr, region = %settings.broker.region, "sovkms broker listening (mTLS, TLS 1.3)");
+    if let Some(k) = kmip {
+        let (addr, stop, task) = crate::kmip::server::start(k, Arc::clone(&broker)).into_parts();
+        tracing::info!(%addr, "KMIP listening (mTLS, TLS 1.3 and 1.2)");
+        server.attach(addr, stop, task);
+    }
     Ok((broker, server))
 }

@@ -48,7 +48,33 @@ fn rows() -> Vec<(String, String, Error)> {
             );
             continue;
         }
+        if rule.creators_only {
+            row(
+                name,
+                "service not named in key_creators",
+                Refusal::NotKeyCreator {
+                    principal: APP.into(),
+                    region: r("eu-central"),
+                }
+                .into(),
+            );
+        }
+        if rule.service_grant.is_some() {
+            row(
+                name,
+                "service without a manage grant on the key",
+                Refusal::NoGrant {
+                    op,
+                    principal: APP.into(),
+                    key: key(),
+                }
+                .into(),
+            );
+        }
         for role in [Role::Service, Role::Operator, Role::Auditor] {
+            if rule.service_grant.is_some() && role == Role::Service {
+                continue;
+            }
             if !rule.roles.contains(&role) {
                 row(
                     name,
@@ -339,6 +365,7 @@ fn rows() -> Vec<(String, String, Error)> {
             },
         ),
         ("no or bad reason", BreakGlassInvalid::Reason),
+        ("manage asked for", BreakGlassInvalid::Manage),
     ] {
         row(bg, why, e.into());
     }
@@ -378,6 +405,79 @@ fn rows() -> Vec<(String, String, Error)> {
         "window not whole past days",
         Invalid::AggregateWindow.into(),
     );
+    let objects = "kmip objects";
+    row(
+        objects,
+        "export of a key not created exportable",
+        Precondition::NotExportable(key()).into(),
+    );
+    row(
+        objects,
+        "export or caller-parameter cryptography with an envelope key",
+        Precondition::EnvelopeKey(key()).into(),
+    );
+    row(
+        "encrypt, decrypt, generate-data-key, re-encrypt",
+        "key created or registered over KMIP",
+        Precondition::ManagedObject(key()).into(),
+    );
+    row(
+        objects,
+        "encrypt or decrypt with secret data",
+        Precondition::NotAKey(key()).into(),
+    );
+    row(
+        objects,
+        "name of another live object",
+        Precondition::NameInUse("db-key".into()).into(),
+    );
+    row(
+        objects,
+        "registered key of the wrong length",
+        Invalid::MaterialLength { got: 15, bits: 128 }.into(),
+    );
+    row(
+        objects,
+        "AES length not 128, 192 or 256",
+        Invalid::AesLength(512).into(),
+    );
+    row(
+        objects,
+        "secret data empty or too long",
+        Invalid::SecretLength { got: 0, max: 4096 }.into(),
+    );
+    row(
+        objects,
+        "operation the front end does not offer",
+        Invalid::Unsupported("the KMIP operation with code 0x6".into()).into(),
+    );
+    {
+        use sovkms::broker::CipherError as C;
+        for (why, e) in [
+            (
+                "IV of the wrong length",
+                C::IvLength {
+                    mode: "AES-GCM",
+                    want: 12,
+                    got: 8,
+                },
+            ),
+            ("decrypt without an IV", C::MissingIv("AES-CBC")),
+            ("tag length not 16", C::TagLength(8)),
+            ("decrypt without the tag", C::MissingTag(0)),
+            (
+                "CBC without padding over a partial block",
+                C::PartialBlock(5),
+            ),
+            ("authentication or padding failed", C::Failed),
+        ] {
+            row(
+                "encrypt, decrypt (kmip objects)",
+                why,
+                Invalid::Cipher(e).into(),
+            );
+        }
+    }
     row("attest", "no TPM configured", Precondition::NoTpm.into());
     row("attest", "nonce length", Invalid::NonceLength(4).into());
     row(

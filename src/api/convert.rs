@@ -50,6 +50,8 @@ pub fn op_from_pb(v: i32) -> Result<CryptoOp, Status> {
             Ok(CryptoOp::GenerateDataKeyWithoutPlaintext)
         }
         Ok(pb::Operation::ReEncrypt) => Ok(CryptoOp::ReEncrypt),
+        Ok(pb::Operation::Export) => Ok(CryptoOp::Export),
+        Ok(pb::Operation::Manage) => Ok(CryptoOp::Manage),
         Ok(pb::Operation::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
             "grant operation {v} is not a known operation"
         ))),
@@ -63,6 +65,8 @@ pub fn op_to_pb(o: CryptoOp) -> pb::Operation {
         CryptoOp::GenerateDataKey => pb::Operation::GenerateDataKey,
         CryptoOp::GenerateDataKeyWithoutPlaintext => pb::Operation::GenerateDataKeyWithoutPlaintext,
         CryptoOp::ReEncrypt => pb::Operation::ReEncrypt,
+        CryptoOp::Export => pb::Operation::Export,
+        CryptoOp::Manage => pb::Operation::Manage,
     }
 }
 

@@ -83,9 +83,13 @@ pub enum ServeError {
 pub struct RunningServer {
     /// The bound address (useful with port 0).
     pub local_addr: SocketAddr,
+    /// The KMIP listener's address, when one serves beside gRPC.
+    pub kmip_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     extra_stop: Option<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    /// Other listeners of the same broker, stopped with it.
+    attached: Vec<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
 impl RunningServer {
@@ -95,10 +99,29 @@ impl RunningServer {
         if let Some(s) = &self.extra_stop {
             let _ = s.send(true);
         }
-        match self.task.await {
+        for (stop, _) in &self.attached {
+            let _ = stop.send(true);
+        }
+        let r = match self.task.await {
             Ok(r) => r,
             Err(e) => Err(ServeError::Reflection(format!("server task failed: {e}"))),
+        };
+        for (_, task) in self.attached {
+            let _ = task.await;
         }
+        r
+    }
+
+    /// Attaches another listener of the same broker (KMIP): `stop` ends it
+    /// and `task` finishes once it has stopped.
+    pub fn attach(
+        &mut self,
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    ) {
+        self.kmip_addr = Some(addr);
+        self.attached.push((stop, task));
     }
 
     /// Waits until the server stops by itself (error) or `signal` fires.
@@ -239,9 +262,11 @@ fn launch(
     });
     RunningServer {
         local_addr,
+        kmip_addr: None,
         stop,
         extra_stop: None,
         task,
+        attached: Vec::new(),
     }
 }
 
@@ -284,7 +309,7 @@ impl Drop for AddressSlot {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a
 /// slow or hostile client cannot hold up others.
-fn accept_loop(
+pub(crate) fn accept_loop(
     listener: TcpListener,
     tls: Arc<TlsServer>,
     mut stop: watch::Receiver<bool>,
@@ -432,6 +457,6 @@ async fn destroy_sweeper(broker: Arc<Broker>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Resolves once a stop is requested (or the sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }

@@ -26,12 +26,7 @@ fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn new_request_id() -> String {
-    use crate::envelope::Entropy;
-    let mut b = [0u8; 12];
-    let _ = crate::envelope::BatchedRandom.fill(&mut b);
-    crate::hex_lower(&b)
-}
+use crate::broker::new_request_id;
 
 /// The response header. Marked sensitive only so that HPACK sends it as a
 /// literal: a value unique per response would just churn both ends'
@@ -145,10 +140,19 @@ impl Api {
             Some(info) => info.caller.clone(),
         };
         match caller {
-            Ok(caller) => Ok(CallCtx { caller, request_id }),
+            Ok(caller) => Ok(CallCtx {
+                caller,
+                request_id,
+                front: crate::broker::Front::Grpc,
+            }),
             Err(why) => {
                 let refusal = Refusal::NoIdentity(why);
-                self.broker.audit_unauthenticated(&request_id, op, &refusal);
+                self.broker.audit_unauthenticated(
+                    &request_id,
+                    op,
+                    &refusal,
+                    crate::broker::Front::Grpc,
+                );
                 Err(to_status(refusal.into()))
             }
         }

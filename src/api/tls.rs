@@ -70,9 +70,24 @@ fn verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsErro
         .map_err(|e| TlsError(format!("client verifier: {e}")))
 }
 
+/// What a listener speaks over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// gRPC: TLS 1.3 only, ALPN h2.
+    Grpc,
+    /// KMIP: TLS 1.3, and TLS 1.2 (rustls offers only AEAD suites with
+    /// forward secrecy there) because several KMIP clients still ship it.
+    Kmip,
+}
+
 impl TlsServer {
-    /// Builds the server side from settings.
+    /// Builds the gRPC server side from settings.
     pub fn new(s: &TlsSettings) -> Result<Self, TlsError> {
+        Self::for_listener(s, Listener::Grpc)
+    }
+
+    /// Builds the server side of `listener` from settings.
+    pub fn for_listener(s: &TlsSettings, listener: Listener) -> Result<Self, TlsError> {
         let chain = read_certs(&s.cert)?;
         let key = PrivateKeyDer::from_pem_file(&s.key)
             .map_err(|e| TlsError(format!("cannot read private key {}: {e}", s.key.display())))?;
@@ -93,13 +108,27 @@ impl TlsServer {
                 regions: ca.regions.clone(),
             });
         }
+        let versions: &[&rustls::SupportedProtocolVersion] = match listener {
+            Listener::Grpc => &[&rustls::version::TLS13],
+            Listener::Kmip => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        };
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(versions)
             .map_err(|e| TlsError(e.to_string()))?
             .with_client_cert_verifier(verifier(all)?)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError(format!("broker certificate/key: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        match listener {
+            Listener::Grpc => config.alpn_protocols = vec![b"h2".to_vec()],
+            // Several KMIP clients open a connection per operation: resume
+            // sessions (stateful cache and TLS 1.3 tickets) so that costs
+            // no full handshake.
+            Listener::Kmip => {
+                config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+                config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+                    .map_err(|e| TlsError(format!("session tickets: {e}")))?;
+            }
+        }
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             cas: Arc::new(cas),

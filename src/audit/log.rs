@@ -236,6 +236,7 @@ fn dropped_event(n: u64) -> Event {
         outcome: super::Outcome::Failed,
         code: "RESOURCE_EXHAUSTED",
         reason: format!("{n} buffered audit records were dropped: the audit queue was full"),
+        protocol: "",
     }
 }
 
@@ -288,6 +289,7 @@ impl Writer {
             code: e.code.to_owned(),
             reason: e.reason,
             checkpoint: None,
+            protocol: e.protocol.to_owned(),
             prev_hash,
             hash: String::new(),
         };

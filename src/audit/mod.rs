@@ -107,6 +107,8 @@ pub struct Event {
     pub code: &'static str,
     /// Reason told to the caller.
     pub reason: String,
+    /// Front end (`kmip`), or empty for the gRPC API and the broker itself.
+    pub protocol: &'static str,
 }
 
 impl Event {
@@ -123,6 +125,7 @@ impl Event {
             outcome: Outcome::Allowed,
             code: "OK",
             reason: reason.to_owned(),
+            protocol: "",
         }
     }
 }

@@ -81,6 +81,11 @@ pub struct Record {
     pub reason: String,
     /// Checkpoint body (checkpoint records only).
     pub checkpoint: Option<CheckpointBody>,
+    /// The front end the request came through: `kmip`, or empty for the
+    /// gRPC API (and the broker's own records). Hashed only when set, so
+    /// records written before the field existed keep their hashes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
     /// Hash of the previous record (hex).
     pub prev_hash: String,
     /// Hash of this record (hex).
@@ -138,6 +143,10 @@ impl Record {
                 put(&mut o, c.signer.as_bytes());
                 put(&mut o, c.signature.as_bytes());
             }
+        }
+        if !self.protocol.is_empty() {
+            put(&mut o, b"protocol");
+            put(&mut o, self.protocol.as_bytes());
         }
         o
     }

@@ -166,7 +166,26 @@ impl Broker {
                 s.count,
                 self.limits.refusal_budget()
             ),
+            protocol: "",
         }
+    }
+
+    /// Records a request the front end cannot carry out (an operation it
+    /// does not support), as a refusal of that caller.
+    pub fn audit_unsupported(&self, cx: &CallCtx, what: &str) -> Error {
+        let e = Error::Invalid(crate::error::Invalid::Unsupported(what.to_owned()));
+        self.record_failure(
+            self.event(
+                Some(cx),
+                Operation::GetInfo,
+                None,
+                &Note::default(),
+                Some(&e),
+            ),
+            &e,
+            Some(cx),
+        );
+        e
     }
 
     /// Writes the summary records of seconds that ended with suppressed
@@ -189,11 +208,15 @@ impl Broker {
             None => (Outcome::Allowed, "OK", note.via.clone()),
             Some(e) => (e.outcome(), e.code_name(), e.to_string()),
         };
+        let (operation, protocol) = match cx.map(|c| c.front) {
+            Some(super::Front::Kmip(name)) => (name, "kmip"),
+            _ => (op.name(), ""),
+        };
         Event {
             kind: Kind::Request,
             request_id: cx.map(|c| c.request_id.clone()).unwrap_or_default(),
             caller: cx.map(|c| c.caller.clone()),
-            operation: op.name(),
+            operation,
             key_id: note.key_id.clone(),
             key_version: note.key_version,
             context_sha256: context
@@ -202,6 +225,7 @@ impl Broker {
             outcome,
             code,
             reason,
+            protocol,
         }
     }
 
@@ -215,10 +239,20 @@ impl Broker {
     }
 
     /// Audits a request refused before it reached the core (no identity).
-    pub fn audit_unauthenticated(&self, request_id: &str, op: Operation, refusal: &Refusal) {
+    pub fn audit_unauthenticated(
+        &self,
+        request_id: &str,
+        op: Operation,
+        refusal: &Refusal,
+        front: super::Front,
+    ) {
         let e = Error::Refused(refusal.clone());
         let mut ev = self.event(None, op, None, &Note::default(), Some(&e));
         request_id.clone_into(&mut ev.request_id);
+        if let super::Front::Kmip(name) = front {
+            ev.operation = name;
+            ev.protocol = "kmip";
+        }
         self.audit.append(ev);
     }
 }

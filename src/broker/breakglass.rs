@@ -94,6 +94,9 @@ impl Broker {
                 if ask.operations.is_empty() {
                     return Err(BreakGlassInvalid::NoOperation.into());
                 }
+                if ask.operations.contains(&CryptoOp::Manage) {
+                    return Err(BreakGlassInvalid::Manage.into());
+                }
                 let max = self.settings.break_glass_max_minutes;
                 if !(1..=max).contains(&ask.duration_minutes) {
                     return Err(BreakGlassInvalid::Duration {

@@ -59,7 +59,7 @@ pub struct ReEncrypted {
     pub destination: (KeyId, u32),
 }
 
-fn seal_err(e: envelope::SealError) -> Error {
+pub(super) fn seal_err(e: envelope::SealError) -> Error {
     match e {
         envelope::SealError::Random => rng_err(),
         envelope::SealError::TooLarge => Limit::Envelope.into(),
@@ -67,10 +67,20 @@ fn seal_err(e: envelope::SealError) -> Error {
     }
 }
 
+/// Envelope operations take the broker's envelope keys only: a managed
+/// object's material is its owner's, used as the client asks.
+fn envelope_key(rec: &KeyRecord) -> Result<()> {
+    if rec.kind == crate::keys::ObjectKind::Envelope {
+        Ok(())
+    } else {
+        Err(Precondition::ManagedObject(rec.id.clone()).into())
+    }
+}
+
 impl Broker {
     /// A key for a crypto request, from the keyring or the store;
     /// completes its destruction if the window has passed.
-    fn load_shared(&self, id: &KeyId, wait: Wait) -> Step<Arc<KeyRecord>> {
+    pub(super) fn load_shared(&self, id: &KeyId, wait: Wait) -> Step<Arc<KeyRecord>> {
         let rec = self.keyring.record(id, wait, || self.get_record(id))?;
         match rec.destroy_after {
             Some(t) if rec.state != KeyState::Destroyed && self.clock.now_unix() >= t => {
@@ -84,7 +94,12 @@ impl Broker {
     }
 
     /// The unwrapped material of one version, from the keyring or the root.
-    fn kek(&self, rec: &KeyRecord, version: u32, wait: Wait) -> Step<Arc<envelope::Kek>> {
+    pub(super) fn kek(
+        &self,
+        rec: &KeyRecord,
+        version: u32,
+        wait: Wait,
+    ) -> Step<Arc<envelope::Kek>> {
         let wrapped = rec
             .version(version)
             .and_then(|v| v.wrapped.as_ref())
@@ -121,6 +136,7 @@ impl Broker {
         pt: &Plaintext,
         wait: Wait,
     ) -> Step<Sealed> {
+        envelope_key(rec)?;
         let version = rec.primary_version;
         let kek = self.kek(rec, version, wait)?;
         let ciphertext = envelope::seal(
@@ -148,6 +164,7 @@ impl Broker {
         ctx: &EncryptionContext,
         wait: Wait,
     ) -> Step<Plaintext> {
+        envelope_key(rec)?;
         let v = env.header.key_version;
         if rec.version(v).is_none() {
             return Err(Error::from(Invalid::NoSuchVersion {

@@ -8,7 +8,7 @@ use super::{Broker, CallCtx, Note};
 use crate::error::{Error, Limit, Precondition, Result};
 use crate::keys::{KeyRecord, KeyState};
 use crate::policy::{Operation, Reach, Refusal};
-use crate::region::{check_residency, Breach};
+use crate::region::{check_residency, Breach, Role};
 
 /// The key a request acts on, and in which capacity.
 #[derive(Clone, Copy)]
@@ -63,7 +63,12 @@ impl Broker {
         {
             return Ok(());
         }
-        if !rule.roles.contains(&caller.role) {
+        // A service may call an operator's operation on a key it owns (the
+        // row's service grant, checked once the key is known).
+        let by_grant = rule
+            .service_grant
+            .filter(|_| caller.role == Role::Service && !rule.roles.contains(&caller.role));
+        if !rule.roles.contains(&caller.role) && by_grant.is_none() {
             return Err(if rule.named_readers {
                 Refusal::NotAggregateReader {
                     principal: caller.spiffe_id(),
@@ -92,6 +97,13 @@ impl Broker {
             }
             .into());
         }
+        if rule.creators_only && !self.settings.key_creators.iter().any(|p| p.matches(caller)) {
+            return Err(Refusal::NotKeyCreator {
+                principal: caller.spiffe_id(),
+                region: here.clone(),
+            }
+            .into());
+        }
         let Some(on) = on else { return Ok(()) };
         let (rec, states) = match on {
             On::Key(r) => (r, rule.states),
@@ -106,6 +118,18 @@ impl Broker {
                     op,
                     caller: caller.region.clone(),
                     data: rec.home_region.clone(),
+                }
+                .into());
+            }
+        }
+        if let Some(grant) = by_grant {
+            // Ownership is a grant an operator can see and withdraw; no
+            // break-glass stands in for it.
+            if !rec.grants.iter().any(|g| g.allows(caller, grant)) {
+                return Err(Refusal::NoGrant {
+                    op,
+                    principal: caller.spiffe_id(),
+                    key: rec.id.clone(),
                 }
                 .into());
             }
@@ -189,6 +213,7 @@ mod tests {
             audit_path: dir.join("audit.log"),
             aggregate_min_group: 1,
             aggregate_readers: Vec::new(),
+            key_creators: Vec::new(),
             break_glass_quorum: 2,
             break_glass_max_minutes: 60,
             break_glass_approval_minutes: 60,
@@ -227,6 +252,7 @@ mod tests {
                 name: "x".into(),
             }),
             request_id: "r".into(),
+            front: Default::default(),
         }
     }
 
@@ -238,8 +264,20 @@ mod tests {
             | O::Decrypt
             | O::GenerateDataKey
             | O::GenerateDataKeyWithoutPlaintext
-            | O::ReEncrypt => role == Role::Service,
-            O::GetAttributes | O::ListBreakGlass => role != Role::Service,
+            | O::ReEncrypt
+            | O::ExportKey => role == Role::Service,
+            // The test key grants its caller everything, `manage` included:
+            // a service owns it.
+            O::GetAttributes => true,
+            O::ActivateKey
+            | O::RevokeKey
+            | O::ScheduleKeyDestruction
+            | O::CancelKeyDestruction
+            | O::Rekey
+            | O::SetAttributes => role != Role::Auditor,
+            // No service is a key creator in this broker's settings.
+            O::CreateOwnKey => false,
+            O::ListBreakGlass => role != Role::Service,
             O::GetInfo | O::Locate => true,
             O::ExportAuditRecords | O::ReadAuditAggregates | O::Attest => role == Role::Auditor,
             O::DestroyKey => false,
@@ -266,7 +304,9 @@ mod tests {
                             O::Encrypt | O::GenerateDataKeyWithoutPlaintext | O::GetInfo => {
                                 (true, false)
                             }
-                            O::Decrypt | O::GenerateDataKey | O::ReEncrypt => (false, true),
+                            O::Decrypt | O::GenerateDataKey | O::ReEncrypt | O::ExportKey => {
+                                (false, true)
+                            }
                             _ => (false, false),
                         };
                         let want_ok = role_allowed(op, role)
@@ -287,6 +327,9 @@ mod tests {
                             }
                             Err(Error::Refused(Refusal::NotAggregateReader { .. })) => {
                                 assert_eq!(op, O::ReadAuditAggregates, "{what}")
+                            }
+                            Err(Error::Refused(Refusal::NotKeyCreator { .. })) => {
+                                assert_eq!((op, role), (O::CreateOwnKey, Role::Service), "{what}")
                             }
                             Ok(()) => {}
                             other => panic!("{what}: unexpected {other:?}"),
@@ -363,5 +406,39 @@ mod tests {
             e,
             Error::Precondition(Precondition::ScheduledForDestruction { .. })
         ));
+    }
+
+    #[test]
+    fn services_manage_only_keys_they_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(dir.path());
+        let svc = cx("eu-central", Role::Service);
+        let mut rec = key("eu-central", KeyState::Active, &svc.caller);
+        rec.grants[0].operations = vec![CryptoOp::Encrypt, CryptoOp::Decrypt];
+        for op in [
+            Operation::RevokeKey,
+            Operation::GetAttributes,
+            Operation::SetAttributes,
+            Operation::ExportKey,
+        ] {
+            let e = b
+                .gate(&svc, op, Some(On::Key(&rec)), &mut Note::default())
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::Refused(Refusal::NoGrant { .. })),
+                "{op:?}: {e}"
+            );
+        }
+        // Grants stay with operators, owner or not.
+        rec.grants[0].operations = CryptoOp::ALL.to_vec();
+        let e = b
+            .gate(
+                &svc,
+                Operation::SetGrants,
+                Some(On::Key(&rec)),
+                &mut Note::default(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Refused(Refusal::Role { .. })), "{e}");
     }
 }

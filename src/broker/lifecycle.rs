@@ -45,7 +45,7 @@ pub struct LocateFilter {
 
 const MAX_GRANTS: usize = 256;
 
-fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Result<()> {
+pub(super) fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Result<()> {
     if required && s.is_empty() {
         return Err(Invalid::Empty { field }.into());
     }
@@ -85,18 +85,35 @@ impl Broker {
     }
 
     fn new_version(&self, version: u32) -> Result<VersionRecord> {
+        Ok(self.new_version_and_material(version)?.0)
+    }
+
+    /// A new version, and its material for the caller to use once.
+    pub(super) fn new_version_and_material(
+        &self,
+        version: u32,
+    ) -> Result<(VersionRecord, crate::secret::KeyMaterial)> {
         let material = self.with_root(|r| r.generate_material())?;
         let wrapped = self.with_root(|r| r.wrap(&material))?;
-        Ok(VersionRecord {
-            version,
-            created_at: self.clock.now_unix(),
-            wrapped: Some(wrapped),
-            provenance: None,
-        })
+        Ok((
+            VersionRecord {
+                version,
+                created_at: self.clock.now_unix(),
+                wrapped: Some(wrapped),
+                provenance: None,
+                sealed_object: None,
+            },
+            material,
+        ))
     }
 
     /// Signs the provenance of every version of `rec` that has none yet.
-    fn attach_provenance(&self, rec: &mut KeyRecord, creator: &str, audit_seq: u64) -> Result<()> {
+    pub(super) fn attach_provenance(
+        &self,
+        rec: &mut KeyRecord,
+        creator: &str,
+        audit_seq: u64,
+    ) -> Result<()> {
         let info = self.root.info();
         for v in rec.versions.iter_mut().filter(|v| v.provenance.is_none()) {
             let Some(w) = &v.wrapped else { continue };
@@ -157,6 +174,11 @@ impl Broker {
                     versions: vec![self.new_version(1)?],
                     grants,
                     created_by: caller.spiffe_id(),
+                    kind: crate::keys::ObjectKind::Envelope,
+                    exportable: false,
+                    activated_at: req.activate.then_some(now),
+                    deactivated_at: None,
+                    custom_attributes: Vec::new(),
                 })
             },
             |mut rec, seq| {
@@ -169,7 +191,7 @@ impl Broker {
     }
 
     /// Read-modify-write of one key under the lifecycle lock, audited first.
-    fn change(
+    pub(super) fn change(
         &self,
         cx: &CallCtx,
         op: Operation,
@@ -216,6 +238,7 @@ impl Broker {
                 .into());
             }
             rec.state = KeyState::Active;
+            rec.activated_at = Some(self.clock.now_unix());
             Ok(())
         })
     }
@@ -238,6 +261,7 @@ impl Broker {
             };
             rec.revocation_reason = Some(reason);
             rec.revocation_message = message;
+            rec.deactivated_at.get_or_insert(self.clock.now_unix());
             Ok(())
         })
     }
@@ -317,7 +341,9 @@ impl Broker {
         self.audited(cx, op, None, |note| {
             note.key(id, 0);
             self.gate(cx, op, None, note)?;
-            self.load(id)
+            let rec = self.load(id)?;
+            self.gate(cx, op, Some(On::Key(&rec)), note)?;
+            Ok(rec)
         })
     }
 
@@ -392,6 +418,7 @@ impl Broker {
                 rec.state = KeyState::Destroyed;
                 for v in &mut rec.versions {
                     v.wrapped = None;
+                    v.sealed_object = None;
                 }
                 rec.updated_at = self.clock.now_unix();
                 self.store.update(&rec).map_err(store_err)?;

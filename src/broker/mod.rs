@@ -15,10 +15,12 @@
 mod audit_read;
 mod audited;
 mod breakglass;
+mod cipher;
 mod crypto;
 mod gate;
 mod lifecycle;
 mod limits;
+mod objects;
 pub mod rewrap;
 
 pub use audited::AfterAudit;
@@ -26,6 +28,7 @@ pub use breakglass::BreakGlassAsk;
 pub use crypto::{DataKey, Opened, ReEncrypted, Sealed};
 pub use lifecycle::{effective_state, CreateKey, GrantRequest, LocateFilter};
 pub use limits::LimitSettings;
+pub use objects::{Cipher, CipherError, Described, Enciphered, NewObject, MAX_SECRET_BYTES};
 
 use crate::audit::AuditSink;
 use crate::clock::Clock;
@@ -73,6 +76,9 @@ pub struct BrokerSettings {
     pub break_glass_approval_minutes: u32,
     /// Request rates and refusal records per caller and region.
     pub limits: LimitSettings,
+    /// In-region services that may create and register keys of their own
+    /// (over KMIP); each such key is granted to its creator.
+    pub key_creators: Vec<crate::policy::Principal>,
 }
 
 /// Broker facts for `GetInfo`.
@@ -191,6 +197,20 @@ impl Broker {
         })
     }
 
+    /// `GetInfo` without the answer: the audited, gated "who is there"
+    /// that KMIP's Discover Versions and Query stand for.
+    pub fn inform(&self, cx: &CallCtx) -> Result<()> {
+        use crate::policy::Operation;
+        self.audited(cx, Operation::GetInfo, None, |note| {
+            self.gate(cx, Operation::GetInfo, None, note)
+        })
+    }
+
+    /// The broker's clock, in unix seconds.
+    pub fn now_unix(&self) -> i64 {
+        self.clock.now_unix()
+    }
+
     /// Status for `GetInfo` and benchmarks.
     pub fn status(&self) -> BrokerStatus {
         BrokerStatus {
@@ -266,6 +286,14 @@ impl Note {
     }
 }
 
+/// A fresh request id (24 hex digits).
+pub fn new_request_id() -> String {
+    use crate::envelope::Entropy;
+    let mut b = [0u8; 12];
+    let _ = crate::envelope::BatchedRandom.fill(&mut b);
+    crate::hex_lower(&b)
+}
+
 /// Who is asking, and the request's id (in audit records and responses).
 #[derive(Clone, Debug)]
 pub struct CallCtx {
@@ -273,4 +301,18 @@ pub struct CallCtx {
     pub caller: Arc<Caller>,
     /// Request id.
     pub request_id: String,
+    /// The front end, for the audit record.
+    pub front: Front,
+}
+
+/// The front end a request came through, and its name for the operation:
+/// audit records of KMIP requests carry the KMIP operation's name and the
+/// protocol, so an auditor reads what the client asked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Front {
+    /// The gRPC API (operation names are the core's).
+    #[default]
+    Grpc,
+    /// KMIP, with the operation's name as the specification writes it.
+    Kmip(&'static str),
 }

@@ -163,6 +163,8 @@ fn op_name(v: i32) -> &'static str {
         Ok(pb::Operation::GenerateDataKey) => "generate-data-key",
         Ok(pb::Operation::GenerateDataKeyWithoutPlaintext) => "generate-data-key-without-plaintext",
         Ok(pb::Operation::ReEncrypt) => "re-encrypt",
+        Ok(pb::Operation::Export) => "export",
+        Ok(pb::Operation::Manage) => "manage",
         _ => "unspecified",
     }
 }

@@ -37,6 +37,9 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
     // One machine-readable line on stdout, for supervisors and tests.
     outln!("listening on {}", server.local_addr);
+    if let Some(k) = server.kmip_addr {
+        outln!("KMIP listening on {k}");
+    }
     server
         .run_until(shutdown_signal())
         .await

@@ -42,6 +42,57 @@ pub struct VersionRecord {
     /// Signed origin of this version.
     #[serde(default)]
     pub provenance: Option<provenance::Provenance>,
+    /// For a managed object (not an envelope key): the object's own bytes
+    /// sealed in an envelope under this version's material, so they are
+    /// as safe as the material itself; `None` once destroyed.
+    #[serde(default, with = "opt_hex", skip_serializing_if = "Option::is_none")]
+    pub sealed_object: Option<Vec<u8>>,
+}
+
+mod opt_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|h| hex::decode(h).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// What a key is. Envelope keys never leave the broker; the others are
+/// objects a KMIP client created or registered, whose bytes the broker
+/// holds (sealed) and may hand back to their in-region owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type")]
+pub enum ObjectKind {
+    /// The broker's own key: envelope encryption, never exported.
+    #[default]
+    Envelope,
+    /// An AES key of `bits` (128, 192 or 256).
+    SymmetricKey {
+        /// Key length in bits.
+        bits: u16,
+    },
+    /// Opaque secret bytes (a password, a seed).
+    SecretData,
+}
+
+/// A client-defined attribute (KMIP `x-…` names, Operation Policy Name…),
+/// kept as the front end encoded it and returned unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CustomAttribute {
+    /// Attribute name.
+    pub name: String,
+    /// Encoded value (opaque to the core).
+    #[serde(with = "hex::serde")]
+    pub value: Vec<u8>,
 }
 
 /// A key as the store keeps it. Holds wrapped material only: the unwrapped
@@ -78,6 +129,22 @@ pub struct KeyRecord {
     pub grants: Vec<Grant>,
     /// SPIFFE id of the creating operator.
     pub created_by: String,
+    /// Envelope key or managed object.
+    #[serde(default)]
+    pub kind: ObjectKind,
+    /// True when the material may be exported (KMIP Get) to callers with
+    /// an `export` grant: registered objects, and created ones that asked.
+    #[serde(default)]
+    pub exportable: bool,
+    /// When it became active (unix seconds).
+    #[serde(default)]
+    pub activated_at: Option<i64>,
+    /// When it was revoked (unix seconds).
+    #[serde(default)]
+    pub deactivated_at: Option<i64>,
+    /// Client-defined attributes.
+    #[serde(default)]
+    pub custom_attributes: Vec<CustomAttribute>,
 }
 
 impl KeyRecord {
@@ -108,6 +175,11 @@ impl KeyRecord {
             versions: Vec::new(),
             grants: Vec::new(),
             created_by: String::new(),
+            kind: ObjectKind::Envelope,
+            exportable: false,
+            activated_at: None,
+            deactivated_at: None,
+            custom_attributes: Vec::new(),
         }
     }
 }

@@ -116,6 +116,9 @@ pub enum BreakGlassInvalid {
         /// The configured maximum.
         max: u32,
     },
+    /// Ownership is not an emergency permission.
+    #[error("break-glass grants cryptography and export, never manage: ownership of a key is given by an operator's grant")]
+    Manage,
     /// Empty, too long, or with control characters.
     #[error(
         "a break-glass request needs a reason of at most 1024 bytes without control characters"

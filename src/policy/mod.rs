@@ -31,16 +31,24 @@ pub enum CryptoOp {
     GenerateDataKeyWithoutPlaintext,
     /// Re-encrypt (in-region only).
     ReEncrypt,
+    /// The key's material itself, e.g. KMIP Get (in-region only; only for
+    /// keys that may be exported).
+    Export,
+    /// Lifecycle and attributes of this one key, by the service that owns
+    /// it (in-region only; never the grants themselves).
+    Manage,
 }
 
 impl CryptoOp {
     /// Every operation.
-    pub const ALL: [CryptoOp; 5] = [
+    pub const ALL: [CryptoOp; 7] = [
         Self::Encrypt,
         Self::Decrypt,
         Self::GenerateDataKey,
         Self::GenerateDataKeyWithoutPlaintext,
         Self::ReEncrypt,
+        Self::Export,
+        Self::Manage,
     ];
 
     /// Operations that hand plaintext or key material to the caller, or
@@ -48,8 +56,13 @@ impl CryptoOp {
     pub fn is_residency_bound(self) -> bool {
         matches!(
             self,
-            Self::Decrypt | Self::GenerateDataKey | Self::ReEncrypt
+            Self::Decrypt | Self::GenerateDataKey | Self::ReEncrypt | Self::Export
         )
+    }
+
+    /// Operations a grant can give only to callers of the broker's region.
+    pub fn is_in_region_only(self) -> bool {
+        self.is_residency_bound() || self == Self::Manage
     }
 
     /// Name used in the CLI and configs.
@@ -60,6 +73,8 @@ impl CryptoOp {
             Self::GenerateDataKey => "generate-data-key",
             Self::GenerateDataKeyWithoutPlaintext => "generate-data-key-without-plaintext",
             Self::ReEncrypt => "re-encrypt",
+            Self::Export => "export",
+            Self::Manage => "manage",
         }
     }
 
@@ -109,6 +124,17 @@ impl Principal {
             role: c.role,
             name: (!wildcard).then_some(c.name),
         })
+    }
+
+    /// The principal naming exactly `caller`.
+    pub fn exact(caller: &Caller) -> Self {
+        Self {
+            text: caller.spiffe_id(),
+            trust_domain: caller.trust_domain.clone(),
+            region: caller.region.clone(),
+            role: caller.role,
+            name: Some(caller.name.clone()),
+        }
     }
 
     /// True when `caller` is named by this principal.
@@ -219,7 +245,7 @@ impl Grant {
             return Err(GrantError::NotService { principal: who() });
         }
         if principal.region != *broker_region {
-            if let Some(op) = operations.iter().find(|o| o.is_residency_bound()) {
+            if let Some(op) = operations.iter().find(|o| o.is_in_region_only()) {
                 return Err(GrantError::OtherRegion {
                     op: *op,
                     principal: who(),

@@ -63,6 +63,13 @@ pub enum Refusal {
         /// The broker's region.
         region: Region,
     },
+    /// Only the services the operators named may create keys of their own.
+    NotKeyCreator {
+        /// The caller's SPIFFE id.
+        principal: String,
+        /// The broker's region.
+        region: Region,
+    },
     /// Break-glass needs approvals from operators other than the requester.
     SelfApproval {
         /// The grant's id.
@@ -93,6 +100,10 @@ impl fmt::Display for Refusal {
                     f,
                     "caller region {caller} may not re-encrypt data of region {data}"
                 ),
+                Operation::ExportKey => write!(
+                    f,
+                    "caller region {caller} may not receive key material of region {data}"
+                ),
                 _ => write!(
                     f,
                     "caller region {caller} may not decrypt data of region {data}"
@@ -107,6 +118,10 @@ impl fmt::Display for Refusal {
                 f,
                 "{principal} may not read the audit aggregates of region {region}: only its auditors and the configured aggregate readers may"
             ),
+            Self::NotKeyCreator { principal, region } => write!(
+                f,
+                "{principal} may not create keys of its own: only the services named in [kmip] key_creators of the broker of region {region} may"
+            ),
             Self::SelfApproval { grant } => write!(
                 f,
                 "the requester of break-glass grant {grant} cannot approve it; another operator must"
@@ -119,6 +134,13 @@ impl std::error::Error for Refusal {}
 
 fn role_refusal(f: &mut fmt::Formatter<'_>, role: Role, op: Operation) -> fmt::Result {
     let action = op.action();
+    if op.rule().creators_only {
+        return write!(
+            f,
+            "{} identities may not {action}: only service identities named in [kmip] key_creators do; operators create keys with create-key",
+            role.as_str()
+        );
+    }
     match (op.rule().duty, role) {
         (Duty::Crypto, Role::Operator) => write!(
             f,

@@ -57,11 +57,18 @@ pub enum Operation {
     Attest,
     /// The end of a destroy window (the broker itself, no caller).
     DestroyKey,
+    /// A service creates or registers a key it will own (KMIP Create and
+    /// Register by a principal named in `[kmip] key_creators`).
+    CreateOwnKey,
+    /// A key's material itself (KMIP Get).
+    ExportKey,
+    /// Change a key's descriptive attributes (name, custom attributes).
+    SetAttributes,
 }
 
 impl Operation {
     /// Every operation, in table order.
-    pub const ALL: [Operation; 23] = [
+    pub const ALL: [Operation; 26] = [
         Self::Encrypt,
         Self::Decrypt,
         Self::GenerateDataKey,
@@ -85,6 +92,9 @@ impl Operation {
         Self::ReadAuditAggregates,
         Self::Attest,
         Self::DestroyKey,
+        Self::CreateOwnKey,
+        Self::ExportKey,
+        Self::SetAttributes,
     ];
 
     /// The name in audit records.
@@ -102,18 +112,6 @@ impl Operation {
     pub fn rule(self) -> &'static Rule {
         // RULES holds one row per operation, in `ALL` order (a test checks it).
         &RULES[self as usize]
-    }
-}
-
-impl From<CryptoOp> for Operation {
-    fn from(o: CryptoOp) -> Self {
-        match o {
-            CryptoOp::Encrypt => Self::Encrypt,
-            CryptoOp::Decrypt => Self::Decrypt,
-            CryptoOp::GenerateDataKey => Self::GenerateDataKey,
-            CryptoOp::GenerateDataKeyWithoutPlaintext => Self::GenerateDataKeyWithoutPlaintext,
-            CryptoOp::ReEncrypt => Self::ReEncrypt,
-        }
     }
 }
 
@@ -179,6 +177,11 @@ pub struct Rule {
     /// True when the answer carries plaintext or key material (its audit
     /// record is durable before the answer leaves).
     pub releases_plaintext: bool,
+    /// A service holding this grant on the key may also call it: a key's
+    /// owner managing that one key (operators manage every key by role).
+    pub service_grant: Option<CryptoOp>,
+    /// Only principals named in `[kmip] key_creators` may call it.
+    pub creators_only: bool,
 }
 
 use KeyState::{Active, Compromised, Deactivated, Destroyed, PreActive};
@@ -213,6 +216,8 @@ const fn row(
         states: ANY_STATE,
         named_readers: false,
         releases_plaintext: false,
+        service_grant: None,
+        creators_only: false,
     }
 }
 
@@ -239,11 +244,19 @@ const fn manage(op: Operation, name: &'static str, action: &'static str) -> Rule
     }
 }
 
+/// A management row that a key's owning service may also call on that key.
+const fn owned(op: Operation, name: &'static str, action: &'static str) -> Rule {
+    Rule {
+        service_grant: Some(CryptoOp::Manage),
+        ..manage(op, name, action)
+    }
+}
+
 use Operation as O;
 use Reach::{Anywhere, InRegion, Resident};
 
 /// The table, one row per [`Operation`] in [`Operation::ALL`] order.
-pub static RULES: [Rule; 23] = [
+pub static RULES: [Rule; 26] = [
     crypto(
         O::Encrypt,
         "encrypt",
@@ -288,28 +301,31 @@ pub static RULES: [Rule; 23] = [
         states: ANY_STATE,
         ..manage(O::CreateKey, "create-key", "create keys")
     },
-    manage(O::ActivateKey, "activate-key", "activate keys"),
-    manage(O::RevokeKey, "revoke-key", "revoke keys"),
-    manage(
+    owned(O::ActivateKey, "activate-key", "activate keys"),
+    owned(O::RevokeKey, "revoke-key", "revoke keys"),
+    owned(
         O::ScheduleKeyDestruction,
         "schedule-key-destruction",
         "destroy keys",
     ),
-    manage(
+    owned(
         O::CancelKeyDestruction,
         "cancel-key-destruction",
         "cancel key destruction",
     ),
-    manage(O::Rekey, "rekey", "rekey keys"),
+    owned(O::Rekey, "rekey", "rekey keys"),
     manage(O::SetGrants, "set-grants", "change key grants"),
-    row(
-        O::GetAttributes,
-        "get-attributes",
-        "read key attributes",
-        Duty::Read,
-        READERS,
-        InRegion,
-    ),
+    Rule {
+        service_grant: Some(CryptoOp::Manage),
+        ..row(
+            O::GetAttributes,
+            "get-attributes",
+            "read key attributes",
+            Duty::Read,
+            READERS,
+            InRegion,
+        )
+    },
     // Services locate too (to find a key by name), but see only the keys
     // whose grants name them (`Broker::locate`).
     row(
@@ -395,6 +411,29 @@ pub static RULES: [Rule; 23] = [
         NO_ONE,
         InRegion,
     ),
+    Rule {
+        creators_only: true,
+        ..row(
+            O::CreateOwnKey,
+            "create-own-key",
+            "create keys of their own",
+            Duty::Manage,
+            SERVICE,
+            InRegion,
+        )
+    },
+    // KMIP clients fetch a registered key before anyone activates it
+    // (pg_tde registers, then gets): export works in every state but
+    // destroyed, as KMIP's Get does; only keys that may be exported.
+    crypto(
+        O::ExportKey,
+        "export-key",
+        "export key material",
+        Resident,
+        CryptoOp::Export,
+        CHANGEABLE,
+    ),
+    owned(O::SetAttributes, "set-attributes", "change key attributes"),
 ];
 
 #[cfg(test)]
@@ -429,7 +468,17 @@ mod tests {
             }
             if r.grant.is_some() {
                 assert_eq!(r.duty, Duty::Crypto);
-                assert!(!r.states.contains(&Destroyed) && !r.states.contains(&PreActive));
+                assert!(!r.states.contains(&Destroyed));
+                // Only the key's material may leave before activation.
+                assert!(!r.states.contains(&PreActive) || r.op == Operation::ExportKey);
+            }
+            if let Some(g) = r.service_grant {
+                assert!(
+                    g.is_in_region_only() && r.reach != Reach::Anywhere,
+                    "{:?}",
+                    r.op
+                );
+                assert!(!r.releases_plaintext, "{:?}", r.op);
             }
             if r.roles.contains(&Role::Operator) && r.duty != Duty::Inform {
                 assert_ne!(r.reach, Reach::Anywhere, "{:?}", r.op);

@@ -1,0 +1,415 @@
+//! Managed objects: keys and secrets that KMIP clients create or register
+//! and may fetch back (PostgreSQL TDE, backup systems, storage arrays).
+//!
+//! Each object is a key record whose version material (wrapped by the root
+//! of trust, as for every key) seals the object's own bytes; the store
+//! holds only that sealed form. Fetching the bytes (`export`) and
+//! decrypting with them release plaintext: the residency rule, an `export`
+//! or `decrypt` grant, and a durable audit record come first, as for the
+//! envelope operations. Services named in `[kmip] key_creators` create
+//! objects they own (granted to them, `manage` included); operators create
+//! objects for others and grant them as for any key.
+
+use super::audited::settle;
+use super::gate::On;
+use super::{rng_err, store_err, AfterAudit, Broker, CallCtx};
+use crate::envelope::{self, EncryptionContext};
+pub use crate::error::CipherError;
+use crate::error::{Error, Invalid, Precondition, Result};
+use crate::keys::{CustomAttribute, Halt, KeyId, KeyRecord, KeyState, ObjectKind, Wait};
+use crate::policy::{CryptoOp, Grant, Operation, Principal};
+use crate::region::Role;
+use crate::secret::Plaintext;
+
+/// Largest secret data object.
+pub const MAX_SECRET_BYTES: usize = 4096;
+/// Most custom attributes on one object, and the largest encoded value.
+const MAX_CUSTOM_ATTRIBUTES: usize = 64;
+const MAX_CUSTOM_VALUE: usize = 4096;
+
+/// A new managed object.
+pub struct NewObject {
+    /// What it is.
+    pub kind: ObjectKind,
+    /// The bytes to register; `None` to generate them (AES keys only).
+    pub material: Option<Plaintext>,
+    /// Its name (unique among live objects; may be empty).
+    pub name: String,
+    /// May its material be exported?
+    pub exportable: bool,
+    /// Active at once instead of pre-active.
+    pub activate: bool,
+    /// Client-defined attributes.
+    pub custom_attributes: Vec<CustomAttribute>,
+}
+
+/// The descriptive attributes an owner or operator may change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Described {
+    /// Name.
+    pub name: String,
+    /// Client-defined attributes.
+    pub custom_attributes: Vec<CustomAttribute>,
+}
+
+/// Block cipher parameters of Encrypt/Decrypt with an AES object.
+#[derive(Clone, Debug)]
+pub enum Cipher {
+    /// AES-GCM: 12-byte IV (generated when absent, on encrypt), additional
+    /// data, 16-byte tag.
+    Gcm {
+        /// The IV.
+        iv: Option<Vec<u8>>,
+        /// Additional authenticated data.
+        aad: Vec<u8>,
+        /// Tag length in bytes (16).
+        tag_len: usize,
+    },
+    /// AES-CBC: 16-byte IV (generated when absent, on encrypt), with
+    /// PKCS#5 padding or none (whole blocks).
+    Cbc {
+        /// The IV.
+        iv: Option<Vec<u8>>,
+        /// PKCS#5 padding.
+        pkcs5: bool,
+    },
+}
+
+/// The result of Encrypt with an AES object.
+pub struct Enciphered {
+    /// Ciphertext (without the tag).
+    pub data: Vec<u8>,
+    /// The IV used (the caller's or a generated one).
+    pub iv: Vec<u8>,
+    /// The GCM tag (empty for CBC).
+    pub tag: Vec<u8>,
+    /// Key used.
+    pub key_id: KeyId,
+}
+
+fn object_context() -> EncryptionContext {
+    // Domain separation: these envelopes seal object bytes in the store
+    // and are never handed to callers.
+    EncryptionContext::new([("sovkms.object".to_owned(), "v1".to_owned())])
+        .unwrap_or_else(|_| unreachable_context())
+}
+
+#[allow(clippy::panic)] // A one-pair constant context is always valid.
+fn unreachable_context() -> EncryptionContext {
+    panic!("constant object context rejected")
+}
+
+fn check_custom(attrs: &[CustomAttribute]) -> Result<()> {
+    if attrs.len() > MAX_CUSTOM_ATTRIBUTES {
+        return Err(Invalid::TooLong {
+            field: "custom attributes",
+            max: MAX_CUSTOM_ATTRIBUTES,
+        }
+        .into());
+    }
+    for a in attrs {
+        super::lifecycle::check_text("attribute name", &a.name, 128, true)?;
+        if a.value.len() > MAX_CUSTOM_VALUE {
+            return Err(Invalid::TooLong {
+                field: "attribute value",
+                max: MAX_CUSTOM_VALUE,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+impl Broker {
+    /// Creates (generates) or registers a managed object.
+    pub fn create_object(&self, cx: &CallCtx, new: NewObject) -> Result<KeyRecord> {
+        let caller = &cx.caller;
+        let op = if caller.role == Role::Service {
+            Operation::CreateOwnKey
+        } else {
+            Operation::CreateKey
+        };
+        self.audit_first(
+            Some(cx),
+            op,
+            |note| {
+                self.gate(cx, op, None, note)?;
+                super::lifecycle::check_text("name", &new.name, 128, false)?;
+                check_custom(&new.custom_attributes)?;
+                let bytes = self.object_bytes(&new)?;
+                let g = self.lock_lifecycle();
+                self.check_name_free(&new.name, None)?;
+                let id = KeyId::generate(&self.rng).map_err(|_| rng_err())?;
+                note.key(&id, 1);
+                let (mut version, material) = self.new_version_and_material(1)?;
+                let kek = envelope::Kek::new(material).map_err(super::crypto::seal_err)?;
+                version.sealed_object = Some(
+                    envelope::seal(
+                        &envelope::BatchedRandom,
+                        &kek,
+                        &self.settings.region,
+                        &id,
+                        1,
+                        &object_context(),
+                        &bytes,
+                    )
+                    .map_err(super::crypto::seal_err)?,
+                );
+                let now = self.clock.now_unix();
+                let grants = if caller.role == Role::Service {
+                    // Whether the material may leave at all is the key's
+                    // `exportable`; the grant says who, should it.
+                    let mut ops = vec![
+                        CryptoOp::Encrypt,
+                        CryptoOp::Decrypt,
+                        CryptoOp::Export,
+                        CryptoOp::Manage,
+                    ];
+                    if matches!(new.kind, ObjectKind::SecretData) {
+                        ops.retain(|o| !matches!(o, CryptoOp::Encrypt | CryptoOp::Decrypt));
+                    }
+                    vec![Grant::new(
+                        Principal::exact(caller),
+                        ops,
+                        &self.settings.region,
+                    )?]
+                } else {
+                    Vec::new()
+                };
+                Ok((
+                    g,
+                    KeyRecord {
+                        id,
+                        name: new.name,
+                        tenant: String::new(),
+                        description: String::new(),
+                        home_region: self.settings.region.clone(),
+                        state: if new.activate {
+                            KeyState::Active
+                        } else {
+                            KeyState::PreActive
+                        },
+                        revocation_reason: None,
+                        revocation_message: String::new(),
+                        created_at: now,
+                        updated_at: now,
+                        destroy_after: None,
+                        primary_version: 1,
+                        versions: vec![version],
+                        grants,
+                        created_by: caller.spiffe_id(),
+                        kind: new.kind,
+                        exportable: new.exportable,
+                        activated_at: new.activate.then_some(now),
+                        deactivated_at: None,
+                        custom_attributes: new.custom_attributes,
+                    },
+                ))
+            },
+            |(g, mut rec), seq| {
+                self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
+                self.store.insert(&rec).map_err(store_err)?;
+                drop(g);
+                tracing::info!(key = %rec.id, caller = %caller, "managed object created");
+                Ok(rec)
+            },
+        )
+    }
+
+    /// The bytes of a new object: the registered ones, checked against
+    /// the kind, or fresh ones from the root of trust.
+    fn object_bytes(&self, new: &NewObject) -> Result<Plaintext> {
+        match (&new.kind, &new.material) {
+            (ObjectKind::SymmetricKey { bits }, m) => {
+                if !matches!(bits, 128 | 192 | 256) {
+                    return Err(Invalid::AesLength(u32::from(*bits)).into());
+                }
+                let len = usize::from(*bits / 8);
+                match m {
+                    Some(m) if m.len() != len => Err(Invalid::MaterialLength {
+                        got: m.len(),
+                        bits: *bits,
+                    }
+                    .into()),
+                    Some(m) => Ok(Plaintext::new(m.expose_secret().to_vec())),
+                    None => {
+                        let fresh = self.with_root(|r| r.generate_material())?;
+                        Ok(Plaintext::new(fresh.expose_secret()[..len].to_vec()))
+                    }
+                }
+            }
+            (ObjectKind::SecretData, Some(m)) if (1..=MAX_SECRET_BYTES).contains(&m.len()) => {
+                Ok(Plaintext::new(m.expose_secret().to_vec()))
+            }
+            (ObjectKind::SecretData, m) => Err(Invalid::SecretLength {
+                got: m.as_ref().map_or(0, Plaintext::len),
+                max: MAX_SECRET_BYTES,
+            }
+            .into()),
+            (ObjectKind::Envelope, _) => Err(Invalid::Empty {
+                field: "object type",
+            }
+            .into()),
+        }
+    }
+
+    /// Refuses a name another live object has (KMIP clients find their
+    /// key by name and expect exactly one). Call under the lifecycle lock.
+    fn check_name_free(&self, name: &str, except: Option<&KeyId>) -> Result<()> {
+        if name.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now_unix();
+        let taken = |r: &KeyRecord| {
+            r.kind != ObjectKind::Envelope
+                && r.name == name
+                && Some(&r.id) != except
+                && super::effective_state(r, now) != KeyState::Destroyed
+        };
+        let (hit, _) = self.store.scan(None, 1, &taken).map_err(store_err)?;
+        if hit.is_empty() {
+            Ok(())
+        } else {
+            Err(Precondition::NameInUse(name.to_owned()).into())
+        }
+    }
+
+    /// An object's bytes, for a caller of its region with an `export`
+    /// grant; released once the audit record is durable.
+    pub fn export(&self, cx: &CallCtx, id: &KeyId) -> Result<AfterAudit<(KeyRecord, Plaintext)>> {
+        let op = Operation::ExportKey;
+        settle(self.audited_release(cx, op, None, |note| {
+            note.key(id, 0);
+            self.gate(cx, op, None, note)?;
+            let rec = self.load(id)?;
+            self.gate(cx, op, Some(On::Key(&rec)), note)?;
+            if rec.kind == ObjectKind::Envelope {
+                return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
+            }
+            if !rec.exportable {
+                return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
+            }
+            note.key(id, rec.primary_version);
+            let bytes = self.object_plaintext(&rec, Wait::Allowed)?;
+            Ok((rec, bytes))
+        }))
+    }
+
+    /// The object's bytes (primary version), from its sealed form.
+    fn object_plaintext(&self, rec: &KeyRecord, wait: Wait) -> Result<Plaintext, Halt<Error>> {
+        let v = rec.primary_version;
+        let sealed = rec
+            .version(v)
+            .and_then(|v| v.sealed_object.as_deref())
+            .ok_or_else(|| {
+                Error::from(Precondition::VersionDestroyed {
+                    key: rec.id.clone(),
+                    version: v,
+                })
+            })?;
+        let kek = self.kek(rec, v, wait)?;
+        let env = envelope::Envelope::parse(sealed)
+            .map_err(|e| Error::from(crate::error::Fault::Object(e.to_string())))?;
+        envelope::open(&kek, &env, &object_context()).map_err(|_| {
+            Error::from(crate::error::Fault::Object(
+                "sealed object failed to open".into(),
+            ))
+            .into()
+        })
+    }
+
+    /// Encrypt with an AES object and caller parameters.
+    pub fn encrypt_with_object(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        cipher: &Cipher,
+        data: &Plaintext,
+    ) -> Result<Enciphered> {
+        let op = Operation::Encrypt;
+        settle(self.audited_release(cx, op, None, |note| {
+            note.key(id, 0);
+            self.gate(cx, op, None, note)?;
+            let max = self.settings.max_plaintext_bytes;
+            if data.len() > max {
+                return Err(Error::from(crate::error::Limit::Plaintext {
+                    len: data.len(),
+                    max,
+                })
+                .into());
+            }
+            let rec = self.load_shared(id, Wait::Allowed)?;
+            self.gate(cx, op, Some(On::Key(&rec)), note)?;
+            note.key(id, rec.primary_version);
+            let key = self.aes_key(&rec)?;
+            let out =
+                super::cipher::encrypt(&key, cipher, data.expose_secret()).map_err(Error::from)?;
+            Ok(Enciphered {
+                data: out.0,
+                iv: out.1,
+                tag: out.2,
+                key_id: rec.id.clone(),
+            })
+        }))?
+        .released_blocking()
+    }
+
+    /// Decrypt with an AES object and caller parameters: in-region only,
+    /// released once audited durably.
+    pub fn decrypt_with_object(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        cipher: &Cipher,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<AfterAudit<Plaintext>> {
+        let op = Operation::Decrypt;
+        settle(self.audited_release(cx, op, None, |note| {
+            note.key(id, 0);
+            self.gate(cx, op, None, note)?;
+            let rec = self.load_shared(id, Wait::Allowed)?;
+            self.gate(cx, op, Some(On::Key(&rec)), note)?;
+            note.key(id, rec.primary_version);
+            let key = self.aes_key(&rec)?;
+            Ok(super::cipher::decrypt(&key, cipher, data, tag).map_err(Error::from)?)
+        }))
+    }
+
+    fn aes_key(&self, rec: &KeyRecord) -> Result<Plaintext, Halt<Error>> {
+        match rec.kind {
+            ObjectKind::SymmetricKey { .. } => self.object_plaintext(rec, Wait::Allowed),
+            ObjectKind::Envelope => {
+                Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into())
+            }
+            ObjectKind::SecretData => {
+                Err(Error::from(Precondition::NotAKey(rec.id.clone())).into())
+            }
+        }
+    }
+
+    /// Changes an object's name and custom attributes (operators, or the
+    /// owning service): `f` sees and edits only those.
+    pub fn set_attributes(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        f: impl FnOnce(&mut Described) -> Result<()>,
+    ) -> Result<KeyRecord> {
+        self.change(cx, Operation::SetAttributes, id, |rec| {
+            let mut d = Described {
+                name: rec.name.clone(),
+                custom_attributes: rec.custom_attributes.clone(),
+            };
+            f(&mut d)?;
+            super::lifecycle::check_text("name", &d.name, 128, rec.kind == ObjectKind::Envelope)?;
+            check_custom(&d.custom_attributes)?;
+            if d.name != rec.name && rec.kind != ObjectKind::Envelope {
+                self.check_name_free(&d.name, Some(&rec.id))?;
+            }
+            rec.name = d.name;
+            rec.custom_attributes = d.custom_attributes;
+            Ok(())
+        })
+    }
+}
