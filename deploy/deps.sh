@@ -21,6 +21,9 @@ have tpm2_checkquote || need+=(tpm2-tools)
 # strace: a test watches the broker's syscalls to prove "record synced,
 # then answer sent" (the page cache would hide a missing sync from kill -9).
 have strace || need+=(strace)
+# Python venv support for PyKMIP, the third-party KMIP client of the
+# interop test (Debian ships venv separately).
+pkg_installed python3-venv || need+=(python3-venv)
 
 if ((${#need[@]})); then
     echo "deps: installing ${need[*]}"
@@ -29,6 +32,18 @@ if ((${#need[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# PyKMIP in a venv of the project's own (never the system's packages):
+# the KMIP interop test runs it against a real broker.
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+venv="$(dirname "$0")/../target/pyvenv"
+if ! "$venv/bin/python" -c "import kmip" >/dev/null 2>&1; then
+    echo "deps: creating $venv with PyKMIP"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "pykmip==0.11.0"
 fi
 
 if ! have cargo; then

@@ -875,3 +875,110 @@ async fn tls12_resumption_and_credentials_are_not_identities() {
     );
     b.server.shutdown().await.unwrap();
 }
+
+/// PyKMIP (PyPI, in the venv `deploy/deps.sh` makes) against the broker:
+/// Discover Versions, Create, Get Attributes, Activate, Encrypt/Decrypt,
+/// Register, Locate, Get (1.0, 1.2, 2.0 headers), secret data, Revoke,
+/// Destroy; and Get/Decrypt refused to other regions, the central plane
+/// and an operator.
+#[tokio::test(flavor = "multi_thread")]
+async fn pykmip_client_against_the_broker() {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `bash deploy/deps.sh` (it installs PyKMIP in a venv)",
+        python.display()
+    );
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let port = addr.rsplit_once(':').unwrap().1.to_owned();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pykmip/scenario.py");
+    let pki = env.pki.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(["localhost", &port])
+            .arg(&pki)
+            .arg("eu-central")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "PyKMIP scenario failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["discover_versions"][0], "2.1", "{v}");
+    assert_eq!(v["decrypted"], "patient 1234");
+    assert_eq!(v["ciphertext_len"], 16);
+    for a in [
+        "Cryptographic Algorithm",
+        "Cryptographic Length",
+        "Name",
+        "State",
+        "Unique Identifier",
+    ] {
+        assert!(
+            v["created_attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == a),
+            "{a}: {v}"
+        );
+    }
+    assert_eq!(v["get_created"][0], "failed");
+    assert_eq!(v["get_created"][1], "PERMISSION_DENIED");
+    let registered = v["registered"].as_str().unwrap();
+    assert_eq!(v["located"], serde_json::json!([registered]));
+    assert_eq!(v["got"], hex::encode((16u8..32).collect::<Vec<_>>()));
+    assert_eq!(v["got_KMIP_1_0"][1], v["got"]);
+    assert_eq!(v["got_KMIP_2_0"][1], v["got"]);
+    assert_eq!(v["secret"], "db password");
+    for (who, region) in [
+        ("us-east/service-app", "us-east"),
+        ("central/service-app", "central"),
+    ] {
+        for what in ["get", "decrypt"] {
+            let r = &v[format!("{what} as {who}")];
+            assert_eq!(r[0], "failed", "{what} as {who}: {r}");
+            assert_eq!(r[1], "PERMISSION_DENIED", "{r}");
+            assert!(
+                r[2].as_str()
+                    .unwrap()
+                    .contains(&format!("caller region {region} may not")),
+                "{r}"
+            );
+        }
+    }
+    let r = &v["get as eu-central/operator-admin"];
+    assert_eq!(r[1], "PERMISSION_DENIED", "{r}");
+    assert!(
+        r[2].as_str()
+            .unwrap()
+            .contains("operator identities may not export key material"),
+        "{r}"
+    );
+    assert_eq!(v["after_destroy"][0], "failed", "{v}");
+    // Every step is in the one audit chain, protocol kmip.
+    let recs = read_records(&b.audit_path);
+    for op in [
+        "Create",
+        "Register",
+        "Locate",
+        "Get",
+        "Activate",
+        "Encrypt",
+        "Decrypt",
+        "Revoke",
+        "Destroy",
+        "Discover Versions",
+    ] {
+        assert!(
+            recs.iter()
+                .any(|r| r.operation == op && r.protocol == "kmip"),
+            "no {op} record"
+        );
+    }
+    b.server.shutdown().await.unwrap();
+}
