@@ -982,3 +982,153 @@ async fn pykmip_client_against_the_broker() {
     }
     b.server.shutdown().await.unwrap();
 }
+
+/// MongoDB's KMIP client (libmongocrypt's kms-message, from its public
+/// source): Register Secret Data (Seed, Raw, 96 bytes, an empty
+/// Template-Attribute, batch item id "A") under 1.4, Activate, Get without
+/// a Key Format Type; and its delegated encryption: Encrypt under 1.2 with
+/// AES-CBC, PKCS#5 and Random IV, Decrypt with the IV returned.
+#[tokio::test(flavor = "multi_thread")]
+async fn mongodb_sequence_secret_data_and_delegated_encryption() {
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let app = "eu-central/service-app";
+    let v1_2 = Version { major: 1, minor: 2 };
+    let secret: Vec<u8> = (0u8..96).collect();
+    let mut c = connect(&env, app, "eu-central", &addr).await;
+    let mut register = request(
+        V1_4,
+        vec![(
+            op::REGISTER,
+            vec![
+                Item::enumeration(tag::OBJECT_TYPE, tag::object_type::SECRET_DATA),
+                Item::structure(tag::TEMPLATE_ATTRIBUTE, vec![]),
+                Item::structure(
+                    tag::SECRET_DATA,
+                    vec![
+                        Item::enumeration(tag::SECRET_DATA_TYPE, 2),
+                        Item::structure(
+                            tag::KEY_BLOCK,
+                            vec![
+                                Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::RAW),
+                                Item::structure(
+                                    tag::KEY_VALUE,
+                                    vec![Item::bytes(tag::KEY_MATERIAL, secret.clone())],
+                                ),
+                            ],
+                        ),
+                    ],
+                ),
+            ],
+        )],
+    );
+    // kms-message names its single batch item "A".
+    if let Value::Structure(items) = &mut register.value {
+        if let Value::Structure(bi) = &mut items[1].value {
+            bi.insert(1, Item::bytes(tag::UNIQUE_BATCH_ITEM_ID, b"A".to_vec()));
+        }
+    }
+    let resp = c.call(&register).await.unwrap();
+    check_header(&resp, V1_4, 1);
+    let item = &resp.children()[1];
+    let fields: Vec<u32> = item.children().iter().map(|i| i.tag).collect();
+    assert_eq!(
+        fields,
+        [
+            tag::OPERATION,
+            tag::UNIQUE_BATCH_ITEM_ID,
+            tag::RESULT_STATUS,
+            tag::RESPONSE_PAYLOAD
+        ]
+    );
+    assert_eq!(
+        item.children()[1],
+        Item::bytes(tag::UNIQUE_BATCH_ITEM_ID, b"A".to_vec())
+    );
+    let id = outcomes(&resp)[0]
+        .text(tag::UNIQUE_IDENTIFIER)
+        .unwrap()
+        .to_owned();
+    let a = once(&env, app, &addr, V1_4, op::ACTIVATE, vec![uid(&id)]).await;
+    assert_eq!(a.status, 0, "{a:?}");
+    let g = once(&env, app, &addr, V1_4, op::GET, vec![uid(&id)]).await;
+    assert_eq!(
+        g.field(tag::OBJECT_TYPE).unwrap().value,
+        Value::Enumeration(7)
+    );
+    let sd = g.field(tag::SECRET_DATA).expect("Secret Data");
+    assert_eq!(
+        sd.children()[0],
+        Item::enumeration(tag::SECRET_DATA_TYPE, 2)
+    );
+    let kv = sd.children()[1]
+        .children()
+        .iter()
+        .find(|i| i.tag == tag::KEY_VALUE)
+        .unwrap();
+    assert_eq!(kv.children()[0], Item::bytes(tag::KEY_MATERIAL, secret));
+    // Delegated encryption with a key MongoDB created.
+    let cr = once(&env, app, &addr, v1_2, op::CREATE, {
+        let mut p = register_payload("mongo-cmk", &[0; 32]);
+        p.truncate(2); // Object Type and Template-Attribute: Create generates
+        p
+    })
+    .await;
+    assert_eq!(cr.status, 0, "{cr:?}");
+    let key = cr.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    assert_eq!(
+        once(&env, app, &addr, v1_2, op::ACTIVATE, vec![uid(&key)])
+            .await
+            .status,
+        0
+    );
+    let params = |random_iv: bool| {
+        let mut p = vec![
+            Item::enumeration(tag::BLOCK_CIPHER_MODE, tag::mode::CBC),
+            Item::enumeration(tag::PADDING_METHOD, tag::padding::PKCS5),
+            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::AES),
+        ];
+        if random_iv {
+            p.push(Item::new(tag::RANDOM_IV, Value::Boolean(true)));
+        }
+        Item::structure(tag::CRYPTOGRAPHIC_PARAMETERS, p)
+    };
+    let dek = [0xD5u8; 96];
+    let e = once(
+        &env,
+        app,
+        &addr,
+        v1_2,
+        op::ENCRYPT,
+        vec![
+            uid(&key),
+            params(true),
+            Item::bytes(tag::DATA, dek.to_vec()),
+        ],
+    )
+    .await;
+    assert_eq!(e.status, 0, "{e:?}");
+    let iv = e
+        .bytes(tag::IV_COUNTER_NONCE)
+        .expect("the server's random IV")
+        .to_vec();
+    assert_eq!(iv.len(), 16);
+    let ct = e.bytes(tag::DATA).unwrap().to_vec();
+    assert_eq!(ct.len(), 112, "96 bytes and a block of PKCS#5 padding");
+    let d = once(
+        &env,
+        app,
+        &addr,
+        v1_2,
+        op::DECRYPT,
+        vec![
+            uid(&key),
+            params(false),
+            Item::bytes(tag::DATA, ct),
+            Item::bytes(tag::IV_COUNTER_NONCE, iv),
+        ],
+    )
+    .await;
+    assert_eq!(d.bytes(tag::DATA).unwrap(), dek);
+    b.server.shutdown().await.unwrap();
+}

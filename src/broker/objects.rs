@@ -165,7 +165,7 @@ impl Broker {
                         CryptoOp::Export,
                         CryptoOp::Manage,
                     ];
-                    if matches!(new.kind, ObjectKind::SecretData) {
+                    if matches!(new.kind, ObjectKind::SecretData { .. }) {
                         ops.retain(|o| !matches!(o, CryptoOp::Encrypt | CryptoOp::Decrypt));
                     }
                     vec![Grant::new(
@@ -238,10 +238,12 @@ impl Broker {
                     }
                 }
             }
-            (ObjectKind::SecretData, Some(m)) if (1..=MAX_SECRET_BYTES).contains(&m.len()) => {
+            (ObjectKind::SecretData { .. }, Some(m))
+                if (1..=MAX_SECRET_BYTES).contains(&m.len()) =>
+            {
                 Ok(Plaintext::new(m.expose_secret().to_vec()))
             }
-            (ObjectKind::SecretData, m) => Err(Invalid::SecretLength {
+            (ObjectKind::SecretData { .. }, m) => Err(Invalid::SecretLength {
                 got: m.as_ref().map_or(0, Plaintext::len),
                 max: MAX_SECRET_BYTES,
             }
@@ -382,7 +384,7 @@ impl Broker {
             ObjectKind::Envelope => {
                 Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into())
             }
-            ObjectKind::SecretData => {
+            ObjectKind::SecretData { .. } => {
                 Err(Error::from(Precondition::NotAKey(rec.id.clone())).into())
             }
         }

@@ -80,8 +80,12 @@ pub enum ObjectKind {
         /// Key length in bits.
         bits: u16,
     },
-    /// Opaque secret bytes (a password, a seed).
-    SecretData,
+    /// Opaque secret bytes, with the client's classification of them
+    /// (KMIP Secret Data Type: 1 password, 2 seed).
+    SecretData {
+        /// The classification, returned as given.
+        data_type: u32,
+    },
 }
 
 /// A client-defined attribute (KMIP `x-…` names, Operation Policy Name…),

@@ -376,7 +376,7 @@ pub fn state_value(s: KeyState) -> u32 {
 /// Object Type of a record (envelope keys are AES-256 symmetric keys).
 pub fn object_type(kind: ObjectKind) -> u32 {
     match kind {
-        ObjectKind::SecretData => tag::object_type::SECRET_DATA,
+        ObjectKind::SecretData { .. } => tag::object_type::SECRET_DATA,
         _ => tag::object_type::SYMMETRIC_KEY,
     }
 }
@@ -400,7 +400,7 @@ pub fn of_record(rec: &KeyRecord, now: i64, version: Version) -> Vec<Attr> {
     let bits = match rec.kind {
         ObjectKind::SymmetricKey { bits } => Some(i32::from(bits)),
         ObjectKind::Envelope => Some(256),
-        ObjectKind::SecretData => None,
+        ObjectKind::SecretData { .. } => None,
     };
     if let Some(bits) = bits {
         out.push(Attr {
@@ -445,7 +445,7 @@ pub fn of_record(rec: &KeyRecord, now: i64, version: Version) -> Vec<Attr> {
         .custom_attributes
         .iter()
         .any(|c| c.name == "Cryptographic Usage Mask");
-    if !has_mask && rec.kind != ObjectKind::SecretData {
+    if !has_mask && !matches!(rec.kind, ObjectKind::SecretData { .. }) {
         let mut mask = tag::usage::ENCRYPT | tag::usage::DECRYPT;
         if rec.exportable {
             mask |= tag::usage::EXPORT;

@@ -232,9 +232,9 @@ impl Session<'_> {
             tag::object_type::SECRET_DATA => {
                 let sd = Fields::new(f.req_structure(tag::SECRET_DATA)?, "Secret Data")?;
                 sd.only("Secret Data", &[tag::SECRET_DATA_TYPE, tag::KEY_BLOCK])?;
-                sd.req_enumeration(tag::SECRET_DATA_TYPE)?;
+                let data_type = sd.req_enumeration(tag::SECRET_DATA_TYPE)?;
                 let block = key_block_fields(&Fields::new(sd.req_structure(tag::KEY_BLOCK)?, "Key Block")?)?;
-                (ObjectKind::SecretData, block.material)
+                (ObjectKind::SecretData { data_type }, block.material)
             }
             other => {
                 return Err(not_supported(format!(
@@ -752,7 +752,21 @@ fn key_block_fields(b: &Fields<'_>) -> Result<Block, Failure> {
 
 /// The object structure Get returns, in the asked format.
 fn object_item(rec: &KeyRecord, bytes: Plaintext, format: Option<u32>) -> Result<Item, Failure> {
-    let (tag_, format, material, alg) = match rec.kind {
+    let block = |format: u32, material: Item, bits: Option<u16>| {
+        let mut b = vec![
+            Item::enumeration(tag::KEY_FORMAT_TYPE, format),
+            Item::structure(tag::KEY_VALUE, vec![material]),
+        ];
+        if let Some(bits) = bits {
+            b.push(Item::enumeration(
+                tag::CRYPTOGRAPHIC_ALGORITHM,
+                tag::alg::AES,
+            ));
+            b.push(Item::integer(tag::CRYPTOGRAPHIC_LENGTH, i32::from(bits)));
+        }
+        Item::structure(tag::KEY_BLOCK, b)
+    };
+    match rec.kind {
         ObjectKind::SymmetricKey { bits } => {
             let format = format.unwrap_or(tag::format::RAW);
             let material = match format {
@@ -763,48 +777,31 @@ fn object_item(rec: &KeyRecord, bytes: Plaintext, format: Option<u32>) -> Result
                 ),
                 other => return Err(format_refused(other, "Raw or Transparent Symmetric Key")),
             };
-            (tag::SYMMETRIC_KEY, format, material, Some(i32::from(bits)))
+            Ok(Item::structure(
+                tag::SYMMETRIC_KEY,
+                vec![block(format, material, Some(bits))],
+            ))
         }
-        ObjectKind::SecretData => {
+        ObjectKind::SecretData { data_type } => {
             let format = match format {
                 None | Some(tag::format::OPAQUE) => tag::format::OPAQUE,
                 Some(tag::format::RAW) => tag::format::RAW,
                 Some(other) => return Err(format_refused(other, "Opaque")),
             };
-            (
+            let material = Item::bytes(tag::KEY_MATERIAL, bytes.into_exposed());
+            Ok(Item::structure(
                 tag::SECRET_DATA,
-                format,
-                Item::bytes(tag::KEY_MATERIAL, bytes.into_exposed()),
-                None,
-            )
-        }
-        ObjectKind::Envelope => {
-            return Err(Failure::new(
-                reason::PERMISSION_DENIED,
-                "envelope keys never leave the broker",
+                vec![
+                    Item::enumeration(tag::SECRET_DATA_TYPE, data_type),
+                    block(format, material, None),
+                ],
             ))
         }
-    };
-    let mut block = vec![
-        Item::enumeration(tag::KEY_FORMAT_TYPE, format),
-        Item::structure(tag::KEY_VALUE, vec![material]),
-    ];
-    if let Some(bits) = alg {
-        block.push(Item::enumeration(
-            tag::CRYPTOGRAPHIC_ALGORITHM,
-            tag::alg::AES,
-        ));
-        block.push(Item::integer(tag::CRYPTOGRAPHIC_LENGTH, bits));
+        ObjectKind::Envelope => Err(Failure::new(
+            reason::PERMISSION_DENIED,
+            "envelope keys never leave the broker",
+        )),
     }
-    let block = Item::structure(tag::KEY_BLOCK, block);
-    Ok(if tag_ == tag::SECRET_DATA {
-        Item::structure(
-            tag_,
-            vec![Item::enumeration(tag::SECRET_DATA_TYPE, 1), block],
-        )
-    } else {
-        Item::structure(tag_, vec![block])
-    })
 }
 
 fn format_refused(format: u32, use_: &str) -> Failure {
