@@ -108,9 +108,19 @@ impl Broker {
                 version,
             })
             .map_err(Error::from)?;
+        let sealed = rec
+            .version(version)
+            .and_then(|v| v.sealed_object.as_deref());
         self.keyring.kek(&rec.id, version, wait, || {
             let material = self.with_root(|r| r.unwrap(wrapped))?;
-            envelope::Kek::new(material).map_err(seal_err)
+            let kek = envelope::Kek::new(material).map_err(seal_err)?;
+            match sealed {
+                None => Ok(kek),
+                Some(s) => {
+                    let bytes = super::objects::unseal(&kek, s)?;
+                    Ok(kek.with_object(bytes))
+                }
+            }
         })
     }
 

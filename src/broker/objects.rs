@@ -99,6 +99,14 @@ fn unreachable_context() -> EncryptionContext {
     panic!("constant object context rejected")
 }
 
+/// Opens a version's sealed object bytes with its material.
+pub(super) fn unseal(kek: &envelope::Kek, sealed: &[u8]) -> Result<Plaintext> {
+    let env = envelope::Envelope::parse(sealed)
+        .map_err(|e| Error::from(crate::error::Fault::Object(e.to_string())))?;
+    envelope::open(kek, &env, &object_context())
+        .map_err(|_| crate::error::Fault::Object("sealed object failed to open".into()).into())
+}
+
 fn check_custom(attrs: &[CustomAttribute]) -> Result<()> {
     if attrs.len() > MAX_CUSTOM_ATTRIBUTES {
         return Err(Invalid::TooLong {
@@ -297,27 +305,27 @@ impl Broker {
         }))
     }
 
-    /// The object's bytes (primary version), from its sealed form.
+    /// The object's bytes (primary version), from the keyring's entry for
+    /// the version (unsealed once when the entry is filled).
     fn object_plaintext(&self, rec: &KeyRecord, wait: Wait) -> Result<Plaintext, Halt<Error>> {
         let v = rec.primary_version;
-        let sealed = rec
+        if rec
             .version(v)
-            .and_then(|v| v.sealed_object.as_deref())
-            .ok_or_else(|| {
-                Error::from(Precondition::VersionDestroyed {
-                    key: rec.id.clone(),
-                    version: v,
-                })
-            })?;
+            .and_then(|x| x.sealed_object.as_ref())
+            .is_none()
+        {
+            return Err(Error::from(Precondition::VersionDestroyed {
+                key: rec.id.clone(),
+                version: v,
+            })
+            .into());
+        }
         let kek = self.kek(rec, v, wait)?;
-        let env = envelope::Envelope::parse(sealed)
-            .map_err(|e| Error::from(crate::error::Fault::Object(e.to_string())))?;
-        envelope::open(&kek, &env, &object_context()).map_err(|_| {
-            Error::from(crate::error::Fault::Object(
-                "sealed object failed to open".into(),
-            ))
-            .into()
-        })
+        kek.object()
+            .map(|b| Plaintext::new(b.expose_secret().to_vec()))
+            .ok_or_else(|| {
+                Error::from(crate::error::Fault::Object("no unsealed bytes".into())).into()
+            })
     }
 
     /// Encrypt with an AES object and caller parameters.

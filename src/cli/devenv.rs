@@ -17,6 +17,8 @@ pub(super) fn err(e: impl std::fmt::Display) -> CliError {
 pub(super) struct Broker {
     pub(super) child: tokio::process::Child,
     pub(super) addr: String,
+    /// The KMIP listener's address, when the config has `[kmip]`.
+    pub(super) kmip_addr: Option<String>,
 }
 
 pub(super) fn random_hex(n: usize) -> Result<String, CliError> {
@@ -152,11 +154,18 @@ pub(super) async fn start_child(
                 format!("see {}", config.with_extension("log").display()),
             )
         })?;
-    let addr = line
+    let rest = line
         .strip_prefix("listening on ")
-        .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?
-        .to_owned();
-    Ok(Broker { child, addr })
+        .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?;
+    let (addr, kmip_addr) = match rest.split_once("; KMIP on ") {
+        Some((a, k)) => (a.to_owned(), Some(k.to_owned())),
+        None => (rest.to_owned(), None),
+    };
+    Ok(Broker {
+        child,
+        addr,
+        kmip_addr,
+    })
 }
 
 /// Connects as `who` (e.g. `eu-central/service-app`) to `addr`.

@@ -36,9 +36,10 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
     // One machine-readable line on stdout, for supervisors and tests.
-    outln!("listening on {}", server.local_addr);
-    if let Some(k) = server.kmip_addr {
-        outln!("KMIP listening on {k}");
+    // One line: supervisors read it once and may close the pipe.
+    match server.kmip_addr {
+        Some(k) => outln!("listening on {}; KMIP on {k}", server.local_addr),
+        None => outln!("listening on {}", server.local_addr),
     }
     server
         .run_until(shutdown_signal())

@@ -297,9 +297,23 @@ pub struct OpenError;
 pub struct Kek {
     material: KeyMaterial,
     prk: hmac::Key,
+    /// A managed object's own bytes, unsealed once with this version's
+    /// material and cached with it (same bound, lifetime and invalidation).
+    object: Option<Plaintext>,
 }
 
 impl Kek {
+    /// Attaches a managed object's unsealed bytes.
+    pub fn with_object(mut self, bytes: Plaintext) -> Self {
+        self.object = Some(bytes);
+        self
+    }
+
+    /// The managed object's bytes, if this version seals an object.
+    pub fn object(&self) -> Option<&Plaintext> {
+        self.object.as_ref()
+    }
+
     /// Runs algorithm 2's extract step, once per version.
     pub fn new(material: KeyMaterial) -> Result<Self, SealError> {
         let mut prk = Zeroizing::new([0u8; 32]);
@@ -307,7 +321,11 @@ impl Kek {
         hmac::sign_to_buffer(&salt, material.expose_secret(), &mut prk[..])
             .map_err(|_| SealError::Derive)?;
         let prk = hmac::Key::new(hmac::HMAC_SHA256, &prk[..]);
-        Ok(Self { material, prk })
+        Ok(Self {
+            material,
+            prk,
+            object: None,
+        })
     }
 }
 

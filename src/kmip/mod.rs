@@ -9,6 +9,7 @@
 //! result reasons once, in [`failure`].
 
 pub mod attrs;
+pub mod bench;
 pub mod client;
 pub mod message;
 mod ops;

@@ -8,7 +8,7 @@ use super::tag;
 use super::ttlv::{self, Limits};
 use crate::api::tls::{Listener, TlsServer};
 use crate::broker::Broker;
-use crate::region::IdentityError;
+use crate::region::{Caller, IdentityError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,8 +92,22 @@ impl Running {
     }
 }
 
+/// What answers one framed request message for the connection's caller
+/// (blocking; run off the async runtime).
+pub type Handler = Arc<dyn Fn(Result<Arc<Caller>, IdentityError>, &[u8]) -> Vec<u8> + Send + Sync>;
+
 /// Serves KMIP for `broker` on a bound listener.
 pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
+    let limits = Limits::default();
+    start_with(
+        bound,
+        Arc::new(move |caller, bytes: &[u8]| super::handle(&broker, caller, bytes, &limits)),
+    )
+}
+
+/// Serves `handler` on a bound listener: the broker, or a benchmark's
+/// ceiling on the very same connection code.
+pub fn start_with(bound: Bound, handler: Handler) -> Running {
     let (stop, stop_rx) = watch::channel(false);
     let Bound {
         listener,
@@ -112,7 +126,7 @@ pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
                 },
                 _ = crate::api::stopped(&mut stop) => return,
             };
-            tokio::spawn(connection(conn, Arc::clone(&broker), stop.clone()));
+            tokio::spawn(connection(conn, Arc::clone(&handler), stop.clone()));
         }
     });
     Running {
@@ -130,7 +144,7 @@ fn now_unix() -> i64 {
 
 async fn connection(
     conn: crate::api::tls::TlsConn,
-    broker: Arc<Broker>,
+    handler: Handler,
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = Limits::default();
@@ -189,17 +203,14 @@ async fn connection(
             }),
             other => other.clone(),
         };
-        let b = Arc::clone(&broker);
-        let resp =
-            match tokio::task::spawn_blocking(move || super::handle(&b, caller, &buf, &limits))
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "KMIP handler task failed");
-                    return;
-                }
-            };
+        let h = Arc::clone(&handler);
+        let resp = match tokio::task::spawn_blocking(move || h(caller, &buf)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "KMIP handler task failed");
+                return;
+            }
+        };
         // One write: clients that read a response with a single read get
         // it whole.
         if stream.write_all(&resp).await.is_err() || stream.flush().await.is_err() {

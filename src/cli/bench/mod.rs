@@ -4,6 +4,7 @@
 
 mod audit;
 mod crypto;
+mod kmip;
 mod lifecycle;
 mod rpc;
 mod tpm;
@@ -26,6 +27,9 @@ use std::time::{Duration, Instant};
 pub enum BenchCmd {
     /// RPC load against a broker on a SoftHSM2 token and against the echo ceiling.
     Rpc(RpcArgs),
+    /// KMIP Encrypt/Decrypt/Get and connection-per-operation against a TTLV
+    /// echo and TLS handshakes on the same listener code.
+    Kmip(kmip::KmipArgs),
     /// Envelope seal/open against the raw AES-256-GCM primitives.
     Crypto {
         /// Seconds per measurement.
@@ -352,6 +356,7 @@ pub async fn run(c: BenchCmd) -> Result<(), CliError> {
             tokio::task::block_in_place(|| audit::audit(seconds, &dir))
         }
         BenchCmd::Rpc(a) => rpc::rpc(a).await,
+        BenchCmd::Kmip(a) => kmip::kmip(a).await,
         BenchCmd::Crypto { seconds, json_file } => {
             tokio::task::block_in_place(|| crypto::crypto(seconds, json_file))
         }

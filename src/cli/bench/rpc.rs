@@ -40,8 +40,31 @@ pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
     let s =
         crate::config::Settings::load(&a.config).map_err(|e| CliError::new(e.to_string(), ""))?;
     let server = crate::api::bench::start_echo(&s).await.map_err(err)?;
-    println!("listening on {}", server.local_addr);
+    // The KMIP ceiling, when the config has [kmip]: a TTLV echo on the
+    // KMIP listener code.
+    let kmip = match &s.kmip {
+        Some(k) => {
+            let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
+                .await
+                .map_err(err)?;
+            Some(crate::kmip::server::start_with(
+                bound,
+                crate::kmip::bench::echo_handler(),
+            ))
+        }
+        None => None,
+    };
+    match &kmip {
+        Some(k) => println!(
+            "listening on {}; KMIP on {}",
+            server.local_addr, k.local_addr
+        ),
+        None => println!("listening on {}", server.local_addr),
+    }
     let _ = tokio::signal::ctrl_c().await;
+    if let Some(k) = kmip {
+        k.shutdown().await;
+    }
     server.shutdown().await.map_err(err)
 }
 
