@@ -51,6 +51,8 @@ struct RawKmip {
     listen: Option<String>,
     #[serde(default)]
     key_creators: Vec<String>,
+    #[serde(default)]
+    exportable_for: Vec<String>,
 }
 
 /// `[kmip]`: the KMIP listener, when configured.
@@ -411,6 +413,22 @@ impl Settings {
                 Ok(p)
             })
             .collect::<Result<Vec<_>, String>>()?;
+        let exportable_creators = raw
+            .kmip
+            .exportable_for
+            .iter()
+            .map(|p| {
+                let p = crate::policy::Principal::parse(p)
+                    .map_err(|e| format!("kmip.exportable_for: {e}"))?;
+                if !key_creators.iter().any(|k| k == &p) {
+                    return Err(format!(
+                        "kmip.exportable_for: {} is not in kmip.key_creators, so it creates no keys",
+                        p.as_str()
+                    ));
+                }
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let kmip = match raw.kmip.listen {
             Some(listen) => {
                 check_listen(&listen).map_err(|e| format!("kmip.listen: {e}"))?;
@@ -422,6 +440,7 @@ impl Settings {
             kmip,
             broker: BrokerSettings {
                 key_creators,
+                exportable_creators,
                 broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
                 region,
                 trust_domain: td,

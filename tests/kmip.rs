@@ -1132,3 +1132,43 @@ async fn mongodb_sequence_secret_data_and_delegated_encryption() {
     assert_eq!(d.bytes(tag::DATA).unwrap(), dek);
     b.server.shutdown().await.unwrap();
 }
+
+/// Clients that fetch the keys they create (vSphere, backup systems): keys
+/// created by a principal in `[kmip] exportable_for` come back from Get;
+/// keys created by others only when the request asked for export.
+#[tokio::test(flavor = "multi_thread")]
+async fn creators_listed_as_exportable_get_what_they_create() {
+    let env = Env::new();
+    let app = spiffe("eu-central", "service", "app");
+    let tail = format!(
+        "\n[kmip]\nlisten = \"127.0.0.1:0\"\nkey_creators = [\"{app}\", \"{}\"]\nexportable_for = [\"{app}\"]\n",
+        spiffe("eu-central", "service", "nogrant")
+    );
+    let b = start_broker_from(
+        &env,
+        "eu-central",
+        &env.config_with_tail("eu-central", &tail),
+    )
+    .await;
+    let addr = b.server.kmip_addr.unwrap().to_string();
+    let create = |name: &str| {
+        let mut p = register_payload(name, &[0; 32]);
+        p.truncate(2);
+        p
+    };
+    for (who, exported) in [
+        ("eu-central/service-app", true),
+        ("eu-central/service-nogrant", false),
+    ] {
+        let c = once(&env, who, &addr, V1_4, op::CREATE, create(who)).await;
+        assert_eq!(c.status, 0, "{c:?}");
+        let id = c.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+        let g = once(&env, who, &addr, V1_4, op::GET, vec![uid(&id)]).await;
+        if exported {
+            assert_eq!(key_material(&g).len(), 32, "{g:?}");
+        } else {
+            assert_failed(&g, reason::PERMISSION_DENIED, "not created exportable");
+        }
+    }
+    b.server.shutdown().await.unwrap();
+}

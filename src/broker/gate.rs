@@ -214,6 +214,7 @@ mod tests {
             aggregate_min_group: 1,
             aggregate_readers: Vec::new(),
             key_creators: Vec::new(),
+            exportable_creators: Vec::new(),
             break_glass_quorum: 2,
             break_glass_max_minutes: 60,
             break_glass_approval_minutes: 60,

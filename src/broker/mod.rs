@@ -79,6 +79,9 @@ pub struct BrokerSettings {
     /// In-region services that may create and register keys of their own
     /// (over KMIP); each such key is granted to its creator.
     pub key_creators: Vec<crate::policy::Principal>,
+    /// Key creators whose created keys are exportable (to them) even when
+    /// the request does not ask: clients that fetch what they create.
+    pub exportable_creators: Vec<crate::policy::Principal>,
 }
 
 /// Broker facts for `GetInfo`.
@@ -204,6 +207,14 @@ impl Broker {
         self.audited(cx, Operation::GetInfo, None, |note| {
             self.gate(cx, Operation::GetInfo, None, note)
         })
+    }
+
+    /// True when keys `caller` creates are exportable by default.
+    pub fn creates_exportable(&self, caller: &crate::region::Caller) -> bool {
+        self.settings
+            .exportable_creators
+            .iter()
+            .any(|p| p.matches(caller))
     }
 
     /// The broker's clock, in unix seconds.

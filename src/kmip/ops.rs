@@ -184,8 +184,16 @@ impl Session<'_> {
         }
         let bits = aes_bits(w.algorithm, w.length)?;
         let now = self.broker.now_unix();
-        let exportable = w.extractable == Some(true)
-            || w.usage_mask.is_some_and(|m| m & tag::usage::EXPORT != 0);
+        // Exportable when the request asks (2.x Extractable, or the Export
+        // usage bit), or when the operator listed the creator as a client
+        // that fetches what it creates; never when it says Extractable false.
+        let exportable = match w.extractable {
+            Some(e) => e,
+            None => {
+                w.usage_mask.is_some_and(|m| m & tag::usage::EXPORT != 0)
+                    || self.broker.creates_exportable(&cx.caller)
+            }
+        };
         let rec = self
             .broker
             .create_object(
