@@ -84,7 +84,7 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
             let (root, conf) = softhsm_token(&exe, &dir, r, &profile)?;
             (root, Some(conf))
         };
-        let text = pki::dev_broker_config(
+        let mut text = pki::dev_broker_config(
             &pki_dir,
             &dir.join("data").join(r.as_str()),
             r,
@@ -92,6 +92,11 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
             &regions,
             &root,
         );
+        // KMIP beside gRPC, with the region's service `app` allowed to
+        // register keys of its own (as a database would).
+        text.push_str(&format!(
+            "\n[kmip]\nlisten = \"127.0.0.1:0\"\nkey_creators = [\"spiffe://{TD}/region/{r}/service/app\"]\n"
+        ));
         std::fs::write(&cfg, text).map_err(err)?;
         let root_desc = match &conf {
             Some(c) => format!(
@@ -103,8 +108,9 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         let log = dir.join(format!("{r}.log"));
         let b = start_broker(&exe, &cfg, &log, conf.as_deref()).await?;
         outln!(
-            "   {r:<11} broker on {}: {root_desc} (log: {})",
+            "   {r:<11} broker on {} (KMIP {}): {root_desc} (log: {})",
             b.addr,
+            b.kmip_addr.as_deref().unwrap_or("off"),
             log.display()
         );
         brokers.insert(r.to_string(), b);
@@ -306,6 +312,8 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         detail,
     });
 
+    kmip_steps(pki_dir, brokers, &mut rows).await?;
+
     outln!("4. scenario:\n");
     print_table(&rows);
     let failed = rows.iter().filter(|r| r.got != r.expected).count();
@@ -319,6 +327,135 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         "\nall {} steps gave the expected answer: plaintext stayed in eu-central.",
         rows.len()
     );
+    Ok(())
+}
+
+/// KMIP, as a database uses it: register a key with a name, fetch it back
+/// in the region; other regions and the central plane are refused.
+async fn kmip_steps(
+    pki_dir: &Path,
+    brokers: &HashMap<String, Broker>,
+    rows: &mut Vec<Row>,
+) -> Result<(), CliError> {
+    use crate::kmip::client::{client_config, outcomes, request, KmipClient};
+    use crate::kmip::message::Version;
+    use crate::kmip::tag::{self, op};
+    use crate::kmip::ttlv::Item;
+    let addr = brokers["eu-central"]
+        .kmip_addr
+        .clone()
+        .ok_or_else(|| err("the eu-central broker reported no KMIP address"))?;
+    let v = Version { major: 1, minor: 4 };
+    let key: Vec<u8> = (0u8..32).collect();
+    let call = |who: &'static str, req: Item| {
+        let addr = addr.clone();
+        async move {
+            let (region, stem) = who.split_once('/').unwrap_or((who, who));
+            let tls = crate::client::ClientTls::from_files(
+                &pki_dir.join("eu-central").join("ca.pem"),
+                &pki_dir.join(region).join(format!("{stem}.pem")),
+                &pki_dir.join(region).join(format!("{stem}.key")),
+                "localhost",
+            )
+            .map_err(err)?;
+            let cfg = client_config(&tls, false).map_err(err)?;
+            let mut c = KmipClient::connect(&addr, cfg, "localhost")
+                .await
+                .map_err(err)?;
+            let resp = c.call(&req).await.map_err(err)?;
+            outcomes(&resp)
+                .into_iter()
+                .next()
+                .ok_or_else(|| err("a KMIP response without a batch item"))
+        }
+    };
+    let code = |o: &crate::kmip::client::Outcome| match (o.status, o.reason) {
+        (0, _) => Code::Ok,
+        (_, Some(tag::reason::PERMISSION_DENIED)) => Code::PermissionDenied,
+        _ => Code::Unknown,
+    };
+    let register = request(
+        v,
+        vec![(
+            op::REGISTER,
+            vec![
+                Item::enumeration(tag::OBJECT_TYPE, tag::object_type::SYMMETRIC_KEY),
+                Item::structure(
+                    tag::SYMMETRIC_KEY,
+                    vec![Item::structure(
+                        tag::KEY_BLOCK,
+                        vec![
+                            Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::RAW),
+                            Item::structure(
+                                tag::KEY_VALUE,
+                                vec![Item::bytes(tag::KEY_MATERIAL, key.clone())],
+                            ),
+                            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::AES),
+                            Item::integer(tag::CRYPTOGRAPHIC_LENGTH, 256),
+                        ],
+                    )],
+                ),
+            ],
+        )],
+    );
+    let o = call("eu-central/service-app", register).await?;
+    let id = o
+        .text(tag::UNIQUE_IDENTIFIER)
+        .unwrap_or_default()
+        .to_owned();
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "KMIP register key".into(),
+        expected: Code::Ok,
+        got: code(&o),
+        detail: o.message.clone().unwrap_or_else(|| id.clone()),
+    });
+    let get = || {
+        request(
+            v,
+            vec![(
+                op::GET,
+                vec![Item::text(tag::UNIQUE_IDENTIFIER, id.clone())],
+            )],
+        )
+    };
+    let o = call("eu-central/service-app", get()).await?;
+    let fetched = o
+        .field(tag::SYMMETRIC_KEY)
+        .and_then(|k| k.children().first())
+        .and_then(|b| b.children().iter().find(|i| i.tag == tag::KEY_VALUE))
+        .and_then(|kv| kv.children().first())
+        .is_some_and(|m| m.value == Item::bytes(tag::KEY_MATERIAL, key.clone()).value);
+    let mut got = code(&o);
+    if got == Code::Ok && !fetched {
+        got = Code::DataLoss;
+    }
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "KMIP get".into(),
+        expected: Code::Ok,
+        got,
+        detail: o
+            .message
+            .clone()
+            .unwrap_or_else(|| "key material matches".into()),
+    });
+    for (who, label) in [
+        ("us-east/service-app", "us-east service"),
+        ("central/service-app", "central plane"),
+    ] {
+        let o = call(who, get()).await?;
+        rows.push(Row {
+            caller: label.into(),
+            broker: "eu-central".into(),
+            op: "KMIP get".into(),
+            expected: Code::PermissionDenied,
+            got: code(&o),
+            detail: o.message.unwrap_or_default(),
+        });
+    }
     Ok(())
 }
 
