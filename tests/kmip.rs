@@ -1172,3 +1172,75 @@ async fn creators_listed_as_exportable_get_what_they_create() {
     }
     b.server.shutdown().await.unwrap();
 }
+
+/// ReKey makes a new key and moves the Name to it: Locate by that name then
+/// finds only the new key; the old one keeps its material, without a name.
+#[tokio::test(flavor = "multi_thread")]
+async fn rekey_moves_the_name_to_the_new_key() {
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let app = "eu-central/service-app";
+    let key = [3u8; 16];
+    let r = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::REGISTER,
+        register_payload("tde-master", &key),
+    )
+    .await;
+    let old = r.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    assert_eq!(
+        once(&env, app, &addr, V1_4, op::ACTIVATE, vec![uid(&old)])
+            .await
+            .status,
+        0
+    );
+    let k = once(&env, app, &addr, V1_4, op::REKEY, vec![uid(&old)]).await;
+    assert_eq!(k.status, 0, "{k:?}");
+    let new = k.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    assert_ne!(new, old);
+    let l = once(
+        &env,
+        app,
+        &addr,
+        V1_0,
+        op::LOCATE,
+        locate_by_name("tde-master"),
+    )
+    .await;
+    assert_eq!(ids(&l), std::slice::from_ref(&new));
+    let g_new = once(&env, app, &addr, V1_0, op::GET, vec![uid(&new)]).await;
+    let g_old = once(&env, app, &addr, V1_0, op::GET, vec![uid(&old)]).await;
+    assert_eq!(key_material(&g_old), key, "the old key keeps its material");
+    assert_eq!(key_material(&g_new).len(), 16);
+    assert_ne!(key_material(&g_new), key);
+    // The new key inherits state and ownership: it encrypts at once.
+    let e = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::ENCRYPT,
+        vec![uid(&new), Item::bytes(tag::DATA, b"x".to_vec())],
+    )
+    .await;
+    assert_eq!(e.status, 0, "{e:?}");
+    // Another service may not rekey it.
+    let k = once(
+        &env,
+        "eu-central/service-nogrant",
+        &addr,
+        V1_4,
+        op::REKEY,
+        vec![uid(&new)],
+    )
+    .await;
+    assert_failed(&k, reason::PERMISSION_DENIED, "has no grant to rekey keys");
+    let recs = read_records(&b.audit_path);
+    assert!(recs.iter().any(|r| r.operation == "ReKey"
+        && r.key_id == old
+        && r.reason == format!("replaced by {new}")));
+    b.server.shutdown().await.unwrap();
+}

@@ -149,20 +149,7 @@ impl Broker {
                 self.check_name_free(&new.name, None)?;
                 let id = KeyId::generate(&self.rng).map_err(|_| rng_err())?;
                 note.key(&id, 1);
-                let (mut version, material) = self.new_version_and_material(1)?;
-                let kek = envelope::Kek::new(material).map_err(super::crypto::seal_err)?;
-                version.sealed_object = Some(
-                    envelope::seal(
-                        &envelope::BatchedRandom,
-                        &kek,
-                        &self.settings.region,
-                        &id,
-                        1,
-                        &object_context(),
-                        &bytes,
-                    )
-                    .map_err(super::crypto::seal_err)?,
-                );
+                let version = self.sealed_version(&id, &bytes)?;
                 let now = self.clock.now_unix();
                 let grants = if caller.role == Role::Service {
                     // Whether the material may leave at all is the key's
@@ -220,6 +207,110 @@ impl Broker {
                 drop(g);
                 tracing::info!(key = %rec.id, caller = %caller, "managed object created");
                 Ok(rec)
+            },
+        )
+    }
+
+    /// Version 1 of a new object: fresh material from the root of trust,
+    /// wrapped by it, sealing the object's bytes.
+    fn sealed_version(&self, id: &KeyId, bytes: &Plaintext) -> Result<crate::keys::VersionRecord> {
+        let (mut version, material) = self.new_version_and_material(1)?;
+        let kek = envelope::Kek::new(material).map_err(super::crypto::seal_err)?;
+        version.sealed_object = Some(
+            envelope::seal(
+                &envelope::BatchedRandom,
+                &kek,
+                &self.settings.region,
+                id,
+                1,
+                &object_context(),
+                bytes,
+            )
+            .map_err(super::crypto::seal_err)?,
+        );
+        Ok(version)
+    }
+
+    /// KMIP ReKey of an AES object: a new object with fresh material and
+    /// the old one's kind, grants, exportability and custom attributes; the
+    /// name moves to it (Locate by name then finds only the new key). The
+    /// old object keeps its state and material, without its name. Both
+    /// records are written in one atomic store write.
+    pub fn rekey_object(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
+        let caller = &cx.caller;
+        let op = Operation::Rekey;
+        self.audit_first(
+            Some(cx),
+            op,
+            |note| {
+                note.key(id, 0);
+                self.gate(cx, op, None, note)?;
+                let g = self.lock_lifecycle();
+                let old = self.load(id)?;
+                self.gate(cx, op, Some(On::Key(&old)), note)?;
+                let bits = match old.kind {
+                    ObjectKind::SymmetricKey { bits } => bits,
+                    ObjectKind::SecretData { .. } => {
+                        return Err(Precondition::NotAKey(old.id.clone()).into())
+                    }
+                    ObjectKind::Envelope => {
+                        return Err(Invalid::Unsupported(format!(
+                            "ReKey of broker envelope key {} over KMIP (operators rekey it with `sovkms key rekey`)",
+                            old.id
+                        ))
+                        .into())
+                    }
+                };
+                if old.destroy_after.is_some() {
+                    return Err(Precondition::RekeyScheduled(old.id.clone()).into());
+                }
+                let new_id = KeyId::generate(&self.rng).map_err(|_| rng_err())?;
+                let bytes = self.object_bytes(&NewObject {
+                    kind: ObjectKind::SymmetricKey { bits },
+                    material: None,
+                    name: String::new(),
+                    exportable: false,
+                    activate: false,
+                    custom_attributes: Vec::new(),
+                })?;
+                let version = self.sealed_version(&new_id, &bytes)?;
+                let now = self.clock.now_unix();
+                let active = old.state == KeyState::Active;
+                let new = KeyRecord {
+                    id: new_id.clone(),
+                    state: if active {
+                        KeyState::Active
+                    } else {
+                        KeyState::PreActive
+                    },
+                    revocation_reason: None,
+                    revocation_message: String::new(),
+                    created_at: now,
+                    updated_at: now,
+                    destroy_after: None,
+                    primary_version: 1,
+                    versions: vec![version],
+                    created_by: caller.spiffe_id(),
+                    activated_at: active.then_some(now),
+                    deactivated_at: None,
+                    ..old.clone()
+                };
+                let mut replaced = old;
+                replaced.name.clear();
+                replaced.updated_at = now;
+                note.key(id, replaced.primary_version);
+                note.via = format!("replaced by {new_id}");
+                Ok((g, new, replaced))
+            },
+            |(g, mut new, replaced), seq| {
+                self.attach_provenance(&mut new, &caller.spiffe_id(), seq)?;
+                self.store
+                    .insert_and_update(&new, &replaced)
+                    .map_err(store_err)?;
+                self.keyring.forget(id);
+                drop(g);
+                tracing::info!(key = %id, new = %new.id, caller = %caller, "managed object rekeyed");
+                Ok(new)
             },
         )
     }

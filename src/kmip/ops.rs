@@ -33,8 +33,9 @@ fn not_supported(what: String) -> Failure {
 }
 
 /// The operations this server carries out (Query's answer).
-pub const OPERATIONS: [u32; 18] = [
+pub const OPERATIONS: [u32; 19] = [
     op::CREATE,
+    op::REKEY,
     op::REGISTER,
     op::LOCATE,
     op::CHECK,
@@ -73,6 +74,7 @@ impl Session<'_> {
             op::DELETE_ATTRIBUTE => self.delete_attribute(cx, &f),
             op::LOCATE => self.locate(cx, &f),
             op::ACTIVATE => self.activate(cx, &f),
+            op::REKEY => self.rekey(cx, &f),
             op::REVOKE => self.revoke(cx, &f),
             op::DESTROY => self.destroy(cx, &f),
             op::ENCRYPT => self.encrypt(cx, &f),
@@ -538,6 +540,27 @@ impl Session<'_> {
         Ok(out)
     }
 
+    fn rekey(&mut self, cx: &CallCtx, f: &Fields<'_>) -> Out {
+        f.only(
+            "ReKey",
+            &[
+                tag::UNIQUE_IDENTIFIER,
+                OFFSET,
+                tag::TEMPLATE_ATTRIBUTE,
+                tag::ATTRIBUTES,
+            ],
+        )?;
+        if f.get(OFFSET).is_some() {
+            return Err(not_supported(
+                "ReKey with an Offset is not supported; the new key takes effect at once".into(),
+            ));
+        }
+        let id = self.target(f)?;
+        let new = self.broker.rekey_object(cx, &id).map_err(|e| failure(&e))?;
+        self.placeholder = Some(new.id.clone());
+        Ok(vec![uid(&new.id)])
+    }
+
     fn activate(&mut self, cx: &CallCtx, f: &Fields<'_>) -> Out {
         f.only("Activate", &[tag::UNIQUE_IDENTIFIER])?;
         let id = self.target(f)?;
@@ -633,6 +656,7 @@ impl Session<'_> {
 }
 
 const PROTECTION_STORAGE_MASKS: u32 = 0x42015F;
+const OFFSET: u32 = 0x420058;
 const STORAGE_STATUS_MASK: u32 = 0x42008E;
 const OBJECT_GROUP_MEMBER: u32 = 0x4200AC;
 const KEY_WRAP_TYPE: u32 = 0x4200F8;
