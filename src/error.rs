@@ -154,6 +154,9 @@ pub enum CipherError {
     /// CBC without padding over a partial block.
     #[error("AES-CBC without padding takes whole 16-byte blocks; the data is {0} bytes")]
     PartialBlock(usize),
+    /// AES key wrap without padding over bytes it cannot take.
+    #[error("AES key wrap without padding (RFC 3394) takes 16 bytes or more in multiples of 8; this key is {0} bytes: use AES key wrap with padding (RFC 5649)")]
+    WrapLength(usize),
     /// Authentication or padding failed on decrypt.
     #[error("decryption failed: the data, IV, tag, additional data or key do not match")]
     Failed,

@@ -1244,3 +1244,126 @@ async fn rekey_moves_the_name_to_the_new_key() {
         && r.reason == format!("replaced by {new}")));
     b.server.shutdown().await.unwrap();
 }
+
+fn wrap_spec(wrapping: &str, mode: u32) -> Item {
+    Item::structure(
+        tag::KEY_WRAPPING_SPECIFICATION,
+        vec![
+            Item::enumeration(0x42009E, 1), // Wrapping Method: Encrypt
+            Item::structure(
+                tag::ENCRYPTION_KEY_INFORMATION,
+                vec![
+                    uid(wrapping),
+                    Item::structure(
+                        tag::CRYPTOGRAPHIC_PARAMETERS,
+                        vec![Item::enumeration(tag::BLOCK_CIPHER_MODE, mode)],
+                    ),
+                ],
+            ),
+            Item::enumeration(0x4200A3, 1), // Encoding Option: No Encoding
+        ],
+    )
+}
+
+/// Storage systems fetch keys wrapped by a key of their own: Get with a Key
+/// Wrapping Specification returns the key under AES key wrap (RFC 3394, or
+/// RFC 5649 with padding), checked here with an independent implementation.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_wrapped_by_another_key() {
+    use aes::cipher::generic_array::GenericArray;
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let app = "eu-central/service-app";
+    let target = [0x11u8; 16];
+    let kek = [0x22u8; 32];
+    let t = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::REGISTER,
+        register_payload("disk-key", &target),
+    )
+    .await;
+    let t = t.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    let w = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::REGISTER,
+        register_payload("array-kek", &kek),
+    )
+    .await;
+    let w = w.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    // The wrapping key must be active.
+    let g = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::GET,
+        vec![uid(&t), wrap_spec(&w, 0x0D)],
+    )
+    .await;
+    assert_failed(&g, reason::ILLEGAL_OPERATION, "pre-active");
+    assert_eq!(
+        once(&env, app, &addr, V1_4, op::ACTIVATE, vec![uid(&w)])
+            .await
+            .status,
+        0
+    );
+    let g = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::GET,
+        vec![uid(&t), wrap_spec(&w, 0x0D)],
+    )
+    .await;
+    assert_eq!(g.status, 0, "{g:?}");
+    let wrapped = key_material(&g);
+    let block = &g.field(tag::SYMMETRIC_KEY).unwrap().children()[0];
+    assert!(block
+        .children()
+        .iter()
+        .any(|i| i.tag == tag::KEY_WRAPPING_DATA));
+    let mut out = [0u8; 16];
+    aes_kw::KekAes256::new(GenericArray::from_slice(&kek))
+        .unwrap(&wrapped, &mut out)
+        .unwrap();
+    assert_eq!(out, target);
+    // RFC 5649 (with padding).
+    let g = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::GET,
+        vec![uid(&t), wrap_spec(&w, 0x0C)],
+    )
+    .await;
+    let wrapped = key_material(&g);
+    let mut out = [0u8; 16];
+    let got = aes_kw::KekAes256::new(GenericArray::from_slice(&kek))
+        .unwrap_with_padding(&wrapped, &mut out)
+        .unwrap();
+    assert_eq!(got, target);
+    // Another region gets nothing, wrapped or not.
+    let g = once(
+        &env,
+        "us-east/service-app",
+        &addr,
+        V1_4,
+        op::GET,
+        vec![uid(&t), wrap_spec(&w, 0x0D)],
+    )
+    .await;
+    assert_failed(
+        &g,
+        reason::PERMISSION_DENIED,
+        "caller region us-east may not export key material",
+    );
+    b.server.shutdown().await.unwrap();
+}

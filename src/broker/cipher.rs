@@ -168,6 +168,39 @@ pub(super) fn decrypt(
     }
 }
 
+/// AES key wrap of `data` under `kek` (RFC 3394, or RFC 5649 with padding).
+pub(super) fn key_wrap(kek: &Plaintext, data: &[u8], padded: bool) -> Result<Vec<u8>, CipherError> {
+    use aes::cipher::generic_array::GenericArray;
+    if !padded && (data.len() < 16 || data.len() % 8 != 0) {
+        return Err(CipherError::WrapLength(data.len()));
+    }
+    let len = if padded {
+        data.len().div_ceil(8).max(1) * 8 + 8
+    } else {
+        data.len() + 8
+    };
+    let mut out = vec![0u8; len];
+    let k = kek.expose_secret();
+    macro_rules! wrap {
+        ($kek:ty) => {{
+            let w = <$kek>::new(GenericArray::from_slice(k));
+            if padded {
+                w.wrap_with_padding(data, &mut out)
+            } else {
+                w.wrap(data, &mut out)
+            }
+        }};
+    }
+    let r = match k.len() {
+        16 => wrap!(aes_kw::KekAes128),
+        24 => wrap!(aes_kw::KekAes192),
+        32 => wrap!(aes_kw::KekAes256),
+        _ => return Err(CipherError::Failed),
+    };
+    r.map_err(|_| CipherError::Failed)?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +231,33 @@ mod tests {
         assert_eq!(
             encrypt(&key, &c, b"abc").err(),
             Some(CipherError::PartialBlock(3))
+        );
+    }
+
+    /// RFC 3394 §4.6 (256-bit data, 256-bit KEK) and RFC 5649 §6 (20 bytes, 192-bit KEK).
+    #[test]
+    fn key_wrap_known_answers() {
+        let kek = Plaintext::new(
+            hex::decode("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F")
+                .unwrap(),
+        );
+        let data = hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
+            .unwrap();
+        assert_eq!(
+            hex::encode_upper(key_wrap(&kek, &data, false).unwrap()),
+            "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"
+        );
+        let kek = Plaintext::new(
+            hex::decode("5840df6e29b02af1ab493b705bf16ea1ae8338f4dcc176a8").unwrap(),
+        );
+        let data = hex::decode("c37b7e6492584340bed12207808941155068f738").unwrap();
+        assert_eq!(
+            hex::encode(key_wrap(&kek, &data, true).unwrap()),
+            "138bdeaa9b8fa7fc61f97742e72248ee5ae6ae5360d1ae6a5f54f373fa543b6a"
+        );
+        assert_eq!(
+            key_wrap(&kek, &data, false).err(),
+            Some(CipherError::WrapLength(20))
         );
     }
 

@@ -396,6 +396,40 @@ impl Broker {
         }))
     }
 
+    /// An object's bytes wrapped (AES key wrap, RFC 3394 or with padding RFC
+    /// 5649) by another AES object: the same rules as [`export`](Self::export)
+    /// for the object, and an `encrypt` grant on the active wrapping key.
+    pub fn export_wrapped(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        wrapping: &KeyId,
+        padded: bool,
+    ) -> Result<AfterAudit<(KeyRecord, Vec<u8>)>> {
+        let op = Operation::ExportKey;
+        settle(self.audited_release(cx, op, None, |note| {
+            note.key(id, 0);
+            self.gate(cx, op, None, note)?;
+            let rec = self.load(id)?;
+            self.gate(cx, op, Some(On::Key(&rec)), note)?;
+            if rec.kind == ObjectKind::Envelope {
+                return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
+            }
+            if !rec.exportable {
+                return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
+            }
+            let w = self.load(wrapping)?;
+            self.gate(cx, Operation::Encrypt, Some(On::Key(&w)), note)?;
+            note.key(id, rec.primary_version);
+            note.via = format!("wrapped by key {wrapping}");
+            let kek = self.aes_key(&w)?;
+            let bytes = self.object_plaintext(&rec, Wait::Allowed)?;
+            let wrapped = super::cipher::key_wrap(&kek, bytes.expose_secret(), padded)
+                .map_err(Error::from)?;
+            Ok((rec, wrapped))
+        }))
+    }
+
     /// The object's bytes (primary version), from the keyring's entry for
     /// the version (unsealed once when the entry is filled).
     fn object_plaintext(&self, rec: &KeyRecord, wait: Wait) -> Result<Plaintext, Halt<Error>> {

@@ -283,10 +283,8 @@ impl Session<'_> {
                 KEY_WRAP_TYPE,
             ],
         )?;
-        if f.get(tag::KEY_WRAPPING_SPECIFICATION).is_some() {
-            return Err(not_supported(
-                "Get with a Key Wrapping Specification (a key wrapped by another) is not supported yet; ask for the key in Raw format".into(),
-            ));
+        if let Some(spec) = f.structure(tag::KEY_WRAPPING_SPECIFICATION)? {
+            return self.get_wrapped(cx, f, spec);
         }
         if f.get(tag::KEY_COMPRESSION_TYPE).is_some() {
             return Err(not_supported(
@@ -301,6 +299,113 @@ impl Session<'_> {
             .and_then(|r| r.released_blocking())
             .map_err(|e| failure(&e))?;
         let object = object_item(&rec, bytes, format)?;
+        Ok(vec![
+            Item::enumeration(tag::OBJECT_TYPE, attrs::object_type(rec.kind)),
+            uid(&rec.id),
+            object,
+        ])
+    }
+
+    /// Get with a Key Wrapping Specification: the key material wrapped by
+    /// another AES key with AES key wrap (RFC 3394, or RFC 5649 with
+    /// padding), No Encoding (the wrapped bytes are the Key Material).
+    fn get_wrapped(&mut self, cx: &CallCtx, f: &Fields<'_>, spec: &Item) -> Out {
+        let s = Fields::new(spec, "Key Wrapping Specification")?;
+        s.only(
+            "Key Wrapping Specification",
+            &[
+                WRAPPING_METHOD,
+                tag::ENCRYPTION_KEY_INFORMATION,
+                MAC_SIGNATURE_KEY_INFORMATION,
+                tag::ATTRIBUTE_NAME,
+                ENCODING_OPTION,
+            ],
+        )?;
+        if s.req_enumeration(WRAPPING_METHOD)? != 1 {
+            return Err(not_supported(
+                "only the Encrypt wrapping method is supported".into(),
+            ));
+        }
+        if s.get(MAC_SIGNATURE_KEY_INFORMATION).is_some() || s.get(tag::ATTRIBUTE_NAME).is_some() {
+            return Err(not_supported(
+                "wrapping with a MAC/signature key or with attributes is not supported".into(),
+            ));
+        }
+        if s.enumeration(ENCODING_OPTION)?
+            .is_some_and(|e| e != NO_ENCODING)
+        {
+            return Err(not_supported(
+                "only the No Encoding option is supported: the wrapped bytes are the key material"
+                    .into(),
+            ));
+        }
+        let info = Fields::new(
+            s.req_structure(tag::ENCRYPTION_KEY_INFORMATION)?,
+            "Encryption Key Information",
+        )?;
+        let wrapping = KeyId::parse(info.req_text(tag::UNIQUE_IDENTIFIER)?).map_err(|e| {
+            Failure::new(
+                reason::ITEM_NOT_FOUND,
+                format!("no wrapping key has that Unique Identifier: {e}"),
+            )
+        })?;
+        let mode = match info.structure(tag::CRYPTOGRAPHIC_PARAMETERS)? {
+            Some(p) => {
+                Fields::new(p, "Cryptographic Parameters")?.enumeration(tag::BLOCK_CIPHER_MODE)?
+            }
+            None => None,
+        };
+        let padded = match mode {
+            None | Some(NIST_KEY_WRAP) => false,
+            Some(AES_KEY_WRAP_PADDING) => true,
+            Some(other) => {
+                return Err(not_supported(format!(
+                    "Block Cipher Mode {other:#x} is not a key wrap mode here; use NIST Key Wrap (RFC 3394) or AES Key Wrap with Padding (RFC 5649)"
+                )))
+            }
+        };
+        let id = self.target(f)?;
+        let (rec, wrapped) = self
+            .broker
+            .export_wrapped(cx, &id, &wrapping, padded)
+            .and_then(|r| r.released_blocking())
+            .map_err(|e| failure(&e))?;
+        let format = f.enumeration(tag::KEY_FORMAT_TYPE)?;
+        let mut object = object_item(&rec, Plaintext::new(wrapped), format)?;
+        // The Key Wrapping Data goes into the Key Block.
+        let wrapping_data = Item::structure(
+            tag::KEY_WRAPPING_DATA,
+            vec![
+                Item::enumeration(WRAPPING_METHOD, 1),
+                Item::structure(
+                    tag::ENCRYPTION_KEY_INFORMATION,
+                    vec![
+                        uid(&wrapping),
+                        Item::structure(
+                            tag::CRYPTOGRAPHIC_PARAMETERS,
+                            vec![Item::enumeration(
+                                tag::BLOCK_CIPHER_MODE,
+                                if padded {
+                                    AES_KEY_WRAP_PADDING
+                                } else {
+                                    NIST_KEY_WRAP
+                                },
+                            )],
+                        ),
+                    ],
+                ),
+                Item::enumeration(ENCODING_OPTION, NO_ENCODING),
+            ],
+        );
+        if let Value::Structure(items) = &mut object.value {
+            if let Some(Value::Structure(block)) = items
+                .iter_mut()
+                .find(|i| i.tag == tag::KEY_BLOCK)
+                .map(|b| &mut b.value)
+            {
+                block.push(wrapping_data);
+            }
+        }
         Ok(vec![
             Item::enumeration(tag::OBJECT_TYPE, attrs::object_type(rec.kind)),
             uid(&rec.id),
@@ -657,6 +762,12 @@ impl Session<'_> {
 
 const PROTECTION_STORAGE_MASKS: u32 = 0x42015F;
 const OFFSET: u32 = 0x420058;
+const WRAPPING_METHOD: u32 = 0x42009E;
+const MAC_SIGNATURE_KEY_INFORMATION: u32 = 0x42004E;
+const ENCODING_OPTION: u32 = 0x4200A3;
+const NO_ENCODING: u32 = 1;
+const NIST_KEY_WRAP: u32 = 0x0D;
+const AES_KEY_WRAP_PADDING: u32 = 0x0C;
 const STORAGE_STATUS_MASK: u32 = 0x42008E;
 const OBJECT_GROUP_MEMBER: u32 = 0x4200AC;
 const KEY_WRAP_TYPE: u32 = 0x4200F8;

@@ -96,6 +96,7 @@ pub const NEW_ATTRIBUTE: u32 = 0x42013D;
 pub const OFFSET_ITEMS: u32 = 0x4200D4;
 pub const LOCATED_ITEMS: u32 = 0x4200D5;
 pub const KEY: u32 = 0x42003F;
+pub const ENCRYPTION_KEY_INFORMATION: u32 = 0x420036;
 
 /// Operation codes.
 pub mod op {
