@@ -118,6 +118,9 @@ pub enum Invalid {
     /// A front end's operation the broker does not offer.
     #[error("{0} is not supported by this server")]
     Unsupported(String),
+    /// An RSA modulus length other than 2048, 3072 or 4096 bits.
+    #[error("an RSA key of {0} bits is not supported; use 2048, 3072 or 4096")]
+    RsaLength(u32),
     /// Secret data of no bytes or too many.
     #[error("secret data must be 1 to {max} bytes long; this is {got}")]
     SecretLength {
@@ -282,7 +285,7 @@ pub enum Precondition {
     #[error("key {0} is a key created or registered over KMIP; envelope operations need a broker envelope key")]
     ManagedObject(KeyId),
     /// Cryptography with an object that is not an AES key.
-    #[error("object {0} is secret data, not a key; it can only be fetched")]
+    #[error("object {0} is not an AES key (secret data or an RSA key); it can only be fetched")]
     NotAKey(KeyId),
     /// A second live object with the same name.
     #[error(

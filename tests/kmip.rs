@@ -1367,3 +1367,133 @@ async fn get_wrapped_by_another_key() {
     );
     b.server.shutdown().await.unwrap();
 }
+
+/// Create Key Pair (RSA, as backup systems ask): two linked objects; the
+/// public key comes back as PKCS#1 and X.509, the private key (created
+/// exportable) as PKCS#8 that matches it; other regions get neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn create_key_pair_rsa() {
+    use aws_lc_rs::signature::KeyPair as _;
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let app = "eu-central/service-app";
+    let template = |t: u32, name: &str, extra: Vec<Item>| {
+        let mut a = vec![attr("Name", name_value(name))];
+        a.extend(extra);
+        Item::structure(t, a)
+    };
+    let r = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::CREATE_KEY_PAIR,
+        vec![
+            Item::structure(
+                tag::COMMON_TEMPLATE_ATTRIBUTE,
+                vec![
+                    attr("Cryptographic Algorithm", Value::Enumeration(tag::alg::RSA)),
+                    attr("Cryptographic Length", Value::Integer(2048)),
+                ],
+            ),
+            template(
+                tag::PRIVATE_KEY_TEMPLATE_ATTRIBUTE,
+                "backup-priv",
+                vec![attr(
+                    "Cryptographic Usage Mask",
+                    Value::Integer(0x01 | 0x40),
+                )],
+            ),
+            template(tag::PUBLIC_KEY_TEMPLATE_ATTRIBUTE, "backup-pub", vec![]),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 0, "{r:?}");
+    let privk = r
+        .text(tag::PRIVATE_KEY_UNIQUE_IDENTIFIER)
+        .unwrap()
+        .to_owned();
+    let pubk = r
+        .text(tag::PUBLIC_KEY_UNIQUE_IDENTIFIER)
+        .unwrap()
+        .to_owned();
+    let material = |o: &Outcome, t: u32| -> Vec<u8> {
+        let kb = &o.field(t).unwrap().children()[0];
+        let kv = kb
+            .children()
+            .iter()
+            .find(|i| i.tag == tag::KEY_VALUE)
+            .unwrap();
+        match &kv.children()[0].value {
+            Value::Bytes(b) => b.to_vec(),
+            v => panic!("{v:?}"),
+        }
+    };
+    let gp = once(&env, app, &addr, V1_4, op::GET, vec![uid(&pubk)]).await;
+    assert_eq!(gp.status, 0, "{gp:?}");
+    let pkcs1 = material(&gp, tag::PUBLIC_KEY);
+    let gx = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::GET,
+        vec![
+            uid(&pubk),
+            Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::X_509),
+        ],
+    )
+    .await;
+    let spki = material(&gx, tag::PUBLIC_KEY);
+    assert!(spki.ends_with(&pkcs1) && spki.len() > pkcs1.len() + 15);
+    let gs = once(&env, app, &addr, V1_4, op::GET, vec![uid(&privk)]).await;
+    assert_eq!(gs.status, 0, "{gs:?}");
+    let pair = aws_lc_rs::rsa::KeyPair::from_pkcs8(&material(&gs, tag::PRIVATE_KEY)).unwrap();
+    assert_eq!(pair.public_key().as_ref(), pkcs1.as_slice());
+    // Linked both ways.
+    let a = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::GET_ATTRIBUTES,
+        vec![uid(&privk), Item::text(tag::ATTRIBUTE_NAME, "Link")],
+    )
+    .await;
+    let link = &a.field(tag::ATTRIBUTE).unwrap().children()[1];
+    assert!(link
+        .children()
+        .contains(&Item::text(tag::LINKED_OBJECT_IDENTIFIER, pubk.clone())));
+    // Locate finds RSA keys by algorithm and length.
+    let l = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::LOCATE,
+        vec![
+            attr(
+                "Object Type",
+                Value::Enumeration(tag::object_type::PRIVATE_KEY),
+            ),
+            attr("Cryptographic Length", Value::Integer(2048)),
+        ],
+    )
+    .await;
+    assert_eq!(ids(&l), std::slice::from_ref(&privk));
+    let g = once(
+        &env,
+        "us-east/service-app",
+        &addr,
+        V1_4,
+        op::GET,
+        vec![uid(&privk)],
+    )
+    .await;
+    assert_failed(
+        &g,
+        reason::PERMISSION_DENIED,
+        "caller region us-east may not export key material",
+    );
+    b.server.shutdown().await.unwrap();
+}

@@ -179,6 +179,7 @@ impl Broker {
                     activated_at: req.activate.then_some(now),
                     deactivated_at: None,
                     custom_attributes: Vec::new(),
+                    links: Vec::new(),
                 })
             },
             |mut rec, seq| {

@@ -16,7 +16,9 @@ use super::{rng_err, store_err, AfterAudit, Broker, CallCtx};
 use crate::envelope::{self, EncryptionContext};
 pub use crate::error::CipherError;
 use crate::error::{Error, Invalid, Precondition, Result};
-use crate::keys::{CustomAttribute, Halt, KeyId, KeyRecord, KeyState, ObjectKind, Wait};
+use crate::keys::{
+    CustomAttribute, Halt, KeyId, KeyRecord, KeyState, LinkKind, ObjectKind, ObjectLink, Wait,
+};
 use crate::policy::{CryptoOp, Grant, Operation, Principal};
 use crate::region::Role;
 use crate::secret::Plaintext;
@@ -151,55 +153,8 @@ impl Broker {
                 note.key(&id, 1);
                 let version = self.sealed_version(&id, &bytes)?;
                 let now = self.clock.now_unix();
-                let grants = if caller.role == Role::Service {
-                    // Whether the material may leave at all is the key's
-                    // `exportable`; the grant says who, should it.
-                    let mut ops = vec![
-                        CryptoOp::Encrypt,
-                        CryptoOp::Decrypt,
-                        CryptoOp::Export,
-                        CryptoOp::Manage,
-                    ];
-                    if matches!(new.kind, ObjectKind::SecretData { .. }) {
-                        ops.retain(|o| !matches!(o, CryptoOp::Encrypt | CryptoOp::Decrypt));
-                    }
-                    vec![Grant::new(
-                        Principal::exact(caller),
-                        ops,
-                        &self.settings.region,
-                    )?]
-                } else {
-                    Vec::new()
-                };
-                Ok((
-                    g,
-                    KeyRecord {
-                        id,
-                        name: new.name,
-                        tenant: String::new(),
-                        description: String::new(),
-                        home_region: self.settings.region.clone(),
-                        state: if new.activate {
-                            KeyState::Active
-                        } else {
-                            KeyState::PreActive
-                        },
-                        revocation_reason: None,
-                        revocation_message: String::new(),
-                        created_at: now,
-                        updated_at: now,
-                        destroy_after: None,
-                        primary_version: 1,
-                        versions: vec![version],
-                        grants,
-                        created_by: caller.spiffe_id(),
-                        kind: new.kind,
-                        exportable: new.exportable,
-                        activated_at: new.activate.then_some(now),
-                        deactivated_at: None,
-                        custom_attributes: new.custom_attributes,
-                    },
-                ))
+                let rec = self.object_record(cx, id, version, new.kind, new, None, now)?;
+                Ok((g, rec))
             },
             |(g, mut rec), seq| {
                 self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
@@ -209,6 +164,65 @@ impl Broker {
                 Ok(rec)
             },
         )
+    }
+
+    /// The record of a new object created by `cx`'s caller: owned by it
+    /// (granted to it alone) when it is a service, ungranted when an
+    /// operator made it. `exportable` overrides the request's.
+    #[allow(clippy::too_many_arguments)]
+    fn object_record(
+        &self,
+        cx: &CallCtx,
+        id: KeyId,
+        version: crate::keys::VersionRecord,
+        kind: ObjectKind,
+        new: NewObject,
+        exportable: Option<bool>,
+        now: i64,
+    ) -> Result<KeyRecord> {
+        let caller = &cx.caller;
+        let grants = if caller.role == Role::Service {
+            // Whether the material may leave at all is the key's
+            // `exportable`; the grant says who, should it.
+            let mut ops = vec![CryptoOp::Export, CryptoOp::Manage];
+            if matches!(kind, ObjectKind::SymmetricKey { .. }) {
+                ops.extend([CryptoOp::Encrypt, CryptoOp::Decrypt]);
+            }
+            vec![Grant::new(
+                Principal::exact(caller),
+                ops,
+                &self.settings.region,
+            )?]
+        } else {
+            Vec::new()
+        };
+        Ok(KeyRecord {
+            id,
+            name: new.name,
+            tenant: String::new(),
+            description: String::new(),
+            home_region: self.settings.region.clone(),
+            state: if new.activate {
+                KeyState::Active
+            } else {
+                KeyState::PreActive
+            },
+            revocation_reason: None,
+            revocation_message: String::new(),
+            created_at: now,
+            updated_at: now,
+            destroy_after: None,
+            primary_version: 1,
+            versions: vec![version],
+            grants,
+            created_by: caller.spiffe_id(),
+            kind,
+            exportable: exportable.unwrap_or(new.exportable),
+            activated_at: new.activate.then_some(now),
+            deactivated_at: None,
+            custom_attributes: new.custom_attributes,
+            links: Vec::new(),
+        })
     }
 
     /// Version 1 of a new object: fresh material from the root of trust,
@@ -250,7 +264,9 @@ impl Broker {
                 self.gate(cx, op, Some(On::Key(&old)), note)?;
                 let bits = match old.kind {
                     ObjectKind::SymmetricKey { bits } => bits,
-                    ObjectKind::SecretData { .. } => {
+                    ObjectKind::SecretData { .. }
+                    | ObjectKind::PrivateKey { .. }
+                    | ObjectKind::PublicKey { .. } => {
                         return Err(Precondition::NotAKey(old.id.clone()).into())
                     }
                     ObjectKind::Envelope => {
@@ -295,8 +311,17 @@ impl Broker {
                     deactivated_at: None,
                     ..old.clone()
                 };
+                let mut new = new;
+                new.links = vec![ObjectLink {
+                    kind: LinkKind::Replaced,
+                    id: old.id.clone(),
+                }];
                 let mut replaced = old;
                 replaced.name.clear();
+                replaced.links.push(ObjectLink {
+                    kind: LinkKind::Replacement,
+                    id: new_id.clone(),
+                });
                 replaced.updated_at = now;
                 note.key(id, replaced.primary_version);
                 note.via = format!("replaced by {new_id}");
@@ -305,7 +330,7 @@ impl Broker {
             |(g, mut new, replaced), seq| {
                 self.attach_provenance(&mut new, &caller.spiffe_id(), seq)?;
                 self.store
-                    .insert_and_update(&new, &replaced)
+                    .write_batch(&[&new], &[&replaced])
                     .map_err(store_err)?;
                 self.keyring.forget(id);
                 drop(g);
@@ -347,6 +372,9 @@ impl Broker {
                 max: MAX_SECRET_BYTES,
             }
             .into()),
+            (ObjectKind::PrivateKey { .. } | ObjectKind::PublicKey { .. }, _) => {
+                Err(Invalid::Unsupported("registering RSA keys".into()).into())
+            }
             (ObjectKind::Envelope, _) => Err(Invalid::Empty {
                 field: "object type",
             }
@@ -517,10 +545,100 @@ impl Broker {
             ObjectKind::Envelope => {
                 Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into())
             }
-            ObjectKind::SecretData { .. } => {
+            ObjectKind::SecretData { .. }
+            | ObjectKind::PrivateKey { .. }
+            | ObjectKind::PublicKey { .. } => {
                 Err(Error::from(Precondition::NotAKey(rec.id.clone())).into())
             }
         }
+    }
+
+    /// Creates an RSA key pair (2048, 3072 or 4096 bits) as two linked
+    /// objects: the private key (PKCS#8, exportable as `private.exportable`
+    /// says) and the public key (PKCS#1, always exportable). One audit
+    /// record, one atomic store write.
+    pub fn create_key_pair(
+        &self,
+        cx: &CallCtx,
+        bits: u16,
+        private: NewObject,
+        public: NewObject,
+    ) -> Result<(KeyRecord, KeyRecord)> {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::KeyPair as _;
+        let caller = &cx.caller;
+        let op = if caller.role == Role::Service {
+            Operation::CreateOwnKey
+        } else {
+            Operation::CreateKey
+        };
+        self.audit_first(
+            Some(cx),
+            op,
+            |note| {
+                self.gate(cx, op, None, note)?;
+                let size = match bits {
+                    2048 => aws_lc_rs::rsa::KeySize::Rsa2048,
+                    3072 => aws_lc_rs::rsa::KeySize::Rsa3072,
+                    4096 => aws_lc_rs::rsa::KeySize::Rsa4096,
+                    other => return Err(Invalid::RsaLength(u32::from(other)).into()),
+                };
+                for o in [&private, &public] {
+                    super::lifecycle::check_text("name", &o.name, 128, false)?;
+                    check_custom(&o.custom_attributes)?;
+                }
+                // Generated in the broker (aws-lc), sealed at once under
+                // material from the root of trust; the pair never exists
+                // unsealed outside this call and the cache.
+                let pair = aws_lc_rs::rsa::KeyPair::generate(size).map_err(|_| rng_err())?;
+                let pkcs8 = Plaintext::new(
+                    pair.as_der().map_err(|_| rng_err())?.as_ref().to_vec(),
+                );
+                let pkcs1 = Plaintext::new(pair.public_key().as_ref().to_vec());
+                let g = self.lock_lifecycle();
+                self.check_name_free(&private.name, None)?;
+                self.check_name_free(&public.name, None)?;
+                if !private.name.is_empty() && private.name == public.name {
+                    return Err(Precondition::NameInUse(public.name.clone()).into());
+                }
+                let now = self.clock.now_unix();
+                let mut recs = Vec::new();
+                for (new, kind, bytes, exportable) in [
+                    // The front end's `kind` is ignored: each half is what it is.
+                    (private, ObjectKind::PrivateKey { bits }, pkcs8, None),
+                    (public, ObjectKind::PublicKey { bits }, pkcs1, Some(true)),
+                ] {
+                    let id = KeyId::generate(&self.rng).map_err(|_| rng_err())?;
+                    let version = self.sealed_version(&id, &bytes)?;
+                    recs.push(self.object_record(cx, id, version, kind, new, exportable, now)?);
+                }
+                let (mut privk, mut pubk) = match (recs.pop(), recs.pop()) {
+                    (Some(p), Some(k)) => (k, p),
+                    _ => return Err(crate::error::Fault::Task("key pair records".into()).into()),
+                };
+                privk.links.push(ObjectLink {
+                    kind: LinkKind::PublicKey,
+                    id: pubk.id.clone(),
+                });
+                pubk.links.push(ObjectLink {
+                    kind: LinkKind::PrivateKey,
+                    id: privk.id.clone(),
+                });
+                note.key(&privk.id, 1);
+                note.via = format!("key pair: public key {}", pubk.id);
+                Ok((g, privk, pubk))
+            },
+            |(g, mut privk, mut pubk), seq| {
+                self.attach_provenance(&mut privk, &caller.spiffe_id(), seq)?;
+                self.attach_provenance(&mut pubk, &caller.spiffe_id(), seq)?;
+                self.store
+                    .write_batch(&[&privk, &pubk], &[])
+                    .map_err(store_err)?;
+                drop(g);
+                tracing::info!(private = %privk.id, public = %pubk.id, caller = %caller, "key pair created");
+                Ok((privk, pubk))
+            },
+        )
     }
 
     /// Changes an object's name and custom attributes (operators, or the

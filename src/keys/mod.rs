@@ -86,6 +86,16 @@ pub enum ObjectKind {
         /// The classification, returned as given.
         data_type: u32,
     },
+    /// An RSA private key (PKCS#8 DER) of `bits`.
+    PrivateKey {
+        /// Modulus length in bits.
+        bits: u16,
+    },
+    /// An RSA public key (PKCS#1 DER) of `bits`.
+    PublicKey {
+        /// Modulus length in bits.
+        bits: u16,
+    },
 }
 
 /// A client-defined attribute (KMIP `x-…` names, Operation Policy Name…),
@@ -149,6 +159,33 @@ pub struct KeyRecord {
     /// Client-defined attributes.
     #[serde(default)]
     pub custom_attributes: Vec<CustomAttribute>,
+    /// Related objects: the other half of a key pair, the key that
+    /// replaced this one or that this one replaced.
+    #[serde(default)]
+    pub links: Vec<ObjectLink>,
+}
+
+/// How another object relates to this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkKind {
+    /// This key pair's public key.
+    PublicKey,
+    /// This key pair's private key.
+    PrivateKey,
+    /// The key that replaced this one (ReKey).
+    Replacement,
+    /// The key this one replaced (ReKey).
+    Replaced,
+}
+
+/// A link to another object.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectLink {
+    /// How it relates.
+    pub kind: LinkKind,
+    /// Its id.
+    pub id: KeyId,
 }
 
 impl KeyRecord {
@@ -184,6 +221,7 @@ impl KeyRecord {
             activated_at: None,
             deactivated_at: None,
             custom_attributes: Vec::new(),
+            links: Vec::new(),
         }
     }
 }

@@ -8,7 +8,7 @@ use super::message::{Fields, Version};
 use super::tag::{self, reason};
 use super::ttlv::{Item, Value};
 use super::Failure;
-use crate::keys::{CustomAttribute, KeyRecord, KeyState, ObjectKind};
+use crate::keys::{CustomAttribute, KeyRecord, KeyState, LinkKind, ObjectKind};
 
 /// One attribute: its 1.x name and its value (structures keep their
 /// children's real tags).
@@ -132,6 +132,7 @@ const TABLE: &[Row] = &[
     ),
     Row("Description", tag::DESCRIPTION, (2, 0), None, Role::Kept),
     Row("Comment", tag::COMMENT, (2, 0), None, Role::Kept),
+    Row("Link", tag::LINK, (1, 0), None, Role::Derived),
     Row("Sensitive", tag::SENSITIVE, (2, 0), None, Role::Derived),
     Row("Extractable", tag::EXTRACTABLE, (2, 0), None, Role::Derived),
 ];
@@ -246,6 +247,24 @@ pub fn supplied(f: &Fields<'_>) -> Result<Vec<Attr>, Failure> {
         out.extend(parse_v2(a)?);
     }
     Ok(out)
+}
+
+/// The attributes inside one template or attributes structure, either
+/// shape (Common/Private/Public Key Template-Attribute in 1.x, Common/
+/// Private/Public Key Attributes in 2.x).
+pub fn in_structure(item: &Item) -> Result<Vec<Attr>, Failure> {
+    let f = Fields::new(item, "an attribute template")?;
+    if f.all_items().iter().any(|i| {
+        i.tag == tag::ATTRIBUTE
+            && Fields::of(i.children()).get(tag::ATTRIBUTE_NAME).is_some()
+            && Fields::of(i.children())
+                .get(tag::VENDOR_IDENTIFICATION)
+                .is_none()
+    }) {
+        f.all(tag::ATTRIBUTE).map(parse_v1).collect()
+    } else {
+        parse_v2(item)
+    }
 }
 
 /// The typed reading of supplied attributes.
@@ -377,7 +396,9 @@ pub fn state_value(s: KeyState) -> u32 {
 pub fn object_type(kind: ObjectKind) -> u32 {
     match kind {
         ObjectKind::SecretData { .. } => tag::object_type::SECRET_DATA,
-        _ => tag::object_type::SYMMETRIC_KEY,
+        ObjectKind::PrivateKey { .. } => tag::object_type::PRIVATE_KEY,
+        ObjectKind::PublicKey { .. } => tag::object_type::PUBLIC_KEY,
+        ObjectKind::SymmetricKey { .. } | ObjectKind::Envelope => tag::object_type::SYMMETRIC_KEY,
     }
 }
 
@@ -397,15 +418,18 @@ pub fn of_record(rec: &KeyRecord, now: i64, version: Version) -> Vec<Attr> {
         name: "Object Type".into(),
         value: Value::Enumeration(object_type(rec.kind)),
     });
-    let bits = match rec.kind {
-        ObjectKind::SymmetricKey { bits } => Some(i32::from(bits)),
-        ObjectKind::Envelope => Some(256),
+    let alg = match rec.kind {
+        ObjectKind::SymmetricKey { bits } => Some((tag::alg::AES, i32::from(bits))),
+        ObjectKind::Envelope => Some((tag::alg::AES, 256)),
+        ObjectKind::PrivateKey { bits } | ObjectKind::PublicKey { bits } => {
+            Some((tag::alg::RSA, i32::from(bits)))
+        }
         ObjectKind::SecretData { .. } => None,
     };
-    if let Some(bits) = bits {
+    if let Some((alg, bits)) = alg {
         out.push(Attr {
             name: "Cryptographic Algorithm".into(),
-            value: Value::Enumeration(tag::alg::AES),
+            value: Value::Enumeration(alg),
         });
         out.push(Attr {
             name: "Cryptographic Length".into(),
@@ -446,13 +470,32 @@ pub fn of_record(rec: &KeyRecord, now: i64, version: Version) -> Vec<Attr> {
         .iter()
         .any(|c| c.name == "Cryptographic Usage Mask");
     if !has_mask && !matches!(rec.kind, ObjectKind::SecretData { .. }) {
-        let mut mask = tag::usage::ENCRYPT | tag::usage::DECRYPT;
+        let mut mask = match rec.kind {
+            ObjectKind::PrivateKey { .. } => tag::usage::SIGN | tag::usage::DECRYPT,
+            ObjectKind::PublicKey { .. } => tag::usage::VERIFY | tag::usage::ENCRYPT,
+            _ => tag::usage::ENCRYPT | tag::usage::DECRYPT,
+        };
         if rec.exportable {
             mask |= tag::usage::EXPORT;
         }
         out.push(Attr {
             name: "Cryptographic Usage Mask".into(),
             value: Value::Integer(mask),
+        });
+    }
+    for l in &rec.links {
+        let link_type = match l.kind {
+            LinkKind::PublicKey => 0x102,
+            LinkKind::PrivateKey => 0x103,
+            LinkKind::Replacement => 0x106,
+            LinkKind::Replaced => 0x107,
+        };
+        out.push(Attr {
+            name: "Link".into(),
+            value: Value::Structure(vec![
+                Item::enumeration(tag::LINK_TYPE, link_type),
+                Item::text(tag::LINKED_OBJECT_IDENTIFIER, l.id.to_string()),
+            ]),
         });
     }
     out.extend(rec.custom_attributes.iter().filter_map(kept_attr));

@@ -33,8 +33,9 @@ fn not_supported(what: String) -> Failure {
 }
 
 /// The operations this server carries out (Query's answer).
-pub const OPERATIONS: [u32; 19] = [
+pub const OPERATIONS: [u32; 20] = [
     op::CREATE,
+    op::CREATE_KEY_PAIR,
     op::REKEY,
     op::REGISTER,
     op::LOCATE,
@@ -63,6 +64,7 @@ impl Session<'_> {
             op::DISCOVER_VERSIONS => self.discover_versions(cx, &f),
             op::QUERY => self.query(cx, &f),
             op::CREATE => self.create(cx, &f),
+            op::CREATE_KEY_PAIR => self.create_key_pair(cx, &f),
             op::REGISTER => self.register(cx, &f),
             op::GET => self.get(cx, &f),
             op::CHECK => self.check(cx, &f),
@@ -214,6 +216,90 @@ impl Session<'_> {
         Ok(vec![
             Item::enumeration(tag::OBJECT_TYPE, object_type),
             uid(&rec.id),
+        ])
+    }
+
+    fn create_key_pair(&mut self, cx: &CallCtx, f: &Fields<'_>) -> Out {
+        let (common, private, public) = (
+            [tag::COMMON_TEMPLATE_ATTRIBUTE, tag::COMMON_ATTRIBUTES],
+            [
+                tag::PRIVATE_KEY_TEMPLATE_ATTRIBUTE,
+                tag::PRIVATE_KEY_ATTRIBUTES,
+            ],
+            [
+                tag::PUBLIC_KEY_TEMPLATE_ATTRIBUTE,
+                tag::PUBLIC_KEY_ATTRIBUTES,
+            ],
+        );
+        let mut allowed = vec![PROTECTION_STORAGE_MASKS, 0x420160, 0x420161, 0x420162];
+        allowed.extend(common.iter().chain(&private).chain(&public));
+        f.only("Create Key Pair", &allowed)?;
+        let read = |tags: [u32; 2]| -> Result<Vec<attrs::Attr>, Failure> {
+            let mut out = Vec::new();
+            for t in tags {
+                if let Some(s) = f.structure(t)? {
+                    out.extend(attrs::in_structure(s)?);
+                }
+            }
+            Ok(out)
+        };
+        let common = read(common)?;
+        let mut priv_attrs = common.clone();
+        priv_attrs.extend(read(private)?);
+        let mut pub_attrs: Vec<attrs::Attr> =
+            common.into_iter().filter(|a| a.name != "Name").collect();
+        pub_attrs.extend(read(public)?);
+        let (wp, wq) = (attrs::wanted(&priv_attrs)?, attrs::wanted(&pub_attrs)?);
+        match wp.algorithm.or(wq.algorithm) {
+            Some(tag::alg::RSA) => {}
+            Some(other) => {
+                return Err(not_supported(format!(
+                    "Create Key Pair makes RSA keys here, not algorithm {other:#x}"
+                )))
+            }
+            None => {
+                return Err(Failure::new(
+                    reason::MISSING_DATA,
+                    "the request names no Cryptographic Algorithm; key pairs here are RSA",
+                ))
+            }
+        }
+        let bits = wp.length.or(wq.length).ok_or_else(|| {
+            Failure::new(
+                reason::MISSING_DATA,
+                "the request names no Cryptographic Length",
+            )
+        })?;
+        let bits = u16::try_from(bits).map_err(|_| {
+            Failure::new(
+                reason::INVALID_FIELD,
+                format!("an RSA key of {bits} bits is not supported; use 2048, 3072 or 4096"),
+            )
+        })?;
+        let now = self.broker.now_unix();
+        let exportable = match wp.extractable {
+            Some(e) => e,
+            None => {
+                wp.usage_mask.is_some_and(|m| m & tag::usage::EXPORT != 0)
+                    || self.broker.creates_exportable(&cx.caller)
+            }
+        };
+        let object = |w: attrs::Wanted, exportable: bool| NewObject {
+            kind: ObjectKind::Envelope, // set by the core per half
+            material: None,
+            name: w.name.unwrap_or_default(),
+            exportable,
+            activate: w.activation_date.is_some_and(|t| t <= now),
+            custom_attributes: w.kept,
+        };
+        let (privk, pubk) = self
+            .broker
+            .create_key_pair(cx, bits, object(wp, exportable), object(wq, true))
+            .map_err(|e| failure(&e))?;
+        self.placeholder = Some(privk.id.clone());
+        Ok(vec![
+            Item::text(tag::PRIVATE_KEY_UNIQUE_IDENTIFIER, privk.id.to_string()),
+            Item::text(tag::PUBLIC_KEY_UNIQUE_IDENTIFIER, pubk.id.to_string()),
         ])
     }
 
@@ -602,12 +688,19 @@ impl Session<'_> {
             r.kind != ObjectKind::Envelope
                 && w.object_type
                     .is_none_or(|t| t == attrs::object_type(r.kind))
-                && w.algorithm.is_none_or(|a| {
-                    a == tag::alg::AES && matches!(r.kind, ObjectKind::SymmetricKey { .. })
+                && w.algorithm.is_none_or(|a| match r.kind {
+                    ObjectKind::SymmetricKey { .. } => a == tag::alg::AES,
+                    ObjectKind::PrivateKey { .. } | ObjectKind::PublicKey { .. } => {
+                        a == tag::alg::RSA
+                    }
+                    _ => false,
                 })
-                && w.length.is_none_or(
-                    |l| matches!(r.kind, ObjectKind::SymmetricKey { bits } if i32::from(bits) == l),
-                )
+                && w.length.is_none_or(|l| match r.kind {
+                    ObjectKind::SymmetricKey { bits }
+                    | ObjectKind::PrivateKey { bits }
+                    | ObjectKind::PublicKey { bits } => i32::from(bits) == l,
+                    _ => false,
+                })
         };
         let mut found = Vec::new();
         let mut total = 0usize;
@@ -940,11 +1033,77 @@ fn object_item(rec: &KeyRecord, bytes: Plaintext, format: Option<u32>) -> Result
                 ],
             ))
         }
+        ObjectKind::PrivateKey { bits } => {
+            let format = match format {
+                None | Some(tag::format::PKCS_8) => tag::format::PKCS_8,
+                Some(other) => return Err(format_refused(other, "PKCS#8")),
+            };
+            let material = Item::bytes(tag::KEY_MATERIAL, bytes.into_exposed());
+            Ok(Item::structure(
+                tag::PRIVATE_KEY,
+                vec![rsa_block(format, material, bits)],
+            ))
+        }
+        ObjectKind::PublicKey { bits } => {
+            let (format, der) = match format {
+                None | Some(tag::format::PKCS_1) => (tag::format::PKCS_1, bytes.into_exposed()),
+                Some(tag::format::X_509) => (tag::format::X_509, spki(bytes.expose_secret())),
+                Some(other) => return Err(format_refused(other, "PKCS#1 or X.509")),
+            };
+            let material = Item::bytes(tag::KEY_MATERIAL, der);
+            Ok(Item::structure(
+                tag::PUBLIC_KEY,
+                vec![rsa_block(format, material, bits)],
+            ))
+        }
         ObjectKind::Envelope => Err(Failure::new(
             reason::PERMISSION_DENIED,
             "envelope keys never leave the broker",
         )),
     }
+}
+
+fn rsa_block(format: u32, material: Item, bits: u16) -> Item {
+    Item::structure(
+        tag::KEY_BLOCK,
+        vec![
+            Item::enumeration(tag::KEY_FORMAT_TYPE, format),
+            Item::structure(tag::KEY_VALUE, vec![material]),
+            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::RSA),
+            Item::integer(tag::CRYPTOGRAPHIC_LENGTH, i32::from(bits)),
+        ],
+    )
+}
+
+/// A PKCS#1 RSAPublicKey as a SubjectPublicKeyInfo (rsaEncryption, NULL
+/// parameters), DER.
+fn spki(pkcs1: &[u8]) -> Vec<u8> {
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = body.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else {
+            let len = n.to_be_bytes();
+            let skip = len.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (len.len() - skip) as u8);
+            out.extend_from_slice(&len[skip..]);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    // AlgorithmIdentifier { rsaEncryption (1.2.840.113549.1.1.1), NULL }
+    let alg = tlv(
+        0x30,
+        &[
+            0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01, 0x05, 0x00,
+        ],
+    );
+    let mut bits = vec![0u8];
+    bits.extend_from_slice(pkcs1);
+    let mut body = alg;
+    body.extend(tlv(0x03, &bits));
+    tlv(0x30, &body)
 }
 
 fn format_refused(format: u32, use_: &str) -> Failure {

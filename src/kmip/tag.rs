@@ -96,6 +96,13 @@ pub const NEW_ATTRIBUTE: u32 = 0x42013D;
 pub const OFFSET_ITEMS: u32 = 0x4200D4;
 pub const LOCATED_ITEMS: u32 = 0x4200D5;
 pub const KEY: u32 = 0x42003F;
+pub const LINK: u32 = 0x42004A;
+pub const LINK_TYPE: u32 = 0x42004B;
+pub const LINKED_OBJECT_IDENTIFIER: u32 = 0x42004C;
+pub const PRIVATE_KEY_UNIQUE_IDENTIFIER: u32 = 0x420066;
+pub const PUBLIC_KEY_UNIQUE_IDENTIFIER: u32 = 0x42006F;
+pub const PRIVATE_KEY: u32 = 0x420064;
+pub const PUBLIC_KEY: u32 = 0x42006D;
 pub const ENCRYPTION_KEY_INFORMATION: u32 = 0x420036;
 
 /// Operation codes.
@@ -213,6 +220,9 @@ pub mod padding {
 pub mod format {
     pub const RAW: u32 = 0x01;
     pub const OPAQUE: u32 = 0x02;
+    pub const PKCS_1: u32 = 0x03;
+    pub const PKCS_8: u32 = 0x04;
+    pub const X_509: u32 = 0x05;
     pub const TRANSPARENT_SYMMETRIC_KEY: u32 = 0x07;
 }
 
@@ -248,6 +258,8 @@ pub mod continuation {
 
 /// Cryptographic Usage Mask bits.
 pub mod usage {
+    pub const SIGN: i32 = 0x01;
+    pub const VERIFY: i32 = 0x02;
     pub const ENCRYPT: i32 = 0x04;
     pub const DECRYPT: i32 = 0x08;
     pub const EXPORT: i32 = 0x40;

@@ -42,10 +42,12 @@ pub trait Store: Send + Sync {
     fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError>;
     /// Replaces an existing key's record. Durable on return.
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError>;
-    /// Adds `new` and replaces `changed` in one atomic write (both or
-    /// neither: a rekeyed object and its predecessor, whose name moved).
-    /// `AlreadyExists` if `new`'s id is taken. Durable on return.
-    fn insert_and_update(&self, new: &KeyRecord, changed: &KeyRecord) -> Result<(), StoreError>;
+    /// Adds `inserts` and replaces `updates` in one atomic write (all or
+    /// nothing: a key pair; a rekeyed object and its predecessor, whose
+    /// name moved). `AlreadyExists` if an inserted id is taken. Durable on
+    /// return.
+    fn write_batch(&self, inserts: &[&KeyRecord], updates: &[&KeyRecord])
+        -> Result<(), StoreError>;
     /// Up to `limit` records with ids greater than `after`, in id order,
     /// that satisfy `filter`; and whether more may follow.
     fn scan(

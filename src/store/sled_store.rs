@@ -140,19 +140,23 @@ impl Store for SledStore {
         self.flush()
     }
 
-    fn insert_and_update(&self, new: &KeyRecord, changed: &KeyRecord) -> Result<(), StoreError> {
+    fn write_batch(
+        &self,
+        inserts: &[&KeyRecord],
+        updates: &[&KeyRecord],
+    ) -> Result<(), StoreError> {
         // Callers hold the lifecycle lock, so nothing inserts between the
         // check and the batch on this node; sled is single-process.
-        if self
-            .keys
-            .contains_key(new.id.as_str())
-            .map_err(unavailable)?
-        {
-            return Err(StoreError::AlreadyExists(new.id.clone()));
-        }
         let mut batch = sled::Batch::default();
-        batch.insert(new.id.as_str(), Self::encode(new)?);
-        batch.insert(changed.id.as_str(), Self::encode(changed)?);
+        for r in inserts {
+            if self.keys.contains_key(r.id.as_str()).map_err(unavailable)? {
+                return Err(StoreError::AlreadyExists(r.id.clone()));
+            }
+            batch.insert(r.id.as_str(), Self::encode(r)?);
+        }
+        for r in updates {
+            batch.insert(r.id.as_str(), Self::encode(r)?);
+        }
         self.keys.apply_batch(batch).map_err(unavailable)?;
         self.flush()
     }
