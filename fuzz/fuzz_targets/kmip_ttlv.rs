@@ -7,6 +7,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let limits = sovkms::kmip::ttlv::Limits::default();
     if let Ok(item) = sovkms::kmip::ttlv::decode(data, &limits) {
         assert_eq!(item.encode(), data);
-        let _ = sovkms::kmip::message::parse_request(&item);
+        let _ = sovkms::kmip::message::parse_request(item);
     }
 });

@@ -22,6 +22,7 @@ use crate::keys::{
 use crate::policy::{CryptoOp, Grant, Operation, Principal};
 use crate::region::Role;
 use crate::secret::Plaintext;
+use std::sync::Arc;
 
 /// Largest secret data object.
 pub const MAX_SECRET_BYTES: usize = 4096;
@@ -405,12 +406,16 @@ impl Broker {
 
     /// An object's bytes, for a caller of its region with an `export`
     /// grant; released once the audit record is durable.
-    pub fn export(&self, cx: &CallCtx, id: &KeyId) -> Result<AfterAudit<(KeyRecord, Plaintext)>> {
+    pub fn export(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+    ) -> Result<AfterAudit<(Arc<KeyRecord>, Plaintext)>> {
         let op = Operation::ExportKey;
         settle(self.audited_release(cx, op, None, |note| {
             note.key(id, 0);
             self.gate(cx, op, None, note)?;
-            let rec = self.load(id)?;
+            let rec = self.load_shared(id, Wait::Allowed)?;
             self.gate(cx, op, Some(On::Key(&rec)), note)?;
             if rec.kind == ObjectKind::Envelope {
                 return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
@@ -433,12 +438,12 @@ impl Broker {
         id: &KeyId,
         wrapping: &KeyId,
         padded: bool,
-    ) -> Result<AfterAudit<(KeyRecord, Vec<u8>)>> {
+    ) -> Result<AfterAudit<(Arc<KeyRecord>, Vec<u8>)>> {
         let op = Operation::ExportKey;
         settle(self.audited_release(cx, op, None, |note| {
             note.key(id, 0);
             self.gate(cx, op, None, note)?;
-            let rec = self.load(id)?;
+            let rec = self.load_shared(id, Wait::Allowed)?;
             self.gate(cx, op, Some(On::Key(&rec)), note)?;
             if rec.kind == ObjectKind::Envelope {
                 return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
@@ -446,7 +451,7 @@ impl Broker {
             if !rec.exportable {
                 return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
             }
-            let w = self.load(wrapping)?;
+            let w = self.load_shared(wrapping, Wait::Allowed)?;
             self.gate(cx, Operation::Encrypt, Some(On::Key(&w)), note)?;
             note.key(id, rec.primary_version);
             note.via = format!("wrapped by key {wrapping}");

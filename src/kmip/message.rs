@@ -98,7 +98,7 @@ pub struct Request {
 
 /// Parses a Request Message. On failure, the version (when it could be
 /// read) to answer in, and why.
-pub fn parse_request(msg: &Item) -> Result<Request, (Version, Failure)> {
+pub fn parse_request(msg: Item) -> Result<Request, (Version, Failure)> {
     let invalid = |v: Version, m: String| (v, Failure::new(reason::INVALID_MESSAGE, m));
     if msg.tag != tag::REQUEST_MESSAGE {
         return Err(invalid(
@@ -109,7 +109,7 @@ pub fn parse_request(msg: &Item) -> Result<Request, (Version, Failure)> {
             ),
         ));
     }
-    let f = Fields::new(msg, "Request Message").map_err(|e| (Version::V1_0, e))?;
+    let f = Fields::new(&msg, "Request Message").map_err(|e| (Version::V1_0, e))?;
     let header = f
         .req_structure(tag::REQUEST_HEADER)
         .map_err(|e| (Version::V1_0, e))?;
@@ -150,16 +150,30 @@ pub fn parse_request(msg: &Item) -> Result<Request, (Version, Failure)> {
         .map_err(with_v)?
         .map(|n| usize::try_from(n).unwrap_or(0));
     let count = h.req_integer(tag::BATCH_COUNT).map_err(with_v)?;
+    // The batch items are moved out of the message, not copied: a payload
+    // may carry a megabyte of data.
+    let Value::Structure(children) = msg.value else {
+        return Err(invalid(
+            version,
+            "the Request Message is not a Structure".into(),
+        ));
+    };
     let mut items = Vec::new();
-    for bi in f.all(tag::BATCH_ITEM) {
-        let b = Fields::new(bi, "Batch Item").map_err(with_v)?;
-        let operation = b.req_enumeration(tag::OPERATION).map_err(with_v)?;
-        let id = b
-            .bytes(tag::UNIQUE_BATCH_ITEM_ID)
-            .map_err(with_v)?
-            .map(|v| Zeroizing::new(v.to_vec()));
-        let payload = match b.get(tag::REQUEST_PAYLOAD) {
-            Some(p) if matches!(p.value, Value::Structure(_)) => p.clone(),
+    for bi in children.into_iter().filter(|i| i.tag == tag::BATCH_ITEM) {
+        let (operation, id) = {
+            let b = Fields::new(&bi, "Batch Item").map_err(with_v)?;
+            let operation = b.req_enumeration(tag::OPERATION).map_err(with_v)?;
+            let id = b
+                .bytes(tag::UNIQUE_BATCH_ITEM_ID)
+                .map_err(with_v)?
+                .map(|v| Zeroizing::new(v.to_vec()));
+            (operation, id)
+        };
+        let Value::Structure(fields) = bi.value else {
+            return Err(invalid(version, "a Batch Item must be a Structure".into()));
+        };
+        let payload = match fields.into_iter().find(|i| i.tag == tag::REQUEST_PAYLOAD) {
+            Some(p) if matches!(p.value, Value::Structure(_)) => p,
             Some(_) => {
                 return Err(invalid(
                     version,

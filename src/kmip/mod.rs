@@ -112,7 +112,7 @@ pub fn handle(
             ),
         );
     }
-    let req = match message::parse_request(&msg) {
+    let req = match message::parse_request(msg) {
         Ok(r) => r,
         Err((v, f)) => return one_failure(v, f),
     };
