@@ -1551,3 +1551,39 @@ async fn fuzz_corpus_replays_through_a_real_broker() {
     assert!(answered >= 100);
     b.server.shutdown().await.unwrap();
 }
+
+/// A client's Maximum Response Size is honoured: a larger answer becomes
+/// Response Too Large (with its message), and typical answers stay far
+/// below the 8 KiB some clients read at most.
+#[tokio::test(flavor = "multi_thread")]
+async fn maximum_response_size_is_honoured() {
+    let env = Env::new();
+    let (b, addr) = kmip_broker(&env, "eu-central").await;
+    let app = "eu-central/service-app";
+    let r = once(
+        &env,
+        app,
+        &addr,
+        V1_4,
+        op::REGISTER,
+        register_payload("sized", &[9; 32]),
+    )
+    .await;
+    let id = r.text(tag::UNIQUE_IDENTIFIER).unwrap().to_owned();
+    let mut c = connect(&env, app, "eu-central", &addr).await;
+    let mut m = request(V1_4, vec![(op::GET_ATTRIBUTES, vec![uid(&id)])]);
+    let full = c.send_raw(&m.encode()).await.unwrap();
+    assert!(full.len() < 8 * 1024, "{} bytes", full.len());
+    if let Value::Structure(items) = &mut m.value {
+        if let Value::Structure(h) = &mut items[0].value {
+            h.insert(1, Item::integer(tag::MAXIMUM_RESPONSE_SIZE, 64));
+        }
+    }
+    let resp = c.call(&m).await.unwrap();
+    assert_failed(
+        &outcomes(&resp)[0],
+        reason::RESPONSE_TOO_LARGE,
+        "Maximum Response Size of 64",
+    );
+    b.server.shutdown().await.unwrap();
+}
