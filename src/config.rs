@@ -293,9 +293,15 @@ impl Settings {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_raw(raw, base).map_err(err)
+        Self::parse(&text, base).map_err(err)
+    }
+
+    /// Validates a config's text; relative paths are relative to `base`.
+    /// (The fuzz target `config_parse` feeds it arbitrary text.)
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        Self::from_raw(raw, base)
     }
 
     fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, String> {
