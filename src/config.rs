@@ -142,6 +142,8 @@ struct RawTls {
     client_ca: Vec<RawClientCa>,
     #[serde(default)]
     allowed_client_cidrs: Vec<String>,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +215,9 @@ pub struct TlsSettings {
     pub client_cas: Vec<ClientCa>,
     /// Client networks accepted at the socket, before TLS; empty: any.
     pub allowed_client_cidrs: Vec<ipnet::IpNet>,
+    /// Certificate revocation lists (PEM) of the client CAs: a revoked
+    /// client certificate is refused at the handshake.
+    pub crls: Vec<PathBuf>,
 }
 
 /// Which root of trust.
@@ -469,6 +474,7 @@ impl Settings {
                 key: abs(raw.tls.key),
                 client_cas,
                 allowed_client_cidrs,
+                crls: raw.tls.crls.into_iter().map(&abs).collect(),
             },
             root,
             audit,

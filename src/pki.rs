@@ -166,6 +166,44 @@ pub fn issue_for(
     })
 }
 
+/// A CRL (PEM) of a development CA listing `revoked` certificates (PEM)
+/// as revoked now, valid for `days`.
+pub fn crl(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    revoked: &[&str],
+    days: u32,
+) -> Result<String, PkiError> {
+    use rcgen::{CertificateRevocationListParams, RevokedCertParams, SerialNumber};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let now = time_now();
+    let mut revoked_certs = Vec::new();
+    for pem in revoked {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| PkiError::Invalid(format!("not a PEM certificate: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| PkiError::Invalid(format!("not a certificate: {e}")))?;
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(cert.raw_serial()),
+            revocation_time: now,
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(5),
+        next_update: now + time::Duration::days(i64::from(days.max(1))),
+        crl_number: SerialNumber::from(u64::try_from(now.unix_timestamp()).unwrap_or(1)),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer)?.pem()?)
+}
+
 /// Writes `<stem>.pem` and `<stem>.key` (mode 0600) into `dir`.
 pub fn write(dir: &Path, stem: &str, issued: &Issued) -> Result<(), PkiError> {
     let io = |p: &Path, err| PkiError::Io {

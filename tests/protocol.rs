@@ -173,3 +173,57 @@ async fn hybrid_post_quantum_key_exchange_is_preferred_and_classical_still_works
         Some(rustls::NamedGroup::X25519)
     );
 }
+
+/// A client certificate its CA's CRL lists (`[tls] crls`) is refused at the
+/// handshake, on gRPC and on KMIP; other certificates of the same CA work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused_at_the_handshake() {
+    let env = Env::new();
+    env.issue(
+        "eu-central",
+        "eu-central",
+        sovkms::pki::Kind::Caller(sovkms::region::Role::Service),
+        "app",
+        "service-stolen",
+    );
+    let stolen = std::fs::read_to_string(env.pki.join("eu-central/service-stolen.pem")).unwrap();
+    let (ca, ca_key) = env.ca("eu-central");
+    let crl = sovkms::pki::crl(&ca, &ca_key, &[&stolen], 7).unwrap();
+    let crl_path = env.dir.path().join("eu-central.crl.pem");
+    std::fs::write(&crl_path, crl).unwrap();
+    let cfg = env.config_with_tail("eu-central", "\n[kmip]\nlisten = \"127.0.0.1:0\"\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[tls]\n",
+        &format!("[tls]\ncrls = [\"{}\"]\n", crl_path.display()),
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let b = start_broker_from(&env, "eu-central", &cfg).await;
+    // Same identity, another (unrevoked) certificate: served.
+    let mut ok = client(&env, "eu-central/service-app", &b).await;
+    assert!(ok
+        .broker
+        .get_info(sovkms::api::proto::GetInfoRequest {})
+        .await
+        .is_ok());
+    // The revoked one: no connection.
+    let stolen_tls = env.tls("eu-central/service-stolen", "eu-central");
+    match sovkms::client::connect(&b.addr, &stolen_tls).await {
+        Err(_) => {}
+        Ok(mut c) => {
+            let r = c
+                .broker
+                .get_info(sovkms::api::proto::GetInfoRequest {})
+                .await;
+            assert!(r.is_err(), "a revoked certificate was served: {r:?}");
+        }
+    }
+    let kmip = b.server.kmip_addr.unwrap().to_string();
+    let cfg = sovkms::kmip::client::client_config(&stolen_tls, false).unwrap();
+    let refused = match sovkms::kmip::client::KmipClient::connect(&kmip, cfg, "localhost").await {
+        Err(_) => true,
+        Ok(mut c) => c.send_raw(&[0x42, 0, 0x78, 1, 0, 0, 0, 0]).await.is_err(),
+    };
+    assert!(refused, "a revoked certificate reached the KMIP listener");
+    b.server.shutdown().await.unwrap();
+}

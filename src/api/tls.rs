@@ -8,7 +8,7 @@
 use crate::config::TlsSettings;
 use crate::region::{Caller, IdentityError, Region};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -64,10 +64,38 @@ pub struct TlsServer {
     pub(crate) max_connections: usize,
 }
 
-fn verifier(roots: RootCertStore) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
+fn verifier(
+    roots: RootCertStore,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !crls.is_empty() {
+        // A CA without a CRL in the list keeps working; a certificate its
+        // CA's CRL lists is refused.
+        b = b
+            .with_crls(crls.iter().cloned())
+            .allow_unknown_revocation_status();
+    }
+    b.build()
         .map_err(|e| TlsError(format!("client verifier: {e}")))
+}
+
+fn read_crls(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let before = out.len();
+        for c in CertificateRevocationListDer::pem_file_iter(p)
+            .map_err(|e| TlsError(format!("cannot read CRL {}: {e}", p.display())))?
+        {
+            out.push(c.map_err(|e| TlsError(format!("{}: bad PEM CRL: {e}", p.display())))?);
+        }
+        if out.len() == before {
+            return Err(TlsError(format!("{} holds no CRL", p.display())));
+        }
+    }
+    Ok(out)
 }
 
 /// What a listener speaks over TLS.
@@ -91,6 +119,7 @@ impl TlsServer {
         let chain = read_certs(&s.cert)?;
         let key = PrivateKeyDer::from_pem_file(&s.key)
             .map_err(|e| TlsError(format!("cannot read private key {}: {e}", s.key.display())))?;
+        let crls = read_crls(&s.crls)?;
         let mut all = RootCertStore::empty();
         let mut cas = Vec::new();
         for ca in &s.client_cas {
@@ -104,7 +133,7 @@ impl TlsServer {
                 })?;
             }
             cas.push(CaBinding {
-                verifier: verifier(one)?,
+                verifier: verifier(one, &crls)?,
                 regions: ca.regions.clone(),
             });
         }
@@ -115,7 +144,7 @@ impl TlsServer {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .map_err(|e| TlsError(e.to_string()))?
-            .with_client_cert_verifier(verifier(all)?)
+            .with_client_cert_verifier(verifier(all, &crls)?)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError(format!("broker certificate/key: {e}")))?;
         match listener {

@@ -96,7 +96,7 @@ impl Env {
         env
     }
 
-    fn ca(&self, r: &str) -> (String, String) {
+    pub fn ca(&self, r: &str) -> (String, String) {
         let d = self.pki.join(r);
         (
             std::fs::read_to_string(d.join("ca.pem")).unwrap(),
