@@ -147,9 +147,10 @@ pub async fn start(
     let mut server = api::start(bound, Arc::clone(&broker)).await?;
     tracing::info!(addr = %server.local_addr, region = %settings.broker.region, "sovkms broker listening (mTLS, TLS 1.3)");
     if let Some(k) = kmip {
-        let (addr, stop, task) = crate::kmip::server::start(k, Arc::clone(&broker)).into_parts();
+        let (addr, stop, task, tls) =
+            crate::kmip::server::start(k, Arc::clone(&broker)).into_parts();
         tracing::info!(%addr, "KMIP listening (mTLS, TLS 1.3 and 1.2)");
-        server.attach(addr, stop, task);
+        server.attach(addr, stop, task, tls);
     }
     Ok((broker, server))
 }

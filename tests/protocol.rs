@@ -227,3 +227,119 @@ async fn a_revoked_client_certificate_is_refused_at_the_handshake() {
     assert!(refused, "a revoked certificate reached the KMIP listener");
     b.server.shutdown().await.unwrap();
 }
+
+/// Certificates without downtime: the broker's certificate rotated and a
+/// CRL added while requests run (none fails, the open connection goes on,
+/// new handshakes see the new certificate and refuse the revoked client);
+/// a file that does not load leaves the ones in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_reload_without_dropping_connections() {
+    let env = Env::new();
+    env.issue(
+        "eu-central",
+        "eu-central",
+        sovkms::pki::Kind::Caller(sovkms::region::Role::Service),
+        "app",
+        "service-stolen",
+    );
+    let cfg = env.config("eu-central", "");
+    let b = start_broker_from(&env, "eu-central", &cfg).await;
+    let mut settings = sovkms::config::Settings::load(&cfg).unwrap();
+    // Load on one connection, across both reloads.
+    let mut svc = client(&env, "eu-central/service-app", &b).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, mut svc2) = (Arc::clone(&stop), svc.clone());
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, 0u32);
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match svc2
+                .broker
+                .get_info(sovkms::api::proto::GetInfoRequest {})
+                .await
+            {
+                Ok(_) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    let stolen_tls = env.tls("eu-central/service-stolen", "eu-central");
+    let mut stolen = sovkms::client::connect(&b.addr, &stolen_tls).await.unwrap();
+    assert!(stolen
+        .broker
+        .get_info(sovkms::api::proto::GetInfoRequest {})
+        .await
+        .is_ok());
+    // A new broker certificate (new key, same names) and a CRL.
+    let (ca, ca_key) = env.ca("eu-central");
+    let fresh = sovkms::pki::issue(
+        &ca,
+        &ca_key,
+        TD,
+        &region("eu-central"),
+        sovkms::pki::Kind::Broker,
+        "broker",
+        &["localhost".to_string()],
+        2,
+    )
+    .unwrap();
+    std::fs::write(&settings.tls.cert, &fresh.cert_pem).unwrap();
+    std::fs::write(&settings.tls.key, fresh.key_pem.as_bytes()).unwrap();
+    let stolen_pem =
+        std::fs::read_to_string(env.pki.join("eu-central/service-stolen.pem")).unwrap();
+    let crl_path = env.dir.path().join("crl.pem");
+    std::fs::write(
+        &crl_path,
+        sovkms::pki::crl(&ca, &ca_key, &[&stolen_pem], 7).unwrap(),
+    )
+    .unwrap();
+    settings.tls.crls = vec![crl_path];
+    b.server.reload_tls(&settings.tls).unwrap();
+    // New handshakes: the new certificate, the revoked client refused.
+    let seen = server_cert(&env, &b.addr).await;
+    assert_eq!(seen, pem_der(&fresh.cert_pem));
+    match sovkms::client::connect(&b.addr, &stolen_tls).await {
+        Err(_) => {}
+        Ok(mut c) => assert!(c
+            .broker
+            .get_info(sovkms::api::proto::GetInfoRequest {})
+            .await
+            .is_err()),
+    }
+    // A broken file: refused, the files in force stay.
+    std::fs::write(&settings.tls.cert, "not a certificate").unwrap();
+    assert!(b.server.reload_tls(&settings.tls).is_err());
+    assert_eq!(server_cert(&env, &b.addr).await, pem_der(&fresh.cert_pem));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        ok > 0 && failed == 0,
+        "{ok} served, {failed} failed across the reloads"
+    );
+    assert!(svc
+        .broker
+        .get_info(sovkms::api::proto::GetInfoRequest {})
+        .await
+        .is_ok());
+    b.server.shutdown().await.unwrap();
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// The certificate the broker presents to a new handshake.
+async fn server_cert(env: &Env, addr: &str) -> Vec<u8> {
+    let tls = env.tls("eu-central/service-app", "eu-central");
+    let cfg = sovkms::kmip::client::client_config(&tls, false).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut cfg = (*cfg).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}

@@ -90,6 +90,8 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
     /// Other listeners of the same broker, stopped with it.
     attached: Vec<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// The TLS setup of every listener, for [`reload_tls`](Self::reload_tls).
+    tls: Vec<Arc<TlsServer>>,
 }
 
 impl RunningServer {
@@ -112,16 +114,33 @@ impl RunningServer {
         r
     }
 
-    /// Attaches another listener of the same broker (KMIP): `stop` ends it
-    /// and `task` finishes once it has stopped.
+    /// Attaches another listener of the same broker (KMIP): `stop` ends it,
+    /// `task` finishes once it has stopped, `tls` reloads with the others.
     pub fn attach(
         &mut self,
         addr: SocketAddr,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
+        tls: Arc<TlsServer>,
     ) {
         self.kmip_addr = Some(addr);
         self.attached.push((stop, task));
+        self.tls.push(tls);
+    }
+
+    /// Reads the broker's certificate and key, the client CAs and the CRLs
+    /// again (SIGHUP): new handshakes on every listener use them;
+    /// established connections go on. A file that does not load leaves
+    /// the ones in force and is reported.
+    pub fn reload_tls(&self, settings: &crate::config::TlsSettings) -> Result<(), tls::TlsError> {
+        // Everything is loaded before anything is swapped.
+        for t in &self.tls {
+            TlsServer::for_listener(settings, t.listener())?;
+        }
+        for t in &self.tls {
+            t.reload(settings)?;
+        }
+        Ok(())
     }
 
     /// Waits until the server stops by itself (error) or `signal` fires.
@@ -250,6 +269,7 @@ fn launch(
     local_addr: SocketAddr,
 ) -> RunningServer {
     let (stop, stop_rx) = watch::channel(false);
+    let tls_keep = Arc::clone(&tls);
     let incoming = accept_loop(listener, tls, stop_rx.clone());
     let mut stop_wait = stop_rx;
     let task = tokio::spawn(async move {
@@ -267,6 +287,7 @@ fn launch(
         extra_stop: None,
         task,
         attached: Vec::new(),
+        tls: vec![tls_keep],
     }
 }
 
@@ -357,7 +378,9 @@ pub(crate) fn accept_loop(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let tls = Arc::clone(&tls);
+            // The certificates and CAs in force now (a reload swaps them
+            // for later handshakes only).
+            let tls = tls.current();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let handshake =

@@ -54,10 +54,16 @@ struct CaBinding {
     regions: Vec<Region>,
 }
 
+/// What a handshake uses now: swapped whole by [`TlsServer::reload`].
+pub(crate) struct TlsState {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    cas: Vec<CaBinding>,
+}
+
 /// Everything the accept loop needs.
 pub struct TlsServer {
-    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
-    cas: Arc<Vec<CaBinding>>,
+    state: std::sync::RwLock<Arc<TlsState>>,
+    listener: Listener,
     /// The network guard (empty: any address).
     pub(crate) allowed_client_cidrs: Vec<ipnet::IpNet>,
     /// Established connections at once.
@@ -116,6 +122,36 @@ impl TlsServer {
 
     /// Builds the server side of `listener` from settings.
     pub fn for_listener(s: &TlsSettings, listener: Listener) -> Result<Self, TlsError> {
+        Ok(Self {
+            state: std::sync::RwLock::new(Arc::new(Self::load(s, listener)?)),
+            listener,
+            allowed_client_cidrs: s.allowed_client_cidrs.clone(),
+            max_connections: 4096,
+        })
+    }
+
+    /// Reads the certificate, key, client CAs and CRLs again; on success
+    /// new handshakes use them (established connections keep theirs), on
+    /// failure the ones in force stay and the error says why.
+    pub fn reload(&self, s: &TlsSettings) -> Result<(), TlsError> {
+        let fresh = Arc::new(Self::load(s, self.listener)?);
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// What this listener speaks.
+    pub fn listener(&self) -> Listener {
+        self.listener
+    }
+
+    /// The state new handshakes use.
+    pub(crate) fn current(&self) -> Arc<TlsState> {
+        // Replaced whole under the lock: a poisoned lock still holds a
+        // complete state.
+        Arc::clone(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn load(s: &TlsSettings, listener: Listener) -> Result<TlsState, TlsError> {
         let chain = read_certs(&s.cert)?;
         let key = PrivateKeyDer::from_pem_file(&s.key)
             .map_err(|e| TlsError(format!("cannot read private key {}: {e}", s.key.display())))?;
@@ -158,14 +194,14 @@ impl TlsServer {
                     .map_err(|e| TlsError(format!("session tickets: {e}")))?;
             }
         }
-        Ok(Self {
+        Ok(TlsState {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            cas: Arc::new(cas),
-            allowed_client_cidrs: s.allowed_client_cidrs.clone(),
-            max_connections: 4096,
+            cas,
         })
     }
+}
 
+impl TlsState {
     /// The caller behind a completed handshake, or why there is none.
     pub(crate) fn identify(
         &self,

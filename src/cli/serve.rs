@@ -41,8 +41,36 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         Some(k) => outln!("listening on {}; KMIP on {k}", server.local_addr),
         None => outln!("listening on {}", server.local_addr),
     }
+    // SIGHUP: certificates, client CAs and CRLs are read again from the
+    // files the config names; a bad file leaves the ones in force.
+    let config = a.config.clone();
+    let reloads = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            match Settings::load(&config) {
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: config not reloaded; the TLS files in force stay")
+                }
+                Ok(s) => match server.reload_tls(&s.tls) {
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: TLS certificate, client CAs and CRLs reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the ones in force stay")
+                    }
+                },
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = reloads => {}
+    }
     server
-        .run_until(shutdown_signal())
+        .shutdown()
         .await
         .map_err(|e| CliError::new(e.to_string(), "the server stopped with an error"))?;
     broker.close_audit();

@@ -77,6 +77,7 @@ pub struct Running {
     pub local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    tls: Arc<TlsServer>,
 }
 
 impl Running {
@@ -86,9 +87,17 @@ impl Running {
         let _ = self.task.await;
     }
 
-    /// The stop switch and the task, to stop it with another server.
-    pub fn into_parts(self) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-        (self.local_addr, self.stop, self.task)
+    /// The stop switch, the task and the TLS setup, to stop and reload it
+    /// with another server.
+    pub fn into_parts(
+        self,
+    ) -> (
+        SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+        Arc<TlsServer>,
+    ) {
+        (self.local_addr, self.stop, self.task, self.tls)
     }
 }
 
@@ -114,6 +123,7 @@ pub fn start_with(bound: Bound, handler: Handler) -> Running {
         local_addr,
         tls,
     } = bound;
+    let tls_keep = Arc::clone(&tls);
     let mut incoming = crate::api::accept_loop(listener, tls, stop_rx.clone());
     let task = tokio::spawn(async move {
         let mut stop = stop_rx;
@@ -133,6 +143,7 @@ pub fn start_with(bound: Bound, handler: Handler) -> Running {
         local_addr,
         stop,
         task,
+        tls: tls_keep,
     }
 }
 
