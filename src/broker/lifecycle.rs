@@ -155,31 +155,18 @@ impl Broker {
                 note.key(&id, 1);
                 let now = self.clock.now_unix();
                 Ok(KeyRecord {
-                    id,
                     name: req.name,
                     tenant: req.tenant,
                     description: req.description,
-                    home_region: self.settings.region.clone(),
-                    state: if req.activate {
-                        KeyState::Active
-                    } else {
-                        KeyState::PreActive
-                    },
-                    revocation_reason: None,
-                    revocation_message: String::new(),
-                    created_at: now,
-                    updated_at: now,
-                    destroy_after: None,
-                    primary_version: 1,
-                    versions: vec![self.new_version(1)?],
                     grants,
-                    created_by: caller.spiffe_id(),
-                    kind: crate::keys::ObjectKind::Envelope,
-                    exportable: false,
-                    activated_at: req.activate.then_some(now),
-                    deactivated_at: None,
-                    custom_attributes: Vec::new(),
-                    links: Vec::new(),
+                    ..KeyRecord::new(
+                        id,
+                        self.settings.region.clone(),
+                        self.new_version(1)?,
+                        req.activate,
+                        now,
+                        caller.spiffe_id(),
+                    )
                 })
             },
             |mut rec, seq| {

@@ -102,6 +102,15 @@ fn unreachable_context() -> EncryptionContext {
     panic!("constant object context rejected")
 }
 
+/// Services create keys of their own; operators create keys for others.
+fn creation(caller: &crate::region::Caller) -> Operation {
+    if caller.role == Role::Service {
+        Operation::CreateOwnKey
+    } else {
+        Operation::CreateKey
+    }
+}
+
 /// Opens a version's sealed object bytes with its material.
 pub(super) fn unseal(kek: &envelope::Kek, sealed: &[u8]) -> Result<Plaintext> {
     let env = envelope::Envelope::parse(sealed)
@@ -135,11 +144,7 @@ impl Broker {
     /// Creates (generates) or registers a managed object.
     pub fn create_object(&self, cx: &CallCtx, new: NewObject) -> Result<KeyRecord> {
         let caller = &cx.caller;
-        let op = if caller.role == Role::Service {
-            Operation::CreateOwnKey
-        } else {
-            Operation::CreateKey
-        };
+        let op = creation(caller);
         self.audit_first(
             Some(cx),
             op,
@@ -198,31 +203,19 @@ impl Broker {
             Vec::new()
         };
         Ok(KeyRecord {
-            id,
             name: new.name,
-            tenant: String::new(),
-            description: String::new(),
-            home_region: self.settings.region.clone(),
-            state: if new.activate {
-                KeyState::Active
-            } else {
-                KeyState::PreActive
-            },
-            revocation_reason: None,
-            revocation_message: String::new(),
-            created_at: now,
-            updated_at: now,
-            destroy_after: None,
-            primary_version: 1,
-            versions: vec![version],
             grants,
-            created_by: caller.spiffe_id(),
             kind,
             exportable: exportable.unwrap_or(new.exportable),
-            activated_at: new.activate.then_some(now),
-            deactivated_at: None,
             custom_attributes: new.custom_attributes,
-            links: Vec::new(),
+            ..KeyRecord::new(
+                id,
+                self.settings.region.clone(),
+                version,
+                new.activate,
+                now,
+                caller.spiffe_id(),
+            )
         })
     }
 
@@ -572,11 +565,7 @@ impl Broker {
         use aws_lc_rs::encoding::AsDer;
         use aws_lc_rs::signature::KeyPair as _;
         let caller = &cx.caller;
-        let op = if caller.role == Role::Service {
-            Operation::CreateOwnKey
-        } else {
-            Operation::CreateKey
-        };
+        let op = creation(caller);
         self.audit_first(
             Some(cx),
             op,

@@ -378,24 +378,7 @@ async fn kmip_steps(
         v,
         vec![(
             op::REGISTER,
-            vec![
-                Item::enumeration(tag::OBJECT_TYPE, tag::object_type::SYMMETRIC_KEY),
-                Item::structure(
-                    tag::SYMMETRIC_KEY,
-                    vec![Item::structure(
-                        tag::KEY_BLOCK,
-                        vec![
-                            Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::RAW),
-                            Item::structure(
-                                tag::KEY_VALUE,
-                                vec![Item::bytes(tag::KEY_MATERIAL, key.clone())],
-                            ),
-                            Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::AES),
-                            Item::integer(tag::CRYPTOGRAPHIC_LENGTH, 256),
-                        ],
-                    )],
-                ),
-            ],
+            crate::kmip::client::register_aes_payload(&key),
         )],
     );
     let o = call("eu-central/service-app", register).await?;

@@ -189,6 +189,46 @@ pub struct ObjectLink {
 }
 
 impl KeyRecord {
+    /// A new key of `home_region` with its first version, active or
+    /// pre-active, created by `created_by` at `now`; names, grants and
+    /// attributes empty, an envelope key unless the caller says otherwise.
+    pub fn new(
+        id: KeyId,
+        home_region: Region,
+        version: VersionRecord,
+        activate: bool,
+        now: i64,
+        created_by: String,
+    ) -> Self {
+        Self {
+            id,
+            name: String::new(),
+            tenant: String::new(),
+            description: String::new(),
+            home_region,
+            state: if activate {
+                KeyState::Active
+            } else {
+                KeyState::PreActive
+            },
+            revocation_reason: None,
+            revocation_message: String::new(),
+            created_at: now,
+            updated_at: now,
+            destroy_after: None,
+            primary_version: version.version,
+            versions: vec![version],
+            grants: Vec::new(),
+            created_by,
+            kind: ObjectKind::Envelope,
+            exportable: false,
+            activated_at: activate.then_some(now),
+            deactivated_at: None,
+            custom_attributes: Vec::new(),
+            links: Vec::new(),
+        }
+    }
+
     /// The version record for `v`, if it exists.
     pub fn version(&self, v: u32) -> Option<&VersionRecord> {
         let i = usize::try_from(v).ok()?.checked_sub(1)?;

@@ -158,6 +158,29 @@ pub fn request(version: Version, items: Vec<(u32, Vec<Item>)>) -> Item {
     Item::structure(tag::REQUEST_MESSAGE, out)
 }
 
+/// A Register payload for an AES key in Raw format (bench and scenario).
+pub fn register_aes_payload(key: &[u8]) -> Vec<Item> {
+    let bits = i32::try_from(key.len() * 8).unwrap_or(0);
+    vec![
+        Item::enumeration(tag::OBJECT_TYPE, tag::object_type::SYMMETRIC_KEY),
+        Item::structure(
+            tag::SYMMETRIC_KEY,
+            vec![Item::structure(
+                tag::KEY_BLOCK,
+                vec![
+                    Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::RAW),
+                    Item::structure(
+                        tag::KEY_VALUE,
+                        vec![Item::bytes(tag::KEY_MATERIAL, key.to_vec())],
+                    ),
+                    Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::AES),
+                    Item::integer(tag::CRYPTOGRAPHIC_LENGTH, bits),
+                ],
+            )],
+        ),
+    ]
+}
+
 /// One batch item of a response.
 #[derive(Debug)]
 pub struct Outcome {

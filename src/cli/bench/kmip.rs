@@ -105,24 +105,7 @@ pub(super) async fn kmip(a: KmipArgs) -> Result<(), CliError> {
     // A registered (exportable) AES-256 key, active.
     let mut setup_c = connect(baddr.clone()).await?;
     let key = [0x42u8; 32];
-    let reg = vec![
-        Item::enumeration(tag::OBJECT_TYPE, tag::object_type::SYMMETRIC_KEY),
-        Item::structure(
-            tag::SYMMETRIC_KEY,
-            vec![Item::structure(
-                tag::KEY_BLOCK,
-                vec![
-                    Item::enumeration(tag::KEY_FORMAT_TYPE, tag::format::RAW),
-                    Item::structure(
-                        tag::KEY_VALUE,
-                        vec![Item::bytes(tag::KEY_MATERIAL, key.to_vec())],
-                    ),
-                    Item::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, tag::alg::AES),
-                    Item::integer(tag::CRYPTOGRAPHIC_LENGTH, 256),
-                ],
-            )],
-        ),
-    ];
+    let reg = crate::kmip::client::register_aes_payload(&key);
     let resp = setup_c
         .call(&request(
             V,
