@@ -19,6 +19,8 @@ pub(super) struct Broker {
     pub(super) addr: String,
     /// The KMIP listener's address, when the config has `[kmip]`.
     pub(super) kmip_addr: Option<String>,
+    /// The benchmark echo's durable KMIP ceiling, when it serves one.
+    pub(super) durable_kmip_addr: Option<String>,
 }
 
 pub(super) fn random_hex(n: usize) -> Result<String, CliError> {
@@ -157,14 +159,20 @@ pub(super) async fn start_child(
     let rest = line
         .strip_prefix("listening on ")
         .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?;
-    let (addr, kmip_addr) = match rest.split_once("; KMIP on ") {
-        Some((a, k)) => (a.to_owned(), Some(k.to_owned())),
+    let (addr, kmip) = match rest.split_once("; KMIP on ") {
+        Some((a, k)) => (a.to_owned(), Some(k)),
         None => (rest.to_owned(), None),
+    };
+    let (kmip_addr, durable_kmip_addr) = match kmip.map(|k| k.split_once("; KMIP durable on ")) {
+        Some(Some((k, d))) => (Some(k.to_owned()), Some(d.to_owned())),
+        Some(None) => (kmip.map(str::to_owned), None),
+        None => (None, None),
     };
     Ok(Broker {
         child,
         addr,
         kmip_addr,
+        durable_kmip_addr,
     })
 }
 

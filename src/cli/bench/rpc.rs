@@ -42,30 +42,62 @@ pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
     let server = crate::api::bench::start_echo(&s).await.map_err(err)?;
     // The KMIP ceiling, when the config has [kmip]: a TTLV echo on the
     // KMIP listener code.
-    let kmip = match &s.kmip {
-        Some(k) => {
-            let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
-                .await
-                .map_err(err)?;
-            Some(crate::kmip::server::start_with(
-                bound,
-                crate::kmip::bench::echo_handler(),
-            ))
-        }
-        None => None,
-    };
-    match &kmip {
-        Some(k) => println!(
-            "listening on {}; KMIP on {}",
-            server.local_addr, k.local_addr
+    // and a durable TTLV echo (one audit record per request, answered
+    // after its sync) on a second listener.
+    let mut kmip = Vec::new();
+    if let Some(k) = &s.kmip {
+        let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
+            .await
+            .map_err(err)?;
+        kmip.push(crate::kmip::server::start_with(
+            bound,
+            crate::kmip::bench::echo_handler(),
+        ));
+        let log = durable_log(&s.data_dir)?;
+        let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
+            .await
+            .map_err(err)?;
+        kmip.push(crate::kmip::server::start_with(
+            bound,
+            crate::kmip::bench::durable_echo_handler(log),
+        ));
+    }
+    match kmip.as_slice() {
+        [plain, durable] => println!(
+            "listening on {}; KMIP on {}; KMIP durable on {}",
+            server.local_addr, plain.local_addr, durable.local_addr
         ),
-        None => println!("listening on {}", server.local_addr),
+        _ => println!("listening on {}", server.local_addr),
     }
     let _ = tokio::signal::ctrl_c().await;
-    if let Some(k) = kmip {
+    for k in kmip {
         k.shutdown().await;
     }
     server.shutdown().await.map_err(err)
+}
+
+/// The durable echo's own audit log (a development software root signs
+/// its checkpoints; it is a benchmark, never a broker).
+fn durable_log(data_dir: &Path) -> Result<Arc<dyn crate::audit::AuditSink>, CliError> {
+    use crate::audit::{AuditLog, LogSettings};
+    let dir = data_dir.join("durable-echo");
+    crate::files::create_private_dir(&dir).map_err(err)?;
+    let root = Arc::new(
+        crate::root::software::SoftwareRoot::open_or_create(&dir.join("root")).map_err(err)?,
+    );
+    let log = AuditLog::open(
+        LogSettings {
+            path: dir.join("audit.log"),
+            region: "eu-central".into(),
+            broker_id: "durable-echo".into(),
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+            witness: None,
+        },
+        root,
+    )
+    .map_err(err)?;
+    Ok(Arc::new(log))
 }
 
 pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
