@@ -397,6 +397,28 @@ impl Broker {
         }
     }
 
+    /// The object `id` if `cx` may take its material out: the gate for
+    /// ExportKey (region, grant, state), a managed object, exportable.
+    fn exportable_object(
+        &self,
+        cx: &CallCtx,
+        id: &KeyId,
+        note: &mut super::Note,
+    ) -> Result<Arc<KeyRecord>, Halt<Error>> {
+        let op = Operation::ExportKey;
+        note.key(id, 0);
+        self.gate(cx, op, None, note)?;
+        let rec = self.load_shared(id, Wait::Allowed)?;
+        self.gate(cx, op, Some(On::Key(&rec)), note)?;
+        if rec.kind == ObjectKind::Envelope {
+            return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
+        }
+        if !rec.exportable {
+            return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
+        }
+        Ok(rec)
+    }
+
     /// An object's bytes, for a caller of its region with an `export`
     /// grant; released once the audit record is durable.
     pub fn export(
@@ -406,16 +428,7 @@ impl Broker {
     ) -> Result<AfterAudit<(Arc<KeyRecord>, Plaintext)>> {
         let op = Operation::ExportKey;
         settle(self.audited_release(cx, op, None, |note| {
-            note.key(id, 0);
-            self.gate(cx, op, None, note)?;
-            let rec = self.load_shared(id, Wait::Allowed)?;
-            self.gate(cx, op, Some(On::Key(&rec)), note)?;
-            if rec.kind == ObjectKind::Envelope {
-                return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
-            }
-            if !rec.exportable {
-                return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
-            }
+            let rec = self.exportable_object(cx, id, note)?;
             note.key(id, rec.primary_version);
             let bytes = self.object_plaintext(&rec, Wait::Allowed)?;
             Ok((rec, bytes))
@@ -434,16 +447,7 @@ impl Broker {
     ) -> Result<AfterAudit<(Arc<KeyRecord>, Vec<u8>)>> {
         let op = Operation::ExportKey;
         settle(self.audited_release(cx, op, None, |note| {
-            note.key(id, 0);
-            self.gate(cx, op, None, note)?;
-            let rec = self.load_shared(id, Wait::Allowed)?;
-            self.gate(cx, op, Some(On::Key(&rec)), note)?;
-            if rec.kind == ObjectKind::Envelope {
-                return Err(Error::from(Precondition::EnvelopeKey(rec.id.clone())).into());
-            }
-            if !rec.exportable {
-                return Err(Error::from(Precondition::NotExportable(rec.id.clone())).into());
-            }
+            let rec = self.exportable_object(cx, id, note)?;
             let w = self.load_shared(wrapping, Wait::Allowed)?;
             self.gate(cx, Operation::Encrypt, Some(On::Key(&w)), note)?;
             note.key(id, rec.primary_version);
