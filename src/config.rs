@@ -299,12 +299,20 @@ impl Settings {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(err)
+        Self::parse_text(&text, base).map_err(err)
     }
 
-    /// Validates a config's text; relative paths are relative to `base`.
-    /// (The fuzz target `config_parse` feeds it arbitrary text.)
-    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+    /// Validates a config's text; relative paths are relative to `base`,
+    /// and errors name `base` as the config's place. (The fuzz target
+    /// `config_parse` feeds it arbitrary text.)
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_text(text, base).map_err(|msg| ConfigError {
+            path: base.display().to_string(),
+            msg,
+        })
+    }
+
+    fn parse_text(text: &str, base: &Path) -> Result<Self, String> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         Self::from_raw(raw, base)
     }
