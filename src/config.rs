@@ -107,6 +107,8 @@ struct RawAudit {
     aggregate_min_group: Option<u64>,
     #[serde(default)]
     aggregate_readers: Vec<String>,
+    segment_mib: Option<u64>,
+    reserve_mib: Option<u64>,
 }
 
 /// Audit log settings.
@@ -125,6 +127,20 @@ pub struct AuditSettings {
     pub aggregate_min_group: u64,
     /// Who may read aggregates (any region).
     pub aggregate_readers: Vec<crate::policy::Principal>,
+    /// Size at which the active file becomes a closed segment.
+    pub segment_bytes: u64,
+    /// Free space kept for records that release plaintext or change keys.
+    pub reserve_bytes: u64,
+}
+
+/// A size in MiB from the config, in bytes: `default` when absent, at
+/// least `min`, at most 1 TiB.
+fn mib(name: &str, v: Option<u64>, default: u64, min: u64) -> Result<u64, String> {
+    let v = v.unwrap_or(default);
+    if v < min || v > 1 << 20 {
+        return Err(format!("{name} must be {min}..=1048576 (MiB), not {v}"));
+    }
+    Ok(v << 20)
 }
 
 fn default_max_plaintext() -> usize {
@@ -415,6 +431,8 @@ impl Settings {
                 .map(|p| crate::policy::Principal::parse(p))
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("audit.aggregate_readers: {e}"))?,
+            segment_bytes: mib("audit.segment_mib", raw.audit.segment_mib, 64, 1)?,
+            reserve_bytes: mib("audit.reserve_mib", raw.audit.reserve_mib, 64, 0)?,
         };
         let key_creators = raw
             .kmip

@@ -100,6 +100,8 @@ fn log_settings(settings: &Settings) -> LogSettings {
         checkpoint_every: settings.audit.checkpoint_every,
         checkpoint_interval: settings.audit.checkpoint_interval,
         witness: settings.audit.witness.clone(),
+        segment_bytes: settings.audit.segment_bytes,
+        reserve_bytes: settings.audit.reserve_bytes,
     }
 }
 

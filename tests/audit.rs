@@ -619,3 +619,86 @@ async fn a_full_disk_refuses_plaintext_and_recovers() {
     eu.stop().await;
     verify_file(&path, &pk, true).expect("no partial record may remain after the failed writes");
 }
+
+fn free_bytes(dir: &Path) -> u64 {
+    let s = rustix::fs::statvfs(dir).unwrap();
+    s.f_bavail * s.f_frsize
+}
+
+fn log_bytes(active: &Path) -> u64 {
+    let mut n = std::fs::metadata(active).map_or(0, |m| m.len());
+    for (_, p) in audit::segments::closed(active).unwrap() {
+        n += std::fs::metadata(p).unwrap().len();
+    }
+    n
+}
+
+/// A caller flooding the broker with requests whose records nobody waits
+/// for (encrypts here; refusals alike) cannot use up the space kept for
+/// plaintext releases: below the reserve they are counted, not written,
+/// and decrypts go on with their durable records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_reserve_buffered_records_are_shed_and_decrypts_go_on() {
+    let env = Env::new();
+    let fs_dir = env.dir.path().join("auditfs");
+    let _mnt = Tmpfs::mount(&fs_dir, "4m");
+    let cfg = env.config_with_tail(
+        "eu-central",
+        &format!(
+            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 2\n",
+            fs_dir.display()
+        ),
+    );
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "reserve", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let pk = signing_key(&mut svc).await;
+    let c = ctx(&[]);
+    let ct = encrypt(&mut svc, &k, b"released in-region only", &c)
+        .await
+        .unwrap()
+        .ciphertext;
+
+    // Leave 1.5 MiB: below the 2 MiB reserve, room for many durable records.
+    let filler = fs_dir.join("filler");
+    let keep = 3 << 19;
+    std::fs::write(&filler, vec![0u8; (free_bytes(&fs_dir) - keep) as usize]).unwrap();
+    let before = log_bytes(&eu.audit_path);
+    // 4000 encrypt records (about 2.5 MiB) would fill what is left.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (mut svc, k, c) = (svc.clone(), k.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..1000 {
+                encrypt(&mut svc, &k, b"x", &c).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let grown = log_bytes(&eu.audit_path) - before;
+    assert!(
+        grown < 64 << 10,
+        "the log grew by {grown} bytes below its reserve"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            decrypt(&mut svc, &ct, &c).await.unwrap(),
+            b"released in-region only"
+        );
+    }
+    assert!(free_bytes(&fs_dir) > 1 << 20);
+
+    let path = eu.audit_path.clone();
+    eu.stop().await;
+    let text = std::io::read_to_string(audit::segments::open(&path).unwrap()).unwrap();
+    let shed = text
+        .lines()
+        .map(|l| serde_json::from_str::<audit::Record>(l).unwrap())
+        .find(|r| r.operation == "dropped-records")
+        .expect("a record counts the records not written");
+    assert!(shed.reason.contains("below the reserve"), "{}", shed.reason);
+    verify_text(&text, &pk, true).expect("the chain stays whole");
+}

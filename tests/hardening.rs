@@ -107,6 +107,33 @@ async fn aggregates_cannot_be_differenced_down_to_one_record() {
         .find(|c| c.operation == "decrypt" && c.outcome == "allowed")
         .unwrap();
     assert_eq!(dec.count, 6);
+    // Counts are kept between calls: the next one reads only the records
+    // written since, each counted once.
+    for _ in 0..3 {
+        decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
+    }
+    let again = central
+        .audit
+        .get_aggregates(pb::AggregatesRequest {
+            from_unix_ms: midnight,
+            to_unix_ms: midnight + day,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cell = |op: &str| {
+        again
+            .cells
+            .iter()
+            .find(|c| c.operation == op && c.outcome == "allowed")
+            .map(|c| c.count)
+    };
+    assert_eq!(cell("decrypt"), Some(9));
+    assert_eq!(
+        cell("read-audit-aggregates"),
+        None,
+        "one aggregate read is below the group size"
+    );
 }
 
 /// The insider's rewrite: with the broker stopped, records after an early
@@ -602,18 +629,6 @@ async fn a_slow_handshake_flood_leaves_room_for_the_region() {
         .await
         .unwrap()
         .ciphertext;
-    async fn rate(svc: &mut sovkms::client::Client, ct: &[u8]) -> (f64, Duration) {
-        let start = Instant::now();
-        let mut lat = Vec::new();
-        while start.elapsed() < Duration::from_secs(1) {
-            let t = Instant::now();
-            decrypt(svc, ct, &ctx(&[])).await.unwrap();
-            lat.push(t.elapsed());
-        }
-        lat.sort();
-        let p99 = lat[lat.len() * 99 / 100];
-        (lat.len() as f64 / start.elapsed().as_secs_f64(), p99)
-    }
     let (before, p99_before) = rate(&mut svc, &ct).await;
     let target: std::net::SocketAddr = eu.addr.parse().unwrap();
     let mut held = Vec::new();
@@ -637,4 +652,149 @@ async fn a_slow_handshake_flood_leaves_room_for_the_region() {
     );
     assert!(during > before * 0.3, "{before:.0} → {during:.0}");
     drop(held);
+}
+
+/// Decrypts per second on an open connection over one second, and their p99.
+async fn rate(svc: &mut sovkms::client::Client, ct: &[u8]) -> (f64, Duration) {
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    while start.elapsed() < Duration::from_secs(1) {
+        let t = Instant::now();
+        decrypt(svc, ct, &ctx(&[])).await.unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100];
+    (lat.len() as f64 / start.elapsed().as_secs_f64(), p99)
+}
+
+/// A broker, an in-region service with a key and a ciphertext of it.
+async fn decrypting_region(env: &Env) -> (TestBroker, sovkms::client::Client, Vec<u8>) {
+    let eu = start_broker(env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    (eu, svc, ct)
+}
+
+/// A raw HTTP/2 connection with `who`'s certificate: an attacker's, which
+/// need not behave like a gRPC client. The connection task's result says
+/// how the server ended it.
+async fn raw_h2(
+    env: &Env,
+    who: &str,
+    eu: &TestBroker,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    usize,
+) {
+    let mut cfg =
+        (*sovkms::kmip::client::client_config(&env.tls(who, "eu-central"), false).unwrap()).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(&eu.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, mut conn) = h2::client::handshake(tls).await.unwrap();
+    // The server's SETTINGS arrive with its first frames.
+    let _ = tokio::time::timeout(Duration::from_millis(200), &mut conn).await;
+    let streams = conn.max_concurrent_send_streams();
+    (send, tokio::spawn(conn), streams)
+}
+
+fn decrypt_request() -> http::Request<()> {
+    http::Request::post("https://localhost/sovkms.v1.CryptoService/Decrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// Stream flood: another region's service opens 20 connections and fills
+/// each with streams whose request body never ends (each would be held up
+/// to the request timeout). The broker allows 128 streams per connection
+/// (tonic would allow any number), so the flood holds at most 2560
+/// streams, and the region's decrypts go on. Rates are printed for the
+/// record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_is_bounded_and_local_decrypts_go_on() {
+    let env = Env::new();
+    let (eu, mut svc, ct) = decrypting_region(&env).await;
+    let (before, p99_before) = rate(&mut svc, &ct).await;
+    let (mut held, mut conns) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let (mut send, conn, limit) = raw_h2(&env, "us-east/service-app", &eu).await;
+        assert_eq!(limit, 128, "streams per connection the broker allows");
+        // Ask for more than allowed: the client library queues the excess
+        // (h2 refuses streams beyond the limit on the server side).
+        for _ in 0..limit + 50 {
+            let Ok(Ok(mut ready)) =
+                tokio::time::timeout(Duration::from_millis(50), send.ready()).await
+            else {
+                break;
+            };
+            let (resp, mut body) = ready.send_request(decrypt_request(), false).unwrap();
+            // Half a gRPC frame header: the message never arrives.
+            body.send_data(bytes::Bytes::from_static(&[0, 0]), false)
+                .unwrap();
+            held.push((resp, body));
+            send = ready;
+        }
+        conns.push(conn);
+    }
+    let open = held.len();
+    let (during, p99_during) = rate(&mut svc, &ct).await;
+    println!(
+        "decrypts/s on an open connection: {before:.0} before, {during:.0} during a flood of {open} streams asked for on 20 connections (2560 admitted), each stalled; p99 {p99_before:?} before, {p99_during:?} during"
+    );
+    assert!(during > before * 0.3, "{before:.0} → {during:.0}");
+}
+
+/// Rapid-reset flood (CVE-2023-44487): another region's service opens
+/// streams and resets each at once. The broker's HTTP/2 layer counts
+/// streams reset before they were served and closes such a connection
+/// (GOAWAY), so the attack ends by itself; the region's decrypts go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_flood_loses_its_connection_and_local_decrypts_go_on() {
+    let env = Env::new();
+    let (eu, mut svc, ct) = decrypting_region(&env).await;
+    let (before, p99_before) = rate(&mut svc, &ct).await;
+    let (send, conn, _) = raw_h2(&env, "us-east/service-app", &eu).await;
+    const GIVE_UP: u64 = 100_000;
+    let attack = tokio::spawn(async move {
+        let (mut send, mut resets) = (send, 0u64);
+        while resets < GIVE_UP {
+            let Ok(mut ready) = send.ready().await else {
+                break;
+            };
+            let Ok((_resp, mut body)) = ready.send_request(decrypt_request(), false) else {
+                break;
+            };
+            // Let the HEADERS go out first (the library would otherwise drop
+            // a stream reset before it was sent): then the reset.
+            tokio::task::yield_now().await;
+            body.send_reset(h2::Reason::CANCEL);
+            resets += 1;
+            send = ready;
+        }
+        resets
+    });
+    let (during, p99_during) = rate(&mut svc, &ct).await;
+    let resets = attack.await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    println!(
+        "decrypts/s on an open connection: {before:.0} before, {during:.0} during a rapid-reset flood ({resets} resets before the broker closed the attacker's connection); p99 {p99_before:?} before, {p99_during:?} during; connection ended: {ended:?}"
+    );
+    assert!(
+        resets < GIVE_UP,
+        "the broker never closed the resetting connection"
+    );
+    assert!(during > before * 0.3, "{before:.0} → {during:.0}");
 }

@@ -28,6 +28,9 @@ const MAX_QUEUED: usize = 65_536;
 /// Buffered records (nobody waits for them) wait at most this long for
 /// company before the writer wakes for them.
 const BUFFER_DELAY: Duration = Duration::from_millis(2);
+/// Free space is measured again at least this often (and whenever the
+/// estimate nears the reserve).
+const FREE_RECHECK: Duration = Duration::from_millis(100);
 /// While a checkpoint cannot be signed, signing is retried this often.
 const SIGN_RETRY: Duration = Duration::from_millis(250);
 /// Buffered records (nobody waits for them) are synced at least this often.
@@ -49,6 +52,13 @@ pub struct LogSettings {
     /// Where each signed checkpoint head is also appended (a file on an
     /// append-only or remote medium the host cannot rewrite); None: none.
     pub witness: Option<PathBuf>,
+    /// The active file is closed as a segment at the first checkpoint
+    /// after it reaches this size.
+    pub segment_bytes: u64,
+    /// Free space on the log's file system kept for records somebody waits
+    /// for (plaintext releases, lifecycle changes): below it, buffered
+    /// records (refusals, encrypts, reads) are counted instead of written.
+    pub reserve_bytes: u64,
 }
 
 /// Where the writer reports a durable record's sequence number.
@@ -217,14 +227,26 @@ fn check_before_continuing(
         }
         None => Vec::new(),
     };
-    let f = File::open(&settings.path).map_err(|e| AuditError::io(settings.path.display(), e))?;
+    let f = super::segments::open(&settings.path)
+        .map_err(|e| AuditError::io(settings.path.display(), e))?;
     super::verify::verify_anchored(std::io::BufReader::new(f), &pk, false, &anchors)
         .map_err(|e| AuditError::Rejected(format!("{}: {e}; the broker does not continue this chain (`sovkms audit verify` names the record)", settings.path.display())))?;
     Ok(())
 }
 
-/// The record that stands for buffered records the full queue dropped.
-fn dropped_event(n: u64) -> Event {
+/// The record that stands for buffered records not written: `full` were
+/// dropped because the queue was full, `shed` because free space was
+/// below the reserve.
+fn unwritten_event(full: u64, shed: u64) -> Event {
+    let mut why = Vec::new();
+    if full > 0 {
+        why.push(format!("{full} because the audit queue was full"));
+    }
+    if shed > 0 {
+        why.push(format!(
+            "{shed} because free disk space was below the reserve kept for plaintext releases"
+        ));
+    }
     Event {
         kind: Kind::Request,
         request_id: String::new(),
@@ -235,9 +257,34 @@ fn dropped_event(n: u64) -> Event {
         context_sha256: String::new(),
         outcome: super::Outcome::Failed,
         code: "RESOURCE_EXHAUSTED",
-        reason: format!("{n} buffered audit records were dropped: the audit queue was full"),
+        reason: format!(
+            "buffered audit records were not written: {}",
+            why.join(", ")
+        ),
         protocol: "",
     }
+}
+
+/// Free bytes for unprivileged writers on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Shedding of buffered records when the disk runs low.
+struct Reserve {
+    /// Estimated free bytes (measured, minus what was written since).
+    free: u64,
+    measured_at: Option<Instant>,
+    /// Buffered records not written since the last record saying so.
+    shed: u64,
+    /// Records lost to a full queue, not yet reported.
+    full: u64,
+    shedding: bool,
 }
 
 struct Writer {
@@ -254,6 +301,9 @@ struct Writer {
     unsynced_since: Option<Instant>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Sequence number of the active file's first record.
+    active_first: u64,
+    reserve: Reserve,
 }
 
 impl Writer {
@@ -311,6 +361,7 @@ impl Writer {
             return self.fail(e);
         }
         self.written_len += buf.len() as u64;
+        self.reserve.free = self.reserve.free.saturating_sub(buf.len() as u64);
         if let Some(last) = records.last() {
             self.seq = last.seq;
             self.hash = last.hash.clone();
@@ -357,7 +408,64 @@ impl Writer {
         }
     }
 
+    /// Whether free space is below the reserve (measured again when due).
+    fn below_reserve(&mut self) -> bool {
+        let want = self.settings.reserve_bytes;
+        if want == 0 {
+            return false;
+        }
+        let r = &mut self.reserve;
+        let stale = r.measured_at.is_none_or(|t| t.elapsed() >= FREE_RECHECK);
+        if stale || r.free < want.saturating_mul(2) {
+            match free_bytes(&self.settings.path) {
+                Ok(free) => {
+                    r.free = free;
+                    r.measured_at = Some(Instant::now());
+                }
+                // Unknown free space: keep the last estimate.
+                Err(e) => tracing::warn!(error = %e, "cannot measure free space for the audit log"),
+            }
+        }
+        let below = r.free < want;
+        if below != r.shedding {
+            r.shedding = below;
+            if below {
+                tracing::warn!(free = r.free, reserve = want, "audit log disk below its reserve: buffered records (refusals, encrypts, reads) are counted, not written, until space returns");
+            } else {
+                tracing::info!(free = r.free, "audit log disk above its reserve again");
+            }
+        }
+        below
+    }
+
+    /// Drops buffered events when the disk is below the reserve, and adds
+    /// one record counting those not written once a batch has a record
+    /// somebody waits for or space has returned.
+    fn shed(
+        &mut self,
+        mut batch: Vec<(Box<Event>, Option<Waiter>)>,
+    ) -> Vec<(Box<Event>, Option<Waiter>)> {
+        if self.below_reserve() {
+            let before = batch.len();
+            batch.retain(|(_, w)| w.is_some());
+            self.reserve.shed += (before - batch.len()) as u64;
+            if batch.is_empty() {
+                return batch;
+            }
+        }
+        let r = &mut self.reserve;
+        if r.shed + r.full > 0 {
+            batch.push((Box::new(unwritten_event(r.full, r.shed)), None));
+            (r.full, r.shed) = (0, 0);
+        }
+        batch
+    }
+
     fn write_batch(&mut self, batch: Vec<(Box<Event>, Option<Waiter>)>) {
+        let batch = self.shed(batch);
+        if batch.is_empty() {
+            return;
+        }
         let t = now_ms();
         let mut records = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
@@ -430,6 +538,49 @@ impl Writer {
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
+            if self.written_len >= self.settings.segment_bytes {
+                self.rotate();
+            }
+        }
+    }
+
+    /// Closes the active file (synced, ending with a signed checkpoint) as
+    /// a segment and starts a new one. A failure leaves the active file in
+    /// place and is retried at the next checkpoint.
+    fn rotate(&mut self) {
+        let path = self.settings.path.clone();
+        let closed = super::segments::segment_path(&path, self.active_first);
+        if closed.exists() {
+            tracing::error!(segment = %closed.display(), "audit segment already exists; not rotating");
+            return;
+        }
+        if let Err(e) = std::fs::rename(&path, &closed) {
+            tracing::error!(error = %e, "audit log not rotated");
+            return;
+        }
+        let opened = OpenOptions::new()
+            .mode(0o600)
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path);
+        let dir = closed.parent().map(File::open);
+        match opened {
+            Ok(f) => {
+                self.file = f;
+                self.durable_len = 0;
+                self.written_len = 0;
+                self.active_first = self.seq + 1;
+                if let Some(Err(e)) = dir.map(|d| d.and_then(|d| d.sync_all())) {
+                    tracing::warn!(error = %e, "audit directory not synced after rotation");
+                }
+                tracing::info!(segment = %closed.display(), "audit log rotated");
+            }
+            Err(e) => {
+                // The old handle still writes to the renamed file: put it back.
+                let _ = std::fs::rename(&closed, &path);
+                tracing::error!(error = %e, "audit log not rotated: the new file cannot be created");
+            }
         }
     }
 
@@ -486,14 +637,10 @@ impl Writer {
                 }
                 q.waiters = 0;
                 q.first_at = None;
-                let mut events = std::mem::take(&mut q.events);
-                if q.dropped > 0 {
-                    events.push((Box::new(dropped_event(q.dropped)), None));
-                    q.dropped = 0;
-                }
-                (events, q.shutdown)
+                self.reserve.full += std::mem::take(&mut q.dropped);
+                (std::mem::take(&mut q.events), q.shutdown)
             };
-            if !batch.is_empty() {
+            if !batch.is_empty() || self.reserve.full + self.reserve.shed > 0 {
                 self.write_batch(batch);
             }
             self.sync_if_due();
@@ -522,7 +669,22 @@ impl AuditLog {
             .create(true)
             .open(&path)
             .map_err(|e| AuditError::io(path.display(), e))?;
-        let (seq, hash, durable_len) = recover_tail(&mut file, &path)?;
+        let (mut seq, mut hash, durable_len) = recover_tail(&mut file, &path)?;
+        // A fresh active file after a rotation: the chain goes on from the
+        // last closed segment.
+        let active_first = if durable_len > 0 {
+            super::segments::first_seq(&path)
+                .map_err(|e| AuditError::io(path.display(), e))?
+                .unwrap_or(seq)
+        } else {
+            let closed =
+                super::segments::closed(&path).map_err(|e| AuditError::io(path.display(), e))?;
+            if let Some((_, last)) = closed.last() {
+                let mut f = File::open(last).map_err(|e| AuditError::io(last.display(), e))?;
+                (seq, hash, _) = recover_tail(&mut f, last)?;
+            }
+            seq + 1
+        };
         check_before_continuing(&settings, root.as_ref())?;
         file.seek(SeekFrom::End(0))
             .map_err(|e| AuditError::io(path.display(), e))?;
@@ -538,6 +700,14 @@ impl AuditLog {
             unsynced_since: None,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            active_first,
+            reserve: Reserve {
+                free: u64::MAX,
+                measured_at: None,
+                shed: 0,
+                full: 0,
+                shedding: false,
+            },
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -645,6 +815,8 @@ mod tests {
                 checkpoint_every: 1000,
                 checkpoint_interval: Duration::from_secs(60),
                 witness: None,
+                segment_bytes: 64 << 20,
+                reserve_bytes: 0,
             },
             root,
         )
@@ -727,6 +899,77 @@ mod tests {
         }
     }
 
+    #[test]
+    fn segments_close_at_checkpoints_and_the_chain_runs_through_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let root = Arc::new(
+            crate::root::software::SoftwareRoot::open_or_create(&dir.path().join("root")).unwrap(),
+        );
+        let open = || {
+            AuditLog::open(
+                LogSettings {
+                    path: path.clone(),
+                    region: "eu-central".into(),
+                    broker_id: "t".into(),
+                    checkpoint_every: 5,
+                    checkpoint_interval: Duration::from_secs(60),
+                    witness: None,
+                    segment_bytes: 2048,
+                    reserve_bytes: 0,
+                },
+                Arc::clone(&root) as Arc<dyn RootOfTrust>,
+            )
+            .unwrap()
+        };
+        let ev = || Event::system(Kind::Request, "decrypt", "");
+        let log = open();
+        for _ in 0..60 {
+            log.append_durable(ev()).unwrap();
+        }
+        drop(log);
+        let closed = super::super::segments::closed(&path).unwrap();
+        assert!(closed.len() >= 3, "{closed:?}");
+        for (first, p) in &closed {
+            let text = std::fs::read_to_string(p).unwrap();
+            let recs: Vec<Record> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(
+                recs[0].seq, *first,
+                "a segment is named by its first record"
+            );
+            assert_eq!(
+                recs.last().unwrap().kind,
+                Kind::Checkpoint,
+                "every closed segment ends with a signed checkpoint"
+            );
+        }
+        // A new run continues the chain (from the last segment if the
+        // active file is empty), and the whole chain verifies.
+        let log = open();
+        let seq = log.append_durable(ev()).unwrap();
+        drop(log);
+        let pk = root.signing_public_key().unwrap();
+        let rep = crate::audit::verify(
+            std::io::BufReader::new(super::super::segments::open(&path).unwrap()),
+            &pk,
+            true,
+        )
+        .unwrap();
+        assert!(rep.last_seq > seq && seq > 60, "{seq} {}", rep.last_seq);
+        // Removing a closed segment breaks the chain.
+        std::fs::remove_file(&closed[1].1).unwrap();
+        let cut = crate::audit::verify(
+            std::io::BufReader::new(super::super::segments::open(&path).unwrap()),
+            &pk,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(cut.seq, closed[1].0, "{cut}");
+    }
+
     /// A named fake: the software root whose signing can be switched off,
     /// because a real HSM does not fail a signature on demand mid-run.
     struct FailingSigner {
@@ -788,6 +1031,8 @@ mod tests {
                 checkpoint_every: 1,
                 checkpoint_interval: Duration::from_secs(60),
                 witness: None,
+                segment_bytes: 64 << 20,
+                reserve_bytes: 0,
             },
             Arc::clone(&root) as Arc<dyn RootOfTrust>,
         )

@@ -4,6 +4,7 @@
 
 mod log;
 pub mod record;
+pub mod segments;
 mod verify;
 
 pub use log::{AuditLog, LogSettings, WitnessLine};
@@ -11,7 +12,7 @@ pub use record::{Kind, Record};
 pub use verify::{
     aggregate, complete_lines, export, parse_public_key, rfc3339,
     syslog_line as verify_syslog_line, verify, verify_anchored, witness_anchors, AggregateRow,
-    Anchor, ExportFormat, PublicKeyError, ReadError, VerifyFailure, VerifyReport,
+    Aggregator, Anchor, ExportFormat, PublicKeyError, ReadError, VerifyFailure, VerifyReport,
 };
 
 use crate::region::Caller;

@@ -425,34 +425,58 @@ pub struct AggregateRow {
     pub count: u64,
 }
 
-/// Counts per day × key × operation × outcome of request records in
-/// `[from_ms, to_ms)`; cells below `min_group` are suppressed.
+/// Counts of request records per UTC day × key × operation × outcome,
+/// built up record by record (the broker keeps one and feeds it only the
+/// records written since its last answer).
+#[derive(Default)]
+pub struct Aggregator {
+    cells: BTreeMap<(u64, String, String, String), u64>,
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+impl Aggregator {
+    /// Counts one record (checkpoints and system records are not requests).
+    pub fn add(&mut self, r: Record) {
+        if r.kind != Kind::Request {
+            return;
+        }
+        *self
+            .cells
+            .entry((r.time_unix_ms / DAY_MS, r.key_id, r.operation, r.outcome))
+            .or_insert(0) += 1;
+    }
+
+    /// Cells of the days that begin in `[from_ms, to_ms)`, both day
+    /// boundaries; cells below `min_group` are suppressed.
+    pub fn rows(&self, from_ms: u64, to_ms: u64, min_group: u64) -> Vec<AggregateRow> {
+        let (from, to) = (from_ms.div_ceil(DAY_MS), to_ms / DAY_MS);
+        self.cells
+            .iter()
+            .filter(|((day, ..), n)| (from..to).contains(day) && **n >= min_group)
+            .map(|((day, key_id, operation, outcome), count)| AggregateRow {
+                day: rfc3339(day * DAY_MS).chars().take(10).collect(),
+                key_id: key_id.clone(),
+                operation: operation.clone(),
+                outcome: outcome.clone(),
+                count: *count,
+            })
+            .collect()
+    }
+}
+
+/// Counts per day × key × operation × outcome of request records of the
+/// whole UTC days in `[from_ms, to_ms)`; cells below `min_group` are
+/// suppressed.
 pub fn aggregate(
     input: impl BufRead,
     from_ms: u64,
     to_ms: u64,
     min_group: u64,
 ) -> Result<Vec<AggregateRow>, ReadError> {
-    let mut cells: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
+    let mut agg = Aggregator::default();
     for item in records(input) {
-        let (_, r) = item?;
-        if r.kind != Kind::Request || r.time_unix_ms < from_ms || r.time_unix_ms >= to_ms {
-            continue;
-        }
-        let day = rfc3339(r.time_unix_ms).chars().take(10).collect();
-        *cells
-            .entry((day, r.key_id, r.operation, r.outcome))
-            .or_insert(0) += 1;
+        agg.add(item?.1);
     }
-    Ok(cells
-        .into_iter()
-        .filter(|(_, n)| *n >= min_group)
-        .map(|((day, key_id, operation, outcome), count)| AggregateRow {
-            day,
-            key_id,
-            operation,
-            outcome,
-            count,
-        })
-        .collect())
+    Ok(agg.rows(from_ms, to_ms, min_group))
 }

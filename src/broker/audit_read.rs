@@ -14,8 +14,9 @@ fn read_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Broker {
-    fn open_log(&self) -> Result<BufReader<std::fs::File>> {
-        std::fs::File::open(&self.settings.audit_path)
+    /// The whole log: closed segments, then the active file.
+    fn open_log(&self) -> Result<BufReader<audit::segments::Chain>> {
+        audit::segments::open(&self.settings.audit_path)
             .map(BufReader::new)
             .map_err(read_err)
     }
@@ -78,8 +79,16 @@ impl Broker {
                 return Err(Invalid::AggregateWindow.into());
             }
             let min = self.settings.aggregate_min_group;
-            let rows = audit::aggregate(self.open_log()?, from_ms, to, min).map_err(read_err)?;
-            Ok((rows, min))
+            let mut cache = self.aggregates.lock().unwrap_or_else(|p| p.into_inner());
+            let (at, counts) = &mut *cache;
+            let mut log =
+                audit::segments::Chain::from(&self.settings.audit_path, *at).map_err(read_err)?;
+            while let Some(line) = log.next_line() {
+                let line = line.map_err(read_err)?;
+                counts.add(serde_json::from_str(&line).map_err(Fault::AuditRecord)?);
+                *at = log.position();
+            }
+            Ok((counts.rows(from_ms, to, min), min))
         })
     }
 }

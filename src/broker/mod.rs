@@ -115,6 +115,9 @@ pub struct Broker {
     /// The host's TPM, for the auditors' quotes (None: not configured).
     attestor: Option<Arc<dyn Attestor>>,
     limits: limits::Limiter,
+    /// Aggregate counts of the log read so far, and where reading stopped:
+    /// each call reads only the records written since.
+    aggregates: Mutex<(crate::audit::segments::Position, crate::audit::Aggregator)>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -165,6 +168,7 @@ impl Broker {
             audit,
             break_glass: std::sync::RwLock::new(Vec::new()),
             attestor: None,
+            aggregates: Mutex::default(),
         }
     }
 

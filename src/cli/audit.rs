@@ -106,8 +106,16 @@ fn format(s: &str) -> Result<ExportFormat, CliError> {
     }
 }
 
-fn open(p: &PathBuf) -> Result<BufReader<std::fs::File>, CliError> {
-    std::fs::File::open(p)
+/// A log file with the closed segments beside it (`<log>.<first seq>`),
+/// oldest first, as one chain; an export file is read alone.
+fn open(p: &std::path::Path) -> Result<BufReader<audit::segments::Chain>, CliError> {
+    if !p.exists() {
+        return Err(CliError::new(
+            format!("cannot open {}: no such file", p.display()),
+            "",
+        ));
+    }
+    audit::segments::open(p)
         .map(BufReader::new)
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", p.display()), ""))
 }

@@ -93,6 +93,8 @@ fn durable_log(data_dir: &Path) -> Result<Arc<dyn crate::audit::AuditSink>, CliE
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             witness: None,
+            segment_bytes: 64 << 20,
+            reserve_bytes: 0,
         },
         root,
     )
