@@ -43,6 +43,23 @@ struct RawConfig {
     tpm: Option<RawTpm>,
     #[serde(default)]
     kmip: RawKmip,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval_seconds: Option<u64>,
+    deadline_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -275,6 +292,9 @@ pub struct Settings {
     pub tpm: Option<TpmSettings>,
     /// The KMIP listener (None: no KMIP).
     pub kmip: Option<KmipSettings>,
+    /// The admin listener's address (metrics, liveness, readiness); None:
+    /// no admin listener.
+    pub admin_listen: Option<String>,
 }
 
 impl Settings {
@@ -473,8 +493,23 @@ impl Settings {
             }
             None => None,
         };
+        let admin_listen = match raw.admin.listen {
+            Some(listen) => {
+                check_listen(&listen).map_err(|e| format!("admin.listen: {e}"))?;
+                Some(listen)
+            }
+            None => None,
+        };
+        let interval = raw.health.interval_seconds.unwrap_or(10);
+        let deadline = raw.health.deadline_seconds.unwrap_or(5);
+        if !(1..=3600).contains(&interval) || !(1..=interval).contains(&deadline) {
+            return Err(format!(
+                "health: interval_seconds must be 1..=3600 and deadline_seconds 1..=interval_seconds (got {interval} and {deadline})"
+            ));
+        }
         Ok(Self {
             kmip,
+            admin_listen,
             broker: BrokerSettings {
                 key_creators,
                 exportable_creators,
@@ -492,6 +527,8 @@ impl Settings {
                 break_glass_max_minutes: raw.break_glass.max_duration_minutes.unwrap_or(60),
                 break_glass_approval_minutes: raw.break_glass.approval_window_minutes.unwrap_or(60),
                 limits: limits(&raw.limits)?,
+                readiness_interval: Duration::from_secs(interval),
+                readiness_deadline: Duration::from_secs(deadline),
             },
             listen: raw.listen,
             data_dir,

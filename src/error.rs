@@ -425,6 +425,23 @@ impl Error {
         }
     }
 
+    /// Why a refused request was refused, as a metric label; None for
+    /// failures (the system, not the request).
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        use crate::policy::Refusal as R;
+        Some(match self {
+            Self::Refused(R::NoIdentity(_) | R::TrustDomain { .. }) => "identity",
+            Self::Refused(R::Role { .. }) => "role",
+            Self::Refused(R::OutsideRegion { .. } | R::Residency { .. }) => "region",
+            Self::Refused(_) => "grant",
+            Self::Precondition(_) => "state",
+            Self::Invalid(_) => "invalid",
+            Self::NotFound(_) => "not_found",
+            Self::Limit(_) => "limit",
+            Self::Unavailable(_) | Self::Internal(_) => return None,
+        })
+    }
+
     /// Refused (the rules or the input) or failed (the system).
     pub fn outcome(&self) -> crate::audit::Outcome {
         match self {

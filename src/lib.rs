@@ -23,6 +23,7 @@
 //! The core returns typed results and typed errors (`error.rs`); a front
 //! end is a thin adapter that maps them to its protocol once.
 
+pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod broker;
@@ -36,6 +37,7 @@ pub mod hardening;
 pub mod id;
 pub mod keys;
 pub mod kmip;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod region;

@@ -33,6 +33,9 @@ pub enum StartError {
     /// KMIP listener.
     #[error(transparent)]
     Kmip(#[from] crate::kmip::server::KmipServeError),
+    /// Admin listener.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// Audit log.
     #[error("audit log: {0}")]
     Audit(#[from] AuditError),
@@ -79,17 +82,30 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     for warning in settings.readable_secrets() {
         tracing::warn!("{warning}");
     }
-    let store: Arc<dyn Store> = Arc::new(open_store(settings)?);
-    let root = open_root(settings)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(
+        Arc::new(open_store(settings)?),
+        Arc::clone(&metrics),
+    ));
+    let root: Arc<dyn RootOfTrust> = Arc::new(crate::metrics::MeteredRoot::new(
+        open_root(settings)?,
+        Arc::clone(&metrics),
+    ));
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
+    metrics.set_build(settings.broker.region.as_str(), info.kind);
     let audit = AuditLog::open(log_settings(settings), Arc::clone(&root))?;
-    let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit));
+    metrics.register_audit(&audit.metrics());
+    let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit))
+        .with_metrics(Arc::clone(&metrics));
     if let Some(tpm) = &settings.tpm {
         broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
     }
     broker.load_break_glass()?;
-    Ok(Arc::new(broker))
+    let broker = Arc::new(broker);
+    let weak = Arc::downgrade(&broker);
+    metrics.register_caches(move || weak.upgrade().map(|b| b.cache_stats()).unwrap_or_default());
+    Ok(broker)
 }
 
 fn log_settings(settings: &Settings) -> LogSettings {
@@ -139,6 +155,10 @@ pub async fn start(
         ),
         None => None,
     };
+    let admin = match &settings.admin_listen {
+        Some(a) => Some(crate::admin::bind(a, &settings.tls).await?),
+        None => None,
+    };
     let broker = open_broker(settings, clock)?;
     let info = broker.status().root;
     let start = format!(
@@ -152,7 +172,14 @@ pub async fn start(
         let (addr, stop, task, tls) =
             crate::kmip::server::start(k, Arc::clone(&broker)).into_parts();
         tracing::info!(%addr, "KMIP listening (mTLS, TLS 1.3 and 1.2)");
-        server.attach(addr, stop, task, tls);
+        server.kmip_addr = Some(addr);
+        server.attach(stop, task, Some(tls));
+    }
+    if let Some(a) = admin {
+        let r = crate::admin::start(a, Arc::clone(&broker));
+        tracing::info!(addr = %r.addr, mtls = r.tls.is_some(), "admin listening (/metrics, /livez, /readyz)");
+        server.admin_addr = Some(r.addr);
+        server.attach(r.stop, r.task, r.tls);
     }
     Ok((broker, server))
 }

@@ -702,3 +702,33 @@ async fn below_the_reserve_buffered_records_are_shed_and_decrypts_go_on() {
     assert!(shed.reason.contains("below the reserve"), "{}", shed.reason);
     verify_text(&text, &pk, true).expect("the chain stays whole");
 }
+
+/// Readiness follows the audit disk: full, `/readyz` says not ready and
+/// names the audit log; space back, ready again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_full_audit_disk_and_recovers() {
+    let env = Env::new();
+    let fs_dir = env.dir.path().join("auditfs");
+    let _mnt = Tmpfs::mount(&fs_dir, "256k");
+    let cfg = env.config_with_tail(
+        "eu-central",
+        &format!(
+            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 0\n\n[health]\ninterval_seconds = 1\ndeadline_seconds = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            fs_dir.display()
+        ),
+    );
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let admin = eu.server.admin_addr.unwrap().to_string();
+    wait_ready(&admin, 200, std::time::Duration::from_secs(10)).await;
+    let filler = fill(&fs_dir);
+    let why = wait_ready(&admin, 503, std::time::Duration::from_secs(30)).await;
+    assert!(why.contains("audit: "), "{why}");
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("sovkms_component_healthy{component=\"audit\"} 0"),
+        "{metrics}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    wait_ready(&admin, 200, std::time::Duration::from_secs(10)).await;
+    eu.stop().await;
+}

@@ -152,7 +152,11 @@ async fn a_decrypt_is_answered_only_after_its_record_is_synced() {
             .unwrap()
             .trim()
             .to_owned();
-    let mut p = Proc { child, addr };
+    let mut p = Proc {
+        child,
+        addr,
+        admin: None,
+    };
     let app = spiffe("eu-central", "service", "app");
     let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
     let k = create_key_as(&mut op, "k", vec![grant(&app, &ALL_OPS)]).await;

@@ -204,11 +204,16 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let root = sovkms::pki::pkcs11_root_toml(&path_str(&profile), "outage", &pin);
-    let cfg = env.config_with_root("eu-central", "", &root);
+    let cfg = env.config_with_root(
+        "eu-central",
+        "",
+        &format!("{root}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+    );
     let o = run_sovkms(&["hsm", "init", "--config", cfg.to_str().unwrap()], &e);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let mut p = spawn_broker(&cfg, &e);
+    let admin = p.admin.clone().expect("the admin listener's address");
     let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
     let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
     let app = spiffe("eu-central", "service", "app");
@@ -224,6 +229,8 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
     let away = hsm.join("tokens.away");
     std::fs::rename(&tokens, &away).unwrap();
     wait_health(&svc, false, Duration::from_secs(10)).await;
+    let why = wait_ready(&admin, 503, Duration::from_secs(10)).await;
+    assert!(why.contains("root_of_trust"), "{why}");
     let e1 = encrypt(&mut svc, &cold, b"needs the HSM", &c)
         .await
         .unwrap_err();
@@ -246,6 +253,7 @@ async fn hsm_outage_fails_closed_and_recovers_without_restart() {
     // It comes back: the broker reconnects by itself.
     std::fs::rename(&away, &tokens).unwrap();
     wait_health(&svc, true, Duration::from_secs(15)).await;
+    wait_ready(&admin, 200, Duration::from_secs(15)).await;
     let ct = encrypt(&mut svc, &cold, b"back", &c)
         .await
         .unwrap()

@@ -343,3 +343,204 @@ async fn server_cert(env: &Env, addr: &str) -> Vec<u8> {
         .unwrap();
     s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
+
+/// The value of one series in a Prometheus text exposition (0 if absent).
+fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A scripted mix of requests, then a scrape of the admin listener: the
+/// request counters say exactly what was done, by operation, outcome and
+/// code; refusals by reason; and no key id or principal appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_what_was_done() {
+    use sovkms::api::proto as pb;
+    let env = Env::new();
+    let cfg = env.config_with_tail("eu-central", "\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let admin = eu.server.admin_addr.unwrap().to_string();
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "metered", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let mut us = client(&env, "us-east/service-app", &eu).await;
+    let c = ctx(&[("tenant", "42")]);
+    let mut ct = Vec::new();
+    for i in 0..3u8 {
+        ct = encrypt(&mut svc, &k, &[i; 8], &c).await.unwrap().ciphertext;
+    }
+    for _ in 0..2 {
+        decrypt(&mut svc, &ct, &c).await.unwrap();
+    }
+    let e = decrypt(&mut us, &ct, &c).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = decrypt(&mut svc, b"not a ciphertext", &c)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = svc
+        .keys
+        .create(pb::CreateKeyRequest {
+            name: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    let (status, text) = http_get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let req = |op: &str, outcome: &str, code: &str| {
+        series(
+            &text,
+            &format!("sovkms_requests_total{{operation=\"{op}\",outcome=\"{outcome}\",code=\"{code}\",protocol=\"\"}}"),
+        )
+    };
+    assert_eq!(req("create-key", "allowed", "OK"), 1.0, "{text}");
+    assert_eq!(req("encrypt", "allowed", "OK"), 3.0);
+    assert_eq!(req("decrypt", "allowed", "OK"), 2.0);
+    assert_eq!(req("decrypt", "refused", "PERMISSION_DENIED"), 1.0);
+    assert_eq!(req("decrypt", "refused", "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(req("create-key", "refused", "PERMISSION_DENIED"), 1.0);
+    assert_eq!(
+        series(&text, "sovkms_refusals_total{reason=\"region\"}"),
+        1.0
+    );
+    assert_eq!(
+        series(&text, "sovkms_refusals_total{reason=\"invalid\"}"),
+        1.0
+    );
+    assert_eq!(series(&text, "sovkms_refusals_total{reason=\"role\"}"), 1.0);
+    assert_eq!(
+        series(
+            &text,
+            "sovkms_request_duration_seconds_count{operation=\"decrypt\"}"
+        ),
+        4.0
+    );
+    // One version material unwrapped once, then served from memory.
+    assert!(
+        series(
+            &text,
+            "sovkms_root_calls_total{call=\"unwrap\",result=\"ok\"}"
+        ) >= 1.0
+    );
+    assert!(
+        series(&text, "sovkms_kek_cache_hits_total") >= 4.0,
+        "{text}"
+    );
+    assert!(series(&text, "sovkms_audit_sync_duration_seconds_count") >= 3.0);
+    assert!(
+        series(
+            &text,
+            "sovkms_store_calls_total{call=\"insert\",result=\"ok\"}"
+        ) >= 1.0
+    );
+    // svc and us (create_key's operator connection has closed).
+    assert_eq!(
+        series(
+            &text,
+            "sovkms_open_connections{listener=\"grpc\",event=\"open\"}"
+        ),
+        2.0
+    );
+    assert_eq!(series(&text, "sovkms_ready"), 1.0);
+    assert!(text.contains("region=\"eu-central\""));
+    assert!(!text.contains(&k), "a key id is a label value");
+    assert!(!text.contains("spiffe://"), "a principal is a label value");
+
+    assert_eq!(http_get(&admin, "/livez").await, (200, "live\n".into()));
+    assert_eq!(http_get(&admin, "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(http_get(&admin, "/nope").await.0, 404);
+}
+
+/// `--log-format json` at debug level: every line is one JSON object, each
+/// request has a line with its request id, caller, operation and outcome,
+/// and no secret appears in any form (plaintext, data key, HSM PIN,
+/// context value; raw, hex or base64).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_each_request_and_never_a_secret() {
+    use base64::Engine;
+    use sovkms::api::proto as pb;
+    use std::io::BufRead;
+    let env = Env::new();
+    let token = new_token(env.dir.path(), "eu-central");
+    let cfg = env.config_with_root("eu-central", "", &token.root_toml);
+    let log = env.dir.path().join("broker.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("SOVKMS_LOG", "debug")
+        .env("SOVKMS_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &addr).await;
+    let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &addr).await;
+    let mut us = connect_ready(&env, "us-east/service-app", "eu-central", &addr).await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key_as(&mut op, "logged", vec![grant(&app, &ALL_OPS)]).await;
+    let secret = b"TOP-SECRET-PLAINTEXT-4711";
+    let c = ctx(&[("patient", "patient-4712-context-value")]);
+    let ct = encrypt(&mut svc, &k, secret, &c).await.unwrap().ciphertext;
+    assert_eq!(decrypt(&mut svc, &ct, &c).await.unwrap(), secret);
+    let dk = svc
+        .crypto
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: k.clone(),
+            context: c.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    decrypt(&mut us, &ct, &c).await.unwrap_err();
+    stop(&mut Proc {
+        child,
+        addr,
+        admin: None,
+    });
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let pin = std::fs::read_to_string(&token.pin_file).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut secrets = vec![
+        String::from_utf8(secret.to_vec()).unwrap(),
+        "patient-4712-context-value".to_owned(),
+        pin.trim().to_owned(),
+    ];
+    for bytes in [&secret[..], &dk.plaintext_key[..], pin.trim().as_bytes()] {
+        secrets.push(hex::encode(bytes));
+        secrets.push(b64.encode(bytes));
+    }
+    for s in &secrets {
+        assert!(!text.contains(s.as_str()), "a secret is in the log: {s}");
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let request = |op: &str, outcome: &str| {
+        lines
+            .iter()
+            .find(|l| l["operation"] == op && l["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {op} {outcome} line in\n{text}"))
+    };
+    let d = request("decrypt", "allowed");
+    assert_eq!(d["caller"], app.as_str());
+    assert_eq!(d["request_id"].as_str().unwrap().len(), 24, "{d}");
+    let r = request("decrypt", "refused");
+    assert_eq!(r["level"], "INFO");
+    assert!(r["reason"].as_str().unwrap().contains("us-east"), "{r}");
+    request("generate-data-key", "allowed");
+}

@@ -34,5 +34,11 @@ pub async fn start_echo(settings: &Settings) -> Result<RunningServer, ServeError
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
-    Ok(launch(router, listener, tls, local_addr))
+    Ok(launch(
+        router,
+        listener,
+        tls,
+        local_addr,
+        std::sync::Arc::default(),
+    ))
 }

@@ -85,6 +85,8 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     /// The KMIP listener's address, when one serves beside gRPC.
     pub kmip_addr: Option<SocketAddr>,
+    /// The admin listener's address, when one is configured.
+    pub admin_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     extra_stop: Option<watch::Sender<bool>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -114,18 +116,17 @@ impl RunningServer {
         r
     }
 
-    /// Attaches another listener of the same broker (KMIP): `stop` ends it,
-    /// `task` finishes once it has stopped, `tls` reloads with the others.
+    /// Attaches another listener of the same broker (KMIP, admin): `stop`
+    /// ends it, `task` finishes once it has stopped, `tls` (if it has TLS)
+    /// reloads with the others.
     pub fn attach(
         &mut self,
-        addr: SocketAddr,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
-        tls: Arc<TlsServer>,
+        tls: Option<Arc<TlsServer>>,
     ) {
-        self.kmip_addr = Some(addr);
         self.attached.push((stop, task));
-        self.tls.push(tls);
+        self.tls.extend(tls);
     }
 
     /// Reads the broker's certificate and key, the client CAs and the CRLs
@@ -187,6 +188,7 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
         tls,
     } = bound;
     let (stop_tasks, stop_rx) = watch::channel(false);
+    let metrics = Arc::clone(broker.metrics());
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     tokio::spawn(health_monitor(Arc::clone(&broker), health, stop_rx.clone()));
@@ -236,7 +238,7 @@ pub async fn start(bound: Bound, broker: Arc<Broker>) -> Result<RunningServer, S
             proto::broker_service_server::BrokerServiceServer::new(service::Api::new(broker))
                 .max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES),
         );
-    let mut server = launch(router, listener, tls, local_addr);
+    let mut server = launch(router, listener, tls, local_addr, metrics);
     // The health monitor and the sweeper stop with the server.
     server.extra_stop = Some(stop_tasks);
     Ok(server)
@@ -267,10 +269,11 @@ fn launch(
     listener: TcpListener,
     tls: Arc<TlsServer>,
     local_addr: SocketAddr,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> RunningServer {
     let (stop, stop_rx) = watch::channel(false);
     let tls_keep = Arc::clone(&tls);
-    let incoming = accept_loop(listener, tls, stop_rx.clone());
+    let incoming = accept_loop(listener, tls, stop_rx.clone(), metrics, "grpc");
     let mut stop_wait = stop_rx;
     let task = tokio::spawn(async move {
         router
@@ -283,6 +286,7 @@ fn launch(
     RunningServer {
         local_addr,
         kmip_addr: None,
+        admin_addr: None,
         stop,
         extra_stop: None,
         task,
@@ -334,6 +338,8 @@ pub(crate) fn accept_loop(
     listener: TcpListener,
     tls: Arc<TlsServer>,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
+    name: &'static str,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let allowed = tls.allowed_client_cidrs.clone();
     let connections = Arc::new(tokio::sync::Semaphore::new(tls.max_connections));
@@ -357,12 +363,14 @@ pub(crate) fn accept_loop(
             // is closed before any TLS byte is read.
             let ip = remote.ip().to_canonical();
             if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(&ip)) {
+                metrics.connection(name, "refused_network");
                 tracing::warn!(%remote, "client address outside tls.allowed_client_cidrs: connection closed");
                 continue;
             }
             // Every connection holds a file descriptor and memory until it
             // ends: at most so many at once.
             let Ok(conn_slot) = Arc::clone(&connections).try_acquire_owned() else {
+                metrics.connection(name, "refused_cap");
                 tracing::warn!(%remote, "connection limit reached ([limits] connections): connection closed");
                 continue;
             };
@@ -370,13 +378,17 @@ pub(crate) fn accept_loop(
             // number at once, and a few per address; beyond that the
             // connection is closed at once.
             let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                metrics.connection(name, "refused_handshakes");
                 tracing::warn!(%remote, "too many TLS handshakes in progress: connection closed");
                 continue;
             };
             let Some(slot) = AddressSlot::take(&per_address, remote.ip()) else {
+                metrics.connection(name, "refused_handshakes_per_address");
                 tracing::warn!(%remote, "too many TLS handshakes from this address: connection closed");
                 continue;
             };
+            metrics.connection(name, "accepted");
+            let metrics = Arc::clone(&metrics);
             let _ = tcp.set_nodelay(true);
             // The certificates and CAs in force now (a reload swaps them
             // for later handshakes only).
@@ -400,7 +412,9 @@ pub(crate) fn accept_loop(
                             .and_then(|g| g.name().as_str())
                             .unwrap_or("unknown");
                         tracing::debug!(%remote, key_exchange, "TLS handshake done");
+                        metrics.connection(name, "handshake_ok");
                         let conn = TlsConn {
+                            _open: tls::OpenConnection::new(Arc::clone(&metrics), name),
                             _slot: conn_slot,
                             stream,
                             info: PeerInfo {
@@ -412,8 +426,14 @@ pub(crate) fn accept_loop(
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(%remote, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::warn!(%remote, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        metrics.handshake_failure(name, handshake_failure(&e));
+                        tracing::warn!(%remote, error = %e, "TLS handshake refused")
+                    }
+                    Err(_) => {
+                        metrics.handshake_failure(name, "timeout");
+                        tracing::warn!(%remote, "TLS handshake timed out")
+                    }
                 }
             });
         }
@@ -421,7 +441,33 @@ pub(crate) fn accept_loop(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Reports NOT_SERVING while the root of trust is unhealthy.
+/// Why a TLS handshake failed, as a metric label (the TLS alert it
+/// amounts to, where there is one).
+fn handshake_failure(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+        Some(E::InvalidCertificate(rustls::CertificateError::Revoked)) => "certificate_revoked",
+        Some(E::InvalidCertificate(rustls::CertificateError::Expired)) => "certificate_expired",
+        Some(E::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => "unknown_ca",
+        Some(E::InvalidCertificate(_)) => "bad_certificate",
+        Some(E::NoCertificatesPresented) => "certificate_required",
+        Some(E::PeerIncompatible(_)) => "protocol_version",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. },
+        ) => "decode_error",
+        Some(_) => "other",
+        None => "io",
+    }
+}
+
+/// Reports NOT_SERVING, naming the component, while the root of trust
+/// fails its per-second health call or the last deep readiness check
+/// (root wrap/unwrap, store read, audit append and sync; every
+/// `readiness_interval`, and at once when the root comes back) failed or
+/// did not finish within `readiness_deadline`.
 async fn health_monitor(
     broker: Arc<Broker>,
     health: tonic_health::server::HealthReporter,
@@ -433,15 +479,36 @@ async fn health_monitor(
         "sovkms.v1.KeyService",
         "sovkms.v1.AuditService",
     ];
-    let mut last = None;
+    let (interval, deadline) = broker.readiness_schedule();
+    let checking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut last: Option<bool> = None;
+    let mut root_was_ok = true;
+    let mut next_deep = tokio::time::Instant::now();
     loop {
         let b = Arc::clone(&broker);
-        let ok = tokio::task::spawn_blocking(move || {
+        let root = tokio::task::spawn_blocking(move || {
             b.flush_suppressed_refusals();
-            b.health().is_ok()
+            b.health().err().map(|e| e.to_string())
         })
         .await
-        .unwrap_or(false);
+        .unwrap_or_else(|_| Some("the health check task failed".into()));
+        let now = tokio::time::Instant::now();
+        let root_back = root.is_none() && !root_was_ok;
+        root_was_ok = root.is_none();
+        if (now >= next_deep || root_back)
+            && !checking.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            next_deep = now + interval;
+            deep_check(&broker, interval, deadline, &checking).await;
+        }
+        let mut readiness = broker.readiness();
+        if let Some(why) = root {
+            readiness.ready = false;
+            readiness.failing.retain(|(c, _)| *c != "root_of_trust");
+            readiness.failing.insert(0, ("root_of_trust", why));
+            broker.set_readiness(readiness.clone());
+        }
+        let ok = readiness.ready;
         if last != Some(ok) {
             let status = if ok {
                 ServingStatus::Serving
@@ -451,8 +518,10 @@ async fn health_monitor(
             for s in services {
                 health.set_service_status(s, status).await;
             }
-            if !ok {
-                tracing::error!("root of trust unhealthy: reporting NOT_SERVING");
+            if ok {
+                tracing::info!("ready: reporting SERVING");
+            } else {
+                tracing::error!(failing = %readiness.summary(), "not ready: reporting NOT_SERVING");
             }
             last = Some(ok);
         }
@@ -460,6 +529,34 @@ async fn health_monitor(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped(&mut stop) => return,
         }
+    }
+}
+
+/// One deep readiness check, given up on after `deadline` (the blocking
+/// call goes on; `checking` stays set until it returns, so checks never
+/// pile up behind a hung device).
+async fn deep_check(
+    broker: &Arc<Broker>,
+    fresh: Duration,
+    deadline: Duration,
+    checking: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    let at = Arc::new(std::sync::Mutex::new("root_of_trust"));
+    let (b, at2, done) = (Arc::clone(broker), Arc::clone(&at), Arc::clone(checking));
+    let task = tokio::task::spawn_blocking(move || {
+        b.check_readiness(fresh, &at2);
+        done.store(false, std::sync::atomic::Ordering::SeqCst);
+    });
+    if tokio::time::timeout(deadline, task).await.is_err() {
+        let component = *at.lock().unwrap_or_else(|p| p.into_inner());
+        broker.set_readiness(crate::broker::Readiness {
+            ready: false,
+            failing: vec![(
+                component,
+                format!("no answer within {} s", deadline.as_secs()),
+            )],
+            checked_at: broker.now_unix(),
+        });
     }
 }
 

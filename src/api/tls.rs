@@ -112,6 +112,8 @@ pub enum Listener {
     /// KMIP: TLS 1.3, and TLS 1.2 (rustls offers only AEAD suites with
     /// forward secrecy there) because several KMIP clients still ship it.
     Kmip,
+    /// The admin listener off loopback: TLS 1.3 only, ALPN http/1.1.
+    Admin,
 }
 
 impl TlsServer {
@@ -174,7 +176,7 @@ impl TlsServer {
             });
         }
         let versions: &[&rustls::SupportedProtocolVersion] = match listener {
-            Listener::Grpc => &[&rustls::version::TLS13],
+            Listener::Grpc | Listener::Admin => &[&rustls::version::TLS13],
             Listener::Kmip => &[&rustls::version::TLS13, &rustls::version::TLS12],
         };
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -185,6 +187,7 @@ impl TlsServer {
             .map_err(|e| TlsError(format!("broker certificate/key: {e}")))?;
         match listener {
             Listener::Grpc => config.alpn_protocols = vec![b"h2".to_vec()],
+            Listener::Admin => config.alpn_protocols = vec![b"http/1.1".to_vec()],
             // Several KMIP clients open a connection per operation: resume
             // sessions (stateful cache and TLS 1.3 tickets) so that costs
             // no full handshake.
@@ -297,6 +300,27 @@ pub struct TlsConn {
     /// This connection's place under the connection cap, given back when
     /// the connection ends.
     pub(crate) _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Counts the connection as open until it ends.
+    pub(crate) _open: OpenConnection,
+}
+
+/// One established connection in `sovkms_open_connections`.
+pub(crate) struct OpenConnection {
+    metrics: Arc<crate::metrics::Metrics>,
+    listener: &'static str,
+}
+
+impl OpenConnection {
+    pub(crate) fn new(metrics: Arc<crate::metrics::Metrics>, listener: &'static str) -> Self {
+        metrics.open_connection(listener, 1);
+        Self { metrics, listener }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.metrics.open_connection(self.listener, -1);
+    }
 }
 
 impl Connected for TlsConn {

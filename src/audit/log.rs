@@ -86,6 +86,9 @@ struct Shared {
     /// The last checkpoint could not be signed: nothing that needs a durable
     /// record is accepted until one is (fail closed).
     unsigned: std::sync::atomic::AtomicBool,
+    metrics: crate::metrics::AuditMetrics,
+    /// When (ms since the epoch) a batch somebody waited for was last synced.
+    last_durable_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -304,6 +307,8 @@ struct Writer {
     /// Sequence number of the active file's first record.
     active_first: u64,
     reserve: Reserve,
+    metrics: crate::metrics::AuditMetrics,
+    last_durable_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Writer {
@@ -377,7 +382,12 @@ impl Writer {
     }
 
     fn sync(&mut self) -> Result<(), AuditError> {
-        match self.file.sync_data() {
+        let start = Instant::now();
+        let synced = self.file.sync_data();
+        self.metrics
+            .sync_seconds
+            .observe(start.elapsed().as_secs_f64());
+        match synced {
             Ok(()) => {
                 self.unsynced_since = None;
                 self.durable_len = self.written_len;
@@ -389,6 +399,7 @@ impl Writer {
     }
 
     fn fail(&mut self, e: std::io::Error) -> Result<(), AuditError> {
+        self.metrics.write_failures.inc();
         let _ = self.file.set_len(self.durable_len);
         let _ = self.file.seek(SeekFrom::Start(self.durable_len));
         self.written_len = self.durable_len;
@@ -429,6 +440,7 @@ impl Writer {
         let below = r.free < want;
         if below != r.shedding {
             r.shedding = below;
+            self.metrics.below_reserve.set(i64::from(below));
             if below {
                 tracing::warn!(free = r.free, reserve = want, "audit log disk below its reserve: buffered records (refusals, encrypts, reads) are counted, not written, until space returns");
             } else {
@@ -448,7 +460,9 @@ impl Writer {
         if self.below_reserve() {
             let before = batch.len();
             batch.retain(|(_, w)| w.is_some());
-            self.reserve.shed += (before - batch.len()) as u64;
+            let shed = (before - batch.len()) as u64;
+            self.reserve.shed += shed;
+            self.metrics.unwritten.inc_by(shed);
             if batch.is_empty() {
                 return batch;
             }
@@ -466,6 +480,7 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
+        self.metrics.batch_records.observe(batch.len() as f64);
         let t = now_ms();
         let mut records = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
@@ -479,6 +494,10 @@ impl Writer {
         }
         let sync = waiters.iter().any(Option::is_some);
         let res = self.commit(&records, sync);
+        if sync && res.is_ok() {
+            self.last_durable_ms
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
         for (waiter, r) in waiters.into_iter().zip(&records) {
             if let Some(w) = waiter {
                 let _ = w.send(res.clone().map(|_| r.seq));
@@ -638,6 +657,7 @@ impl Writer {
                 q.waiters = 0;
                 q.first_at = None;
                 self.reserve.full += std::mem::take(&mut q.dropped);
+                shared.metrics.queue_depth.set(0);
                 (std::mem::take(&mut q.events), q.shutdown)
             };
             if !batch.is_empty() || self.reserve.full + self.reserve.shed > 0 {
@@ -688,7 +708,9 @@ impl AuditLog {
         check_before_continuing(&settings, root.as_ref())?;
         file.seek(SeekFrom::End(0))
             .map_err(|e| AuditError::io(path.display(), e))?;
-        let writer = Writer {
+        let mut writer = Writer {
+            metrics: crate::metrics::AuditMetrics::default(),
+            last_durable_ms: Arc::default(),
             file,
             settings,
             root,
@@ -709,10 +731,15 @@ impl AuditLog {
                 shedding: false,
             },
         };
+        let metrics = crate::metrics::AuditMetrics::default();
+        writer.metrics = metrics.clone();
+        let last_durable_ms = Arc::clone(&writer.last_durable_ms);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             unsigned: std::sync::atomic::AtomicBool::new(false),
+            metrics,
+            last_durable_ms,
         });
         let for_writer = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -745,6 +772,7 @@ impl AuditLog {
                 return Err(AuditError::Busy);
             }
             q.dropped += 1;
+            self.shared.metrics.unwritten.inc();
             return Ok(());
         }
         // The first buffered event of a window wakes the writer once, so that
@@ -758,11 +786,18 @@ impl AuditLog {
             q.first_at = Some(Instant::now());
         }
         q.events.push((Box::new(event), waiter));
+        let depth = q.events.len();
         drop(q);
+        self.shared.metrics.queue_depth.set(depth as i64);
         if wake {
             self.shared.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// The writer's metrics (shared series: register them once).
+    pub fn metrics(&self) -> crate::metrics::AuditMetrics {
+        self.shared.metrics.clone()
     }
 
     /// Writes a final checkpoint and stops the writer.
@@ -790,6 +825,19 @@ impl AuditSink for AuditLog {
 
     fn close(&self) {
         self.shutdown();
+    }
+
+    fn probe(&self, fresh: Duration) -> Result<(), AuditError> {
+        let last = self
+            .shared
+            .last_durable_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let fresh_ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX);
+        if last > 0 && now_ms().saturating_sub(last) < fresh_ms {
+            return Ok(());
+        }
+        self.append_durable(Event::system(Kind::Probe, "readiness-probe", ""))
+            .map(|_| ())
     }
 }
 

@@ -164,4 +164,12 @@ pub trait AuditSink: Send + Sync {
     }
     /// Writes what is buffered and a final signed checkpoint, then stops.
     fn close(&self);
+    /// Proves the log takes durable records now: a durable record synced
+    /// within `fresh` suffices; otherwise a probe record is written and
+    /// synced.
+    fn probe(&self, fresh: std::time::Duration) -> Result<(), AuditError> {
+        let _ = fresh;
+        self.append_durable(Event::system(Kind::Probe, "readiness-probe", ""))
+            .map(|_| ())
+    }
 }

@@ -22,6 +22,9 @@ pub enum Kind {
     Checkpoint,
     /// The broker started (with its root of trust).
     Start,
+    /// A readiness probe: the log took a durable record (written only when
+    /// no other durable record was synced recently).
+    Probe,
 }
 
 /// A signed statement about the chain head (the record before this one).
@@ -111,6 +114,7 @@ impl Record {
             Kind::Request => b"request",
             Kind::Checkpoint => b"checkpoint",
             Kind::Start => b"start",
+            Kind::Probe => b"probe",
         };
         put(&mut o, kind);
         for f in [

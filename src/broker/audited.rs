@@ -12,23 +12,106 @@ use crate::policy::{Operation, Refusal};
 /// A result that may be released only once its audit record is durable.
 pub struct AfterAudit<T> {
     value: T,
-    ticket: Option<Ticket>,
+    ticket: Option<(Ticket, Pending)>,
+}
+
+/// A request whose metrics wait for its audit record (its outcome and
+/// duration are known only then).
+struct Pending {
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    operation: &'static str,
+    protocol: &'static str,
+    started: std::time::Instant,
+    request_id: String,
+    caller: Option<std::sync::Arc<crate::region::Caller>>,
+}
+
+impl Pending {
+    /// Counts the request once its record is durable (or is not).
+    fn done<T>(self, r: std::result::Result<T, AuditError>) -> Result<T> {
+        let r = r.map_err(audit_err);
+        let (outcome, code) = match &r {
+            Ok(_) => ("allowed", "OK"),
+            Err(e) => (e.outcome().as_str(), e.code_name()),
+        };
+        self.metrics.request(
+            self.operation,
+            outcome,
+            code,
+            self.protocol,
+            None,
+            self.started.elapsed(),
+        );
+        let reason = r
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        log_request(
+            &self.request_id,
+            self.caller.as_deref(),
+            self.operation,
+            outcome,
+            code,
+            &reason,
+        );
+        r
+    }
+}
+
+/// One log line per request: who asked for what, and how it ended. Never
+/// a key, a plaintext or a context value (the reason is the refusal's
+/// sentence, which names neither). Allowed requests log at debug level,
+/// refusals at info, failures at warn.
+fn log_request(
+    request_id: &str,
+    caller: Option<&crate::region::Caller>,
+    operation: &str,
+    outcome: &str,
+    code: &str,
+    reason: &str,
+) {
+    // Formatted only if the line is logged at all.
+    let caller = tracing::field::display(Who(caller));
+    match outcome {
+        "allowed" => {
+            tracing::debug!(target: "sovkms::request", request_id, caller, operation, outcome, code, "request")
+        }
+        "refused" => {
+            tracing::info!(target: "sovkms::request", request_id, caller, operation, outcome, code, reason, "request")
+        }
+        _ => {
+            tracing::warn!(target: "sovkms::request", request_id, caller, operation, outcome, code, reason, "request")
+        }
+    }
+}
+
+/// A caller's SPIFFE id, or nothing.
+struct Who<'a>(Option<&'a crate::region::Caller>);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(c) => c.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<T> AfterAudit<T> {
     /// Waits (asynchronously) for the audit record, then releases the value.
     /// If the record could not be written the value is dropped (zeroized).
     pub async fn released(self) -> Result<T> {
-        if let Some(t) = self.ticket {
-            t.wait_async().await.map_err(audit_err)?;
+        if let Some((t, p)) = self.ticket {
+            p.done(t.wait_async().await)?;
         }
         Ok(self.value)
     }
 
     /// Blocking form of [`released`](Self::released), for non-async callers.
     pub fn released_blocking(self) -> Result<T> {
-        if let Some(t) = self.ticket {
-            t.wait().map_err(audit_err)?;
+        if let Some((t, p)) = self.ticket {
+            p.done(t.wait())?;
         }
         Ok(self.value)
     }
@@ -74,23 +157,34 @@ impl Broker {
         context: Option<&EncryptionContext>,
         f: impl FnOnce(&mut Note) -> std::result::Result<T, Halt<Error>>,
     ) -> std::result::Result<AfterAudit<T>, Halt<Error>> {
+        let started = std::time::Instant::now();
         let mut note = Note::default();
         let value = match f(&mut note) {
             Ok(v) => v,
             Err(Halt::WouldBlock) => return Err(Halt::WouldBlock),
             Err(Halt::Failed(e)) => {
-                self.record_failure(
-                    self.event(Some(cx), op, context, &note, Some(&e)),
-                    &e,
-                    Some(cx),
-                );
+                let ev = self.event(Some(cx), op, context, &note, Some(&e));
+                self.observe(&ev, Some(&e), started);
+                self.record_failure(ev, &e, Some(cx));
                 return Err(Halt::Failed(e));
             }
         };
         let ev = self.event(Some(cx), op, context, &note, None);
         let ticket = if op.rule().releases_plaintext {
-            Some(self.audit.append_ticket(ev).map_err(audit_err)?)
+            let pending = Pending {
+                metrics: std::sync::Arc::clone(&self.metrics),
+                operation: ev.operation,
+                protocol: ev.protocol,
+                started,
+                request_id: ev.request_id.clone(),
+                caller: ev.caller.clone(),
+            };
+            match self.audit.append_ticket(ev) {
+                Ok(t) => Some((t, pending)),
+                Err(e) => return pending.done(Err(e)).map_err(Halt::Failed),
+            }
         } else {
+            self.observe(&ev, None, started);
             self.audit.append(ev);
             None
         };
@@ -108,26 +202,70 @@ impl Broker {
         prepare: impl FnOnce(&mut Note) -> Result<P>,
         commit: impl FnOnce(P, u64) -> Result<T>,
     ) -> Result<T> {
+        let started = std::time::Instant::now();
         let mut note = Note::default();
         let p = match prepare(&mut note) {
             Ok(p) => p,
             Err(e) => {
-                self.record_failure(self.event(cx, op, None, &note, Some(&e)), &e, cx);
+                let ev = self.event(cx, op, None, &note, Some(&e));
+                self.observe(&ev, Some(&e), started);
+                self.record_failure(ev, &e, cx);
                 return Err(e);
             }
         };
-        let seq = self
-            .audit
-            .append_durable(self.event(cx, op, None, &note, None))
-            .map_err(audit_err)?;
-        commit(p, seq).inspect_err(|e| {
+        let ev = self.event(cx, op, None, &note, None);
+        let (operation, protocol) = (ev.operation, ev.protocol);
+        let seq = match self.audit.append_durable(ev) {
+            Ok(seq) => seq,
+            Err(e) => {
+                let e = audit_err(e);
+                self.metrics.request(
+                    operation,
+                    "failed",
+                    e.code_name(),
+                    protocol,
+                    None,
+                    started.elapsed(),
+                );
+                return Err(e);
+            }
+        };
+        let r = commit(p, seq).inspect_err(|e| {
             let mut ev = self.event(cx, op, None, &note, Some(e));
             ev.reason = format!(
                 "the change recorded at audit sequence {seq} was not committed: {}",
                 ev.reason
             );
             self.audit.append(ev);
-        })
+        });
+        let (outcome, code) = match &r {
+            Ok(_) => ("allowed", "OK"),
+            Err(e) => (e.outcome().as_str(), e.code_name()),
+        };
+        self.metrics
+            .request(operation, outcome, code, protocol, None, started.elapsed());
+        r
+    }
+
+    /// Counts and logs a finished request (one whose answer waits for
+    /// nothing).
+    fn observe(&self, ev: &Event, e: Option<&Error>, started: std::time::Instant) {
+        self.metrics.request(
+            ev.operation,
+            ev.outcome.as_str(),
+            ev.code,
+            ev.protocol,
+            e.and_then(Error::refusal_reason),
+            started.elapsed(),
+        );
+        log_request(
+            &ev.request_id,
+            ev.caller.as_deref(),
+            ev.operation,
+            ev.outcome.as_str(),
+            ev.code,
+            &ev.reason,
+        );
     }
 
     /// Records a refused or failed request. Refusals (and rate-limited

@@ -219,6 +219,8 @@ mod tests {
             break_glass_max_minutes: 60,
             break_glass_approval_minutes: 60,
             limits: Default::default(),
+            readiness_interval: std::time::Duration::from_secs(10),
+            readiness_deadline: std::time::Duration::from_secs(5),
         };
         let root = crate::root::software::SoftwareRoot::open_or_create(&dir.join("root")).unwrap();
         let store = crate::store::SledStore::open(&dir.join("store")).unwrap();

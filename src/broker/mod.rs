@@ -18,6 +18,7 @@ mod breakglass;
 mod cipher;
 mod crypto;
 mod gate;
+mod health;
 mod lifecycle;
 mod limits;
 mod objects;
@@ -26,6 +27,7 @@ pub mod rewrap;
 pub use audited::AfterAudit;
 pub use breakglass::BreakGlassAsk;
 pub use crypto::{DataKey, Opened, ReEncrypted, Sealed};
+pub use health::Readiness;
 pub use lifecycle::{effective_state, CreateKey, GrantRequest, LocateFilter};
 pub use limits::LimitSettings;
 pub use objects::{Cipher, CipherError, Described, Enciphered, NewObject, MAX_SECRET_BYTES};
@@ -82,6 +84,10 @@ pub struct BrokerSettings {
     /// Key creators whose created keys are exportable (to them) even when
     /// the request does not ask: clients that fetch what they create.
     pub exportable_creators: Vec<crate::policy::Principal>,
+    /// How often the deep readiness check runs...
+    pub readiness_interval: Duration,
+    /// ...and how long it may take before the broker reports not ready.
+    pub readiness_deadline: Duration,
 }
 
 /// Broker facts for `GetInfo`.
@@ -118,6 +124,8 @@ pub struct Broker {
     /// Aggregate counts of the log read so far, and where reading stopped:
     /// each call reads only the records written since.
     aggregates: Mutex<(crate::audit::segments::Position, crate::audit::Aggregator)>,
+    metrics: Arc<crate::metrics::Metrics>,
+    readiness: std::sync::RwLock<Readiness>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -169,7 +177,25 @@ impl Broker {
             break_glass: std::sync::RwLock::new(Vec::new()),
             attestor: None,
             aggregates: Mutex::default(),
+            metrics: Arc::default(),
+            readiness: std::sync::RwLock::default(),
         }
+    }
+
+    /// Counts requests into `metrics` (by default, a set of its own).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// KEK cache counters and the number of key records in memory.
+    pub fn cache_stats(&self) -> (CacheStats, u64) {
+        (self.keyring.stats(), self.keyring.records_held())
     }
 
     /// Adds the host's TPM for `Attest`.

@@ -97,6 +97,8 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         text.push_str(&format!(
             "\n[kmip]\nlisten = \"127.0.0.1:0\"\nkey_creators = [\"spiffe://{TD}/region/{r}/service/app\"]\n"
         ));
+        // Metrics and health for the host's operators (loopback: plain HTTP).
+        text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
         std::fs::write(&cfg, text).map_err(err)?;
         let root_desc = match &conf {
             Some(c) => format!(
@@ -108,9 +110,10 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         let log = dir.join(format!("{r}.log"));
         let b = start_broker(&exe, &cfg, &log, conf.as_deref()).await?;
         outln!(
-            "   {r:<11} broker on {} (KMIP {}): {root_desc} (log: {})",
+            "   {r:<11} broker on {} (KMIP {}, admin http://{}): {root_desc} (log: {})",
             b.addr,
             b.kmip_addr.as_deref().unwrap_or("off"),
+            b.admin_addr.as_deref().unwrap_or("off"),
             log.display()
         );
         brokers.insert(r.to_string(), b);
@@ -327,6 +330,33 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         "\nall {} steps gave the expected answer: plaintext stayed in eu-central.",
         rows.len()
     );
+    admin_view(&brokers["eu-central"]).await
+}
+
+/// What the region's operators see on the admin listener: readiness and
+/// the request counters of the scenario.
+async fn admin_view(b: &Broker) -> Result<(), CliError> {
+    let Some(admin) = &b.admin_addr else {
+        return Ok(());
+    };
+    let (status, ready) = super::devenv::admin_get(admin, "/readyz").await?;
+    outln!(
+        "\neu-central admin listener: /readyz {status} {}",
+        ready.trim()
+    );
+    let (_, metrics) = super::devenv::admin_get(admin, "/metrics").await?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("sovkms_requests_total{operation=\"decrypt\"")
+            || l.starts_with("sovkms_refusals_total")
+    }) {
+        outln!("   {line}");
+    }
+    if status != 200 {
+        return Err(CliError::new(
+            format!("the eu-central broker is not ready: {}", ready.trim()),
+            "see its log",
+        ));
+    }
     Ok(())
 }
 

@@ -21,6 +21,8 @@ pub(super) struct Broker {
     pub(super) kmip_addr: Option<String>,
     /// The benchmark echo's durable KMIP ceiling, when it serves one.
     pub(super) durable_kmip_addr: Option<String>,
+    /// The admin listener's address, when the config has `[admin]`.
+    pub(super) admin_addr: Option<String>,
 }
 
 pub(super) fn random_hex(n: usize) -> Result<String, CliError> {
@@ -159,20 +161,22 @@ pub(super) async fn start_child(
     let rest = line
         .strip_prefix("listening on ")
         .ok_or_else(|| err(format!("unexpected broker output {line:?}")))?;
-    let (addr, kmip) = match rest.split_once("; KMIP on ") {
-        Some((a, k)) => (a.to_owned(), Some(k)),
-        None => (rest.to_owned(), None),
-    };
-    let (kmip_addr, durable_kmip_addr) = match kmip.map(|k| k.split_once("; KMIP durable on ")) {
-        Some(Some((k, d))) => (Some(k.to_owned()), Some(d.to_owned())),
-        Some(None) => (kmip.map(str::to_owned), None),
-        None => (None, None),
-    };
+    // "ADDR; KMIP on ADDR; admin on ADDR ...": the main address, then
+    // named listeners.
+    let mut parts = rest.split("; ");
+    let addr = parts.next().unwrap_or_default().to_owned();
+    let named: std::collections::HashMap<&str, String> = parts
+        .filter_map(|p| p.split_once(" on ").map(|(n, a)| (n, a.to_owned())))
+        .collect();
+    let kmip_addr = named.get("KMIP").cloned();
+    let durable_kmip_addr = named.get("KMIP durable").cloned();
+    let admin_addr = named.get("admin").cloned();
     Ok(Broker {
         child,
         addr,
         kmip_addr,
         durable_kmip_addr,
+        admin_addr,
     })
 }
 
@@ -205,4 +209,23 @@ pub(super) async fn wait_serving(c: &Client) -> Result<(), CliError> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// GET `path` from a broker's admin listener on loopback (plain HTTP/1.1):
+/// the status code and the body.
+pub(super) async fn admin_get(addr: &str, path: &str) -> Result<(u16, String), CliError> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(err)?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "admin")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(err)?;
+    let resp = send.send_request(req).await.map_err(err)?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(err)?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

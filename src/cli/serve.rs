@@ -37,10 +37,14 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::new(e.to_string(), "see the message; the broker did not start"))?;
     // One machine-readable line on stdout, for supervisors and tests.
     // One line: supervisors read it once and may close the pipe.
-    match server.kmip_addr {
-        Some(k) => outln!("listening on {}; KMIP on {k}", server.local_addr),
-        None => outln!("listening on {}", server.local_addr),
+    let mut line = format!("listening on {}", server.local_addr);
+    if let Some(k) = server.kmip_addr {
+        line.push_str(&format!("; KMIP on {k}"));
     }
+    if let Some(a) = server.admin_addr {
+        line.push_str(&format!("; admin on {a}"));
+    }
+    outln!("{line}");
     // SIGHUP: certificates, client CAs and CRLs are read again from the
     // files the config names; a bad file leaves the ones in force.
     let config = a.config.clone();

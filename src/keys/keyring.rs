@@ -156,6 +156,11 @@ impl Keyring {
     pub fn stats(&self) -> CacheStats {
         self.keks.stats()
     }
+
+    /// Key records held in memory now.
+    pub fn records_held(&self) -> u64 {
+        lock(&self.records).map.len() as u64
+    }
 }
 
 #[cfg(test)]

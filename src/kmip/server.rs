@@ -108,15 +108,21 @@ pub type Handler = Arc<dyn Fn(Result<Arc<Caller>, IdentityError>, &[u8]) -> Vec<
 /// Serves KMIP for `broker` on a bound listener.
 pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
     let limits = Limits::default();
+    let metrics = Arc::clone(broker.metrics());
     start_with(
         bound,
         Arc::new(move |caller, bytes: &[u8]| super::handle(&broker, caller, bytes, &limits)),
+        metrics,
     )
 }
 
 /// Serves `handler` on a bound listener: the broker, or a benchmark's
 /// ceiling on the very same connection code.
-pub fn start_with(bound: Bound, handler: Handler) -> Running {
+pub fn start_with(
+    bound: Bound,
+    handler: Handler,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Running {
     let (stop, stop_rx) = watch::channel(false);
     let Bound {
         listener,
@@ -124,7 +130,7 @@ pub fn start_with(bound: Bound, handler: Handler) -> Running {
         tls,
     } = bound;
     let tls_keep = Arc::clone(&tls);
-    let mut incoming = crate::api::accept_loop(listener, tls, stop_rx.clone());
+    let mut incoming = crate::api::accept_loop(listener, tls, stop_rx.clone(), metrics, "kmip");
     let task = tokio::spawn(async move {
         let mut stop = stop_rx;
         loop {

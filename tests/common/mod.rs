@@ -423,6 +423,8 @@ pub fn code<T>(r: &Result<T, tonic::Status>) -> Code {
 pub struct Proc {
     pub child: std::process::Child,
     pub addr: String,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<String>,
 }
 
 /// Starts `sovkms serve --config` with extra environment; reads the address line.
@@ -444,12 +446,16 @@ pub fn spawn_broker(config: &Path, envs: &[(&str, &Path)]) -> Proc {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line
+    let rest = line
         .trim()
         .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("broker did not start: {line:?}"))
-        .to_owned();
-    Proc { child, addr }
+        .unwrap_or_else(|| panic!("broker did not start: {line:?}"));
+    let mut parts = rest.split("; ");
+    let addr = parts.next().unwrap().to_owned();
+    let admin = parts
+        .find_map(|p| p.strip_prefix("admin on "))
+        .map(str::to_owned);
+    Proc { child, addr, admin }
 }
 
 /// Connects as `who` and waits until the broker reports SERVING.
@@ -622,5 +628,35 @@ impl Drop for Swtpm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from an admin listener on loopback (plain HTTP/1.1): the
+/// status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// Waits until `/readyz` answers `want` (200 or 503); its last body.
+pub async fn wait_ready(admin: &str, want: u16, within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let (status, body) = http_get(admin, "/readyz").await;
+        if status == want {
+            return body;
+        }
+        assert!(start.elapsed() < within, "/readyz stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

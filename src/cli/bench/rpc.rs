@@ -52,6 +52,7 @@ pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
         kmip.push(crate::kmip::server::start_with(
             bound,
             crate::kmip::bench::echo_handler(),
+            Arc::default(),
         ));
         let log = durable_log(&s.data_dir)?;
         let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
@@ -60,6 +61,7 @@ pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
         kmip.push(crate::kmip::server::start_with(
             bound,
             crate::kmip::bench::durable_echo_handler(log),
+            Arc::default(),
         ));
     }
     match kmip.as_slice() {
