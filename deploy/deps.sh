@@ -24,6 +24,8 @@ have strace || need+=(strace)
 # Python venv support for PyKMIP, the third-party KMIP client of the
 # interop test (Debian ships venv separately).
 pkg_installed python3-venv || need+=(python3-venv)
+# systemd-analyze checks the hardened unit (verify, security exposure).
+have systemd-analyze || need+=(systemd)
 
 if ((${#need[@]})); then
     echo "deps: installing ${need[*]}"
@@ -34,16 +36,18 @@ if ((${#need[@]})); then
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# PyKMIP in a venv of the project's own (never the system's packages):
-# the KMIP interop test runs it against a real broker.
+# A venv of the project's own (never the system's packages): PyKMIP, run
+# by the KMIP interop test against a real broker; PyYAML,
+# kubernetes-validate and promql-parser, which check the deployment files.
 py=/usr/bin/python3
 [ -x "$py" ] || py=python3
 venv="$(dirname "$0")/../target/pyvenv"
-if ! "$venv/bin/python" -c "import kmip" >/dev/null 2>&1; then
-    echo "deps: creating $venv with PyKMIP"
+if ! "$venv/bin/python" -c "import kmip, yaml, kubernetes_validate, promql_parser" >/dev/null 2>&1; then
+    echo "deps: creating $venv with PyKMIP and the deployment checkers"
     rm -rf "$venv"
     "$py" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "pykmip==0.11.0"
+    "$venv/bin/pip" install -q --disable-pip-version-check "pykmip==0.11.0" \
+        "PyYAML==6.0.4" "kubernetes-validate==1.37.0" "promql-parser==0.12.0"
 fi
 
 if ! have cargo; then

@@ -2,10 +2,12 @@
 //! liveness (`/livez`) and readiness (`/readyz`) over HTTP/1.1.
 //!
 //! On a loopback address it is plain HTTP: only the host reaches it (a
-//! scraper or probe beside the broker). Anywhere else it is mTLS with the
-//! broker's certificate and client CAs, and only operators and auditors
-//! of the broker's own region get an answer: the central plane and other
-//! regions never read a region's operational data from outside it.
+//! scraper or probe beside the broker). Anywhere else it is TLS with the
+//! broker's certificate and client CAs: metrics and the reasons behind
+//! "not ready" go to operators and auditors of the broker's own region
+//! only (the central plane and other regions never read a region's
+//! operational data); any other caller, with or without a certificate (a
+//! kubelet's probe), learns only live/ready or not.
 
 use crate::api::tls::{Listener, TlsServer};
 use crate::broker::Broker;
@@ -113,11 +115,16 @@ pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
                         },
                         _ = stop.changed() => return,
                     };
-                    // Operators and auditors of this region only; everyone
-                    // else gets 403 on every request of the connection.
+                    // Operators and auditors of this region see everything;
+                    // anyone else only whether the broker is live and ready.
                     let allowed = conn.info.caller.as_deref().is_ok_and(|c: &Caller| {
                         c.region == region && matches!(c.role, Role::Operator | Role::Auditor)
                     });
+                    let allowed = if allowed {
+                        Access::Full
+                    } else {
+                        Access::Probes
+                    };
                     tokio::spawn(serve_connection(
                         hyper_util::rt::TokioIo::new(conn.stream),
                         Arc::clone(&broker),
@@ -147,7 +154,7 @@ pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
                     };
                     let b = Arc::clone(&broker);
                     tokio::spawn(async move {
-                        serve_connection(hyper_util::rt::TokioIo::new(tcp), b, true).await;
+                        serve_connection(hyper_util::rt::TokioIo::new(tcp), b, Access::Full).await;
                         drop(slot);
                     });
                 }
@@ -162,7 +169,16 @@ pub fn start(bound: Bound, broker: Arc<Broker>) -> Running {
     }
 }
 
-async fn serve_connection<I>(io: I, broker: Arc<Broker>, allowed: bool)
+/// What a connection may read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Metrics and readiness details.
+    Full,
+    /// Live and ready or not, nothing more.
+    Probes,
+}
+
+async fn serve_connection<I>(io: I, broker: Arc<Broker>, allowed: Access)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -187,15 +203,16 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
-fn answer<B>(broker: &Broker, allowed: bool, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(broker: &Broker, access: Access, req: &Request<B>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
-    if !allowed {
+    if access == Access::Probes && !matches!(req.uri().path(), "/livez" | "/readyz") {
         return text(
             StatusCode::FORBIDDEN,
             PLAIN,
             format!(
-                "only operators and auditors of region {} may read this listener\n",
-                broker.region()
+                "only operators and auditors of region {} may read {}; others may read /livez and /readyz\n",
+                broker.region(),
+                req.uri().path().chars().take(100).collect::<String>()
             ),
         );
     }
@@ -217,6 +234,8 @@ fn answer<B>(broker: &Broker, allowed: bool, req: &Request<B>) -> Response<Full<
             let r = broker.readiness();
             if r.ready {
                 text(StatusCode::OK, PLAIN, "ready\n".into())
+            } else if access == Access::Probes {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready\n".into())
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -306,6 +306,12 @@ async fn tls_files_reload_without_dropping_connections() {
             .await
             .is_err()),
     }
+    // The refusal is counted, by the alert it amounts to.
+    let m = b.broker.metrics().encode();
+    assert!(
+        m.contains("sovkms_tls_handshake_failures_total{listener=\"grpc\",alert=\"certificate_revoked\"} 1"),
+        "{m}"
+    );
     // A broken file: refused, the files in force stay.
     std::fs::write(&settings.tls.cert, "not a certificate").unwrap();
     assert!(b.server.reload_tls(&settings.tls).is_err());
@@ -543,4 +549,126 @@ async fn json_logs_name_each_request_and_never_a_secret() {
     assert_eq!(r["level"], "INFO");
     assert!(r["reason"].as_str().unwrap().contains("us-east"), "{r}");
     request("generate-data-key", "allowed");
+}
+
+/// GET over mTLS as `who`: the status code (None: the handshake or the
+/// connection failed).
+async fn https_get(env: &Env, who: &str, addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg =
+        (*sovkms::kmip::client::client_config(&env.tls(who, "eu-central"), false).ok()?).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", addr.port()))
+        .await
+        .ok()?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut text = String::new();
+    tls.read_to_string(&mut text).await.ok()?;
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+/// Off loopback the admin listener is TLS, and its metrics are for the
+/// region's operators and auditors only: not its services, not another
+/// region's operators or the central plane, not a caller without a
+/// certificate; those see only whether the broker is ready (a kubelet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_off_loopback_is_for_the_regions_operators_and_auditors() {
+    let env = Env::new();
+    let cfg = env.config_with_tail("eu-central", "\n[admin]\nlisten = \"0.0.0.0:0\"\n");
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let admin = eu.server.admin_addr.unwrap();
+    assert_eq!(
+        https_get(&env, "eu-central/operator-admin", admin, "/metrics").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_get(&env, "eu-central/auditor-audit", admin, "/readyz").await,
+        Some(200)
+    );
+    assert_eq!(
+        https_get(&env, "eu-central/service-app", admin, "/metrics").await,
+        Some(403)
+    );
+    assert_eq!(
+        https_get(&env, "us-east/operator-admin", admin, "/metrics").await,
+        Some(403)
+    );
+    assert_eq!(
+        https_get(&env, "central/service-app", admin, "/metrics").await,
+        Some(403)
+    );
+    // Plain HTTP gets no answer at all.
+    let plain = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        http_get_status(&format!("127.0.0.1:{}", admin.port())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(plain, None);
+}
+
+/// Plain HTTP against a TLS listener: the status, if any answer parses.
+async fn http_get_status(addr: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text).await;
+    String::from_utf8_lossy(&text)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A rotated certificate is picked up without a signal: the broker sees
+/// its files change and new handshakes get the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_seen_without_a_signal() {
+    let env = Env::new();
+    let cfg = env.config("eu-central", "");
+    let settings = sovkms::config::Settings::load(&cfg).unwrap();
+    let mut p = spawn_broker(&cfg, &[]);
+    let mut svc = connect_ready(&env, "eu-central/service-app", "eu-central", &p.addr).await;
+    let (ca, ca_key) = env.ca("eu-central");
+    let fresh = sovkms::pki::issue(
+        &ca,
+        &ca_key,
+        TD,
+        &region("eu-central"),
+        sovkms::pki::Kind::Broker,
+        "broker",
+        &["localhost".to_string()],
+        2,
+    )
+    .unwrap();
+    // Key first, then certificate: the half-written state is refused and
+    // the files in force stay until the pair matches.
+    std::fs::write(&settings.tls.key, fresh.key_pem.as_bytes()).unwrap();
+    std::fs::write(&settings.tls.cert, &fresh.cert_pem).unwrap();
+    let start = std::time::Instant::now();
+    while server_cert(&env, &p.addr).await != pem_der(&fresh.cert_pem) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The connection opened before goes on.
+    assert!(svc
+        .broker
+        .get_info(sovkms::api::proto::GetInfoRequest {})
+        .await
+        .is_ok());
+    stop(&mut p);
 }

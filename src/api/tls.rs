@@ -74,7 +74,21 @@ fn verifier(
     roots: RootCertStore,
     crls: &[CertificateRevocationListDer<'static>],
 ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    verifier_for(roots, crls, false)
+}
+
+/// A client verifier; `optional`: a client without a certificate still
+/// completes the handshake (and is no identity), one with a certificate
+/// must present a valid one.
+fn verifier_for(
+    roots: RootCertStore,
+    crls: &[CertificateRevocationListDer<'static>],
+    optional: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if optional {
+        b = b.allow_unauthenticated();
+    }
     if !crls.is_empty() {
         // A CA without a CRL in the list keeps working; a certificate its
         // CA's CRL lists is refused.
@@ -182,7 +196,9 @@ impl TlsServer {
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .map_err(|e| TlsError(e.to_string()))?
-            .with_client_cert_verifier(verifier(all, &crls)?)
+            // The admin listener lets certificate-less probes (a kubelet)
+            // see liveness and readiness; everything else needs an identity.
+            .with_client_cert_verifier(verifier_for(all, &crls, listener == Listener::Admin)?)
             .with_single_cert(chain, key)
             .map_err(|e| TlsError(format!("broker certificate/key: {e}")))?;
         match listener {

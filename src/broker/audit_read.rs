@@ -14,13 +14,6 @@ fn read_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Broker {
-    /// The whole log: closed segments, then the active file.
-    fn open_log(&self) -> Result<BufReader<audit::segments::Chain>> {
-        audit::segments::open(&self.settings.audit_path)
-            .map(BufReader::new)
-            .map_err(read_err)
-    }
-
     /// Records for an auditor of this region, filtered, in `format`;
     /// `sink` receives each (seq, line) and returns false to stop early.
     pub fn export_audit(
@@ -36,7 +29,23 @@ impl Broker {
         self.audited(cx, op, None, |note| {
             self.gate(cx, op, None, note)?;
             let mut n = 0;
-            for line in complete_lines(self.open_log()?) {
+            // Closed segments that end before `from_seq` are not read.
+            let path = &self.settings.audit_path;
+            let first = audit::segments::closed(path)
+                .map_err(read_err)?
+                .iter()
+                .rev()
+                .find(|(s, _)| *s <= from_seq)
+                .map_or(0, |(s, _)| *s);
+            let log = audit::segments::Chain::from(
+                path,
+                audit::segments::Position {
+                    file_first_seq: first,
+                    offset: 0,
+                },
+            )
+            .map_err(read_err)?;
+            for line in complete_lines(BufReader::new(log)) {
                 let line = line.map_err(read_err)?;
                 let r: Record = serde_json::from_str(&line).map_err(Fault::AuditRecord)?;
                 if r.seq < from_seq

@@ -45,27 +45,39 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
         line.push_str(&format!("; admin on {a}"));
     }
     outln!("{line}");
-    // SIGHUP: certificates, client CAs and CRLs are read again from the
-    // files the config names; a bad file leaves the ones in force.
+    // SIGHUP, or a change to one of the files: certificates, client CAs
+    // and CRLs are read again from the files the config names; a bad file
+    // leaves the ones in force.
     let config = a.config.clone();
+    let reload = |why: &str| match Settings::load(&config) {
+        Err(e) => {
+            tracing::error!(error = %e, "{why}: config not reloaded; the TLS files in force stay")
+        }
+        Ok(s) => match server.reload_tls(&s.tls) {
+            Ok(()) => tracing::info!("{why}: TLS certificate, client CAs and CRLs reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "{why}: TLS files not reloaded; the ones in force stay")
+            }
+        },
+    };
     let reloads = async {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return std::future::pending().await;
-        };
-        while hup.recv().await.is_some() {
-            match Settings::load(&config) {
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: config not reloaded; the TLS files in force stay")
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let mut seen = tls_files_state(&settings.tls);
+        let mut tick = tokio::time::interval(TLS_FILES_POLL);
+        loop {
+            tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    reload("SIGHUP");
+                    seen = tls_files_state(&settings.tls);
                 }
-                Ok(s) => match server.reload_tls(&s.tls) {
-                    Ok(()) => {
-                        tracing::info!("SIGHUP: TLS certificate, client CAs and CRLs reloaded")
+                _ = tick.tick() => {
+                    let now = tls_files_state(&settings.tls);
+                    if now != seen {
+                        seen = now;
+                        reload("TLS files changed");
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the ones in force stay")
-                    }
-                },
+                }
             }
         }
     };
@@ -80,6 +92,25 @@ pub async fn run(a: ServeArgs) -> Result<(), CliError> {
     broker.close_audit();
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// How often the TLS files are checked for changes (a stat each: cheap).
+const TLS_FILES_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Size and modification time of every TLS file the config names, to see
+/// a rotation without a signal.
+fn tls_files_state(tls: &crate::config::TlsSettings) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    let mut paths = vec![&tls.cert, &tls.key];
+    paths.extend(tls.client_cas.iter().map(|c| &c.cert));
+    paths.extend(tls.crls.iter());
+    paths
+        .into_iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)))
+        })
+        .collect()
 }
 
 async fn shutdown_signal() {
