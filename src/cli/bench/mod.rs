@@ -66,8 +66,10 @@ pub enum BenchCmd {
 /// Arguments of `bench rpc`.
 #[derive(clap::Args)]
 pub struct RpcArgs {
-    /// Operations: encrypt, decrypt, generate-data-key, mix (comma-separated).
-    #[arg(long, default_value = "encrypt,decrypt,generate-data-key,mix")]
+    /// Operations: encrypt, decrypt, generate-data-key, re-encrypt, mix (comma-separated).
+    /// Those that wait for their audit record are also measured against the
+    /// durable echo.
+    #[arg(long, default_value = "encrypt,decrypt,generate-data-key,re-encrypt,mix")]
     ops: String,
     /// Payload sizes in bytes (comma-separated).
     #[arg(long, default_value = "64,1024,4096,65536")]

@@ -8,6 +8,7 @@ enum Op {
     Encrypt,
     Decrypt,
     DataKey,
+    ReEncrypt,
     Mix,
 }
 
@@ -17,11 +18,12 @@ impl Op {
             "encrypt" => Self::Encrypt,
             "decrypt" => Self::Decrypt,
             "generate-data-key" => Self::DataKey,
+            "re-encrypt" => Self::ReEncrypt,
             "mix" => Self::Mix,
             o => {
                 return Err(CliError::new(
                     format!("unknown op {o:?}"),
-                    "use encrypt, decrypt, generate-data-key, mix",
+                    "use encrypt, decrypt, generate-data-key, re-encrypt, mix",
                 ))
             }
         })
@@ -31,6 +33,7 @@ impl Op {
             Self::Encrypt => "encrypt",
             Self::Decrypt => "decrypt",
             Self::DataKey => "generate-data-key",
+            Self::ReEncrypt => "re-encrypt",
             Self::Mix => "mix",
         }
     }
@@ -39,11 +42,14 @@ impl Op {
 pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
     let s =
         crate::config::Settings::load(&a.config).map_err(|e| CliError::new(e.to_string(), ""))?;
-    let server = crate::api::bench::start_echo(&s).await.map_err(err)?;
-    // The KMIP ceiling, when the config has [kmip]: a TTLV echo on the
-    // KMIP listener code.
-    // and a durable TTLV echo (one audit record per request, answered
-    // after its sync) on a second listener.
+    // One audit log for every durable ceiling (gRPC and KMIP).
+    let log = durable_log(&s.data_dir)?;
+    let server = crate::api::bench::start_echo(&s, Arc::clone(&log))
+        .await
+        .map_err(err)?;
+    // The KMIP ceilings, when the config has [kmip]: a TTLV echo on the
+    // KMIP listener code, and a durable TTLV echo (one audit record per
+    // request, answered after its sync) on a second listener.
     let mut kmip = Vec::new();
     if let Some(k) = &s.kmip {
         let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
@@ -54,13 +60,12 @@ pub async fn echo(a: EchoArgs) -> Result<(), CliError> {
             crate::kmip::bench::echo_handler(),
             Arc::default(),
         ));
-        let log = durable_log(&s.data_dir)?;
         let bound = crate::kmip::server::bind(&k.listen, &s.tls, 4096)
             .await
             .map_err(err)?;
         kmip.push(crate::kmip::server::start_with(
             bound,
-            crate::kmip::bench::durable_echo_handler(log),
+            crate::kmip::bench::durable_echo_handler(Arc::clone(&log)),
             Arc::default(),
         ));
     }
@@ -185,7 +190,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                 .ciphertext;
             // Ceiling: echo of the request's payload size.
             let payload = match o {
-                Op::Decrypt => ct.clone(),
+                Op::Decrypt | Op::ReEncrypt => ct.clone(),
                 Op::DataKey => vec![0u8; 64],
                 _ => pt.clone(),
             };
@@ -195,6 +200,20 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                 let mut c = ec[w % ec.len()].clone();
                 let p = p2.clone();
                 async move { c.echo(echo_pb::EchoMessage { payload: p }).await.is_ok() }
+            });
+            // The durable ceiling (what "audited, then released" costs on
+            // this disk) for the operations that wait for their record.
+            let durable = matches!(o, Op::Decrypt | Op::DataKey | Op::ReEncrypt | Op::Mix);
+            let ec = Arc::clone(&echo_c);
+            let p2 = payload.clone();
+            let durable_call = Arc::new(move |w: usize, _| {
+                let mut c = ec[w % ec.len()].clone();
+                let p = p2.clone();
+                async move {
+                    c.durable_echo(echo_pb::EchoMessage { payload: p })
+                        .await
+                        .is_ok()
+                }
             });
             let (s2, k2, c2, pt2, ct2) = (
                 Arc::clone(&svc),
@@ -238,6 +257,15 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                             })
                             .await
                             .is_ok(),
+                        Op::ReEncrypt => c
+                            .re_encrypt(pb::ReEncryptRequest {
+                                ciphertext: ct,
+                                source_context: cx.clone(),
+                                destination_key_id: String::new(),
+                                destination_context: cx,
+                            })
+                            .await
+                            .is_ok(),
                     }
                 }
             });
@@ -246,12 +274,17 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
             // run (shared, noisy) slows both sides alike.
             let rounds = a.rounds.max(1);
             let slice = a.seconds / rounds as f64;
-            let (mut ce, mut br) = (Samples::default(), Samples::default());
+            let (mut ce, mut de, mut br) =
+                (Samples::default(), Samples::default(), Samples::default());
             for _ in 0..rounds {
                 ce.merge(drive(a.inflight, slice, epid, Arc::clone(&echo_call)).await);
+                if durable {
+                    de.merge(drive(a.inflight, slice, epid, Arc::clone(&durable_call)).await);
+                }
                 br.merge(drive(a.inflight, slice, bpid, Arc::clone(&broker_call)).await);
             }
             let (ceiling, m) = (ce.summary(), br.summary());
+            let durable_ceiling = durable.then(|| de.summary());
             let info1 = op.info(pb::GetInfoRequest {}).await?;
             let reqs = m.requests.max(1) as f64;
             let hsm_per_req = (info1.root_calls - info0.root_calls) as f64 / reqs;
@@ -284,6 +317,33 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
                 ceiling.p999_ms,
                 ceiling.server_cpu_us_per_req
             );
+            let mut durable_json = serde_json::Value::Null;
+            if let Some(d) = &durable_ceiling {
+                let (d_rps, d_p99, d_cpu) = (
+                    r(m.rps, d.rps),
+                    r(m.p99_ms, d.p99_ms),
+                    r(m.server_cpu_us_per_req, d.server_cpu_us_per_req),
+                );
+                let p50_over_us = (m.p50_ms - d.p50_ms) * 1000.0;
+                println!(
+                    "{:<18} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>7.2} {:>7.2} {:>7.2}  (broker ÷ durable; p50 {:+.0} µs)",
+                    "  durable echo",
+                    payload.len(),
+                    d.rps,
+                    d.p50_ms,
+                    d.p99_ms,
+                    d.p999_ms,
+                    d.server_cpu_us_per_req,
+                    d_rps,
+                    d_p99,
+                    d_cpu,
+                    p50_over_us
+                );
+                durable_json = serde_json::json!({
+                    "ceiling": d, "ratio_rps": d_rps, "ratio_p99": d_p99,
+                    "ratio_cpu": d_cpu, "p50_over_us": p50_over_us,
+                });
+            }
             if m.errors > 0 {
                 println!("  ({} errors)", m.errors);
             }
@@ -295,6 +355,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
             rows.push(serde_json::json!({
                 "op": o.name(), "bytes": size, "broker": m, "ceiling": ceiling,
                 "ratio_rps": x_rps, "ratio_p99": x_p99, "ratio_cpu": x_cpu,
+                "durable": durable_json,
                 "hsm_calls_per_request": hsm_per_req, "cache_hit_percent": hit,
             }));
         }
