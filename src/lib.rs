@@ -31,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod envelope;
+pub mod file;
 pub mod error;
 pub mod files;
 pub mod hardening;
