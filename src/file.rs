@@ -53,10 +53,14 @@ pub enum FileError {
     #[error("the file ends inside its header: truncated")]
     TruncatedHeader,
     /// A segment failed authentication.
-    #[error("segment {0} failed authentication: the file was altered, reordered, or its header swapped")]
+    #[error(
+        "segment {0} failed authentication: the file was altered, reordered, or its header swapped"
+    )]
     Segment(u32),
     /// The last segment is missing.
-    #[error("the file is truncated: segment {0} is not marked as the last one and nothing follows it")]
+    #[error(
+        "the file is truncated: segment {0} is not marked as the last one and nothing follows it"
+    )]
     Truncated(u32),
     /// More than 2^32 segments.
     #[error("the file is too large for format version 1 (2^32 segments)")]
@@ -157,8 +161,14 @@ impl Header {
             let mut s = vec![0u8; usize::from(len[0])];
             read_exact(r, &mut s)?;
             let s = String::from_utf8(s).map_err(|_| FileError::Header("a name is not UTF-8"))?;
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(FileError::Header("a region or key id has characters outside [A-Za-z0-9_-]"));
+            if s.is_empty()
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(FileError::Header(
+                    "a region or key id has characters outside [A-Za-z0-9_-]",
+                ));
             }
             Ok(s)
         };
@@ -246,10 +256,18 @@ pub fn seal(
     let mut n = fill(input, &mut cur[..size])?;
     let (mut index, mut total) = (0u32, 0u64);
     loop {
-        let m = if n == size { fill(input, &mut next[..size])? } else { 0 };
+        let m = if n == size {
+            fill(input, &mut next[..size])?
+        } else {
+            0
+        };
         let last = m == 0;
         let tag = key
-            .seal_in_place_separate_tag(header.nonce(index, last), aead::Aad::empty(), &mut cur[..n])
+            .seal_in_place_separate_tag(
+                header.nonce(index, last),
+                aead::Aad::empty(),
+                &mut cur[..n],
+            )
             .map_err(|_| std::io::Error::other("sealing failed"))?;
         cur[n..n + TAG].copy_from_slice(tag.as_ref());
         output.write_all(&cur[..n + TAG])?;
@@ -288,7 +306,11 @@ pub fn open(
             // Nothing, or less than a tag: the last segment is missing.
             return Err(FileError::Truncated(index.saturating_sub(1)));
         }
-        let m = if n == full { fill(input, &mut next)? } else { 0 };
+        let m = if n == full {
+            fill(input, &mut next)?
+        } else {
+            0
+        };
         let last = m == 0;
         let plain = key
             .open_in_place(header.nonce(index, last), aead::Aad::empty(), &mut cur[..n])
@@ -377,7 +399,13 @@ mod tests {
         let seg = s + TAG;
         // Every cut: inside the header, at each segment boundary, inside.
         let mut cuts: Vec<usize> = (0..hl + 2).collect();
-        cuts.extend([hl + seg, hl + 2 * seg, hl + seg - 1, hl + 2 * seg + 1, f.len() - 1]);
+        cuts.extend([
+            hl + seg,
+            hl + 2 * seg,
+            hl + seg - 1,
+            hl + 2 * seg + 1,
+            f.len() - 1,
+        ]);
         for cut in cuts {
             assert!(opened(&f[..cut]).is_err(), "cut at {cut}");
         }
@@ -441,10 +469,19 @@ mod tests {
 
     #[test]
     fn malformed_headers_say_what_is_wrong() {
-        assert!(matches!(Header::read(&mut &b"PK\x03\x04 zip"[..]), Err(FileError::NotAFile)));
+        assert!(matches!(
+            Header::read(&mut &b"PK\x03\x04 zip"[..]),
+            Err(FileError::NotAFile)
+        ));
         let mut h = header().to_bytes();
         h[4] = 2;
-        assert!(matches!(Header::read(&mut &h[..]), Err(FileError::Version(2))));
-        assert!(matches!(Header::read(&mut &b"SVKF\x01"[..]), Err(FileError::TruncatedHeader)));
+        assert!(matches!(
+            Header::read(&mut &h[..]),
+            Err(FileError::Version(2))
+        ));
+        assert!(matches!(
+            Header::read(&mut &b"SVKF\x01"[..]),
+            Err(FileError::TruncatedHeader)
+        ));
     }
 }

@@ -211,3 +211,153 @@ fn serve_refuses_bad_config_with_a_reason() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("error: config") && e.contains("hint:"), "{e}");
 }
+
+/// `sovkms file`: a 3 MiB file round-trips through one GenerateDataKey and
+/// one Decrypt; `inspect` reads the header offline; a wrong context, a
+/// caller of another region and a cut file are refused with a precise
+/// error and leave no output file; the progress bar shows on a terminal
+/// (a pseudo-terminal here) and not on a pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_encrypt_decrypt_inspect_and_refusals() {
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "files", vec![grant(&app, &ALL_OPS)]).await;
+    let d = env.dir.path();
+    let (plain, enc, back) = (
+        d.join("plain.bin"),
+        d.join("plain.svkf"),
+        d.join("back.bin"),
+    );
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(&plain, &data).unwrap();
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_owned();
+    let o = sovkms(
+        &env,
+        &eu,
+        "eu-central/service-app",
+        &[
+            "file",
+            "encrypt",
+            "--key",
+            &k,
+            "--in",
+            &p(&plain),
+            "--out",
+            &p(&enc),
+            "--context",
+            "case=4711",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sovkms(
+        &env,
+        &eu,
+        "eu-central/service-app",
+        &["--json", "file", "inspect", "--in", &p(&enc)],
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["region"], "eu-central");
+    assert_eq!(v["key_id"], k.as_str());
+    assert_eq!(v["segments"], 49, "3 MiB + 17 bytes in 64 KiB segments");
+    let o = sovkms(
+        &env,
+        &eu,
+        "eu-central/service-app",
+        &[
+            "file",
+            "decrypt",
+            "--in",
+            &p(&enc),
+            "--out",
+            &p(&back),
+            "--context",
+            "case=4711",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    std::fs::remove_file(&back).unwrap();
+
+    // Refusals: no output file, a sentence that says why.
+    let refused = |who: &str, input: &std::path::Path, ctx: &str| {
+        let o = sovkms(
+            &env,
+            &eu,
+            who,
+            &[
+                "file",
+                "decrypt",
+                "--in",
+                &p(input),
+                "--out",
+                &p(&back),
+                "--context",
+                ctx,
+            ],
+        );
+        assert!(!o.status.success());
+        assert!(!back.exists(), "a refused decrypt left an output file");
+        let leftovers: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        stderr(&o)
+    };
+    let e = refused("eu-central/service-app", &enc, "case=4712");
+    assert!(e.contains("context"), "{e}");
+    let e = refused("us-east/service-app", &enc, "case=4711");
+    assert!(e.contains("us-east") && e.contains("eu-central"), "{e}");
+    let cut = d.join("cut.svkf");
+    let bytes = std::fs::read(&enc).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = refused("eu-central/service-app", &cut, "case=4711");
+    assert!(
+        e.contains("failed authentication") || e.contains("truncated"),
+        "{e}"
+    );
+
+    // Progress: drawn on a terminal, never on a pipe.
+    let (r, stem) = ("eu-central", "service-app");
+    let cmd = format!(
+        "{} file encrypt --key {k} --in {} --out {}",
+        env!("CARGO_BIN_EXE_sovkms"),
+        p(&plain),
+        p(&d.join("tty.svkf"))
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("SOVKMS_ADDR", &eu.addr)
+        .env("SOVKMS_CA", env.pki.join("eu-central").join("ca.pem"))
+        .env("SOVKMS_CERT", env.pki.join(r).join(format!("{stem}.pem")))
+        .env("SOVKMS_KEY", env.pki.join(r).join(format!("{stem}.key")))
+        .env("SOVKMS_LOG", "error")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("encrypting"),
+        "no progress on a terminal: {shown:?}"
+    );
+    let piped = sovkms(
+        &env,
+        &eu,
+        "eu-central/service-app",
+        &[
+            "file",
+            "encrypt",
+            "--key",
+            &k,
+            "--in",
+            &p(&plain),
+            "--out",
+            &p(&d.join("pipe.svkf")),
+        ],
+    );
+    assert!(!stderr(&piped).contains("encrypting"), "{}", stderr(&piped));
+}

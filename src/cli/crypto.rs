@@ -71,7 +71,7 @@ pub struct DataKeyArgs {
     out: Option<PathBuf>,
 }
 
-fn context(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
+pub(super) fn context(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
     pairs
         .iter()
         .map(|p| {

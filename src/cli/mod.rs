@@ -19,6 +19,7 @@ mod crypto;
 mod demo;
 mod devenv;
 mod doctor;
+mod file;
 mod hsm;
 mod key;
 mod pki;
@@ -102,6 +103,10 @@ enum Command {
     Decrypt(crypto::DecryptArgs),
     /// Generate a data key (plaintext + wrapped, or wrapped only).
     GenerateDataKey(crypto::DataKeyArgs),
+    /// Files of any size: encrypted locally under a data key of the broker,
+    /// decrypted only in the key's region; inspect a file's header offline.
+    #[command(subcommand)]
+    File(file::FileCmd),
     /// Break-glass: time-boxed emergency grants approved by a quorum of operators.
     #[command(subcommand)]
     BreakGlass(breakglass::BreakGlassCmd),
@@ -377,6 +382,7 @@ pub fn main() -> ExitCode {
             Command::Encrypt(a) => crypto::encrypt(a).await,
             Command::Decrypt(a) => crypto::decrypt(a).await,
             Command::GenerateDataKey(a) => crypto::data_key(a).await,
+            Command::File(c) => file::run(c).await,
             Command::Health(a) => health(a).await,
             Command::Config(ConfigCmd::Check { file }) => config_check(&file).await,
             Command::Version => version(),

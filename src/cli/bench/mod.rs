@@ -69,7 +69,10 @@ pub struct RpcArgs {
     /// Operations: encrypt, decrypt, generate-data-key, re-encrypt, mix (comma-separated).
     /// Those that wait for their audit record are also measured against the
     /// durable echo.
-    #[arg(long, default_value = "encrypt,decrypt,generate-data-key,re-encrypt,mix")]
+    #[arg(
+        long,
+        default_value = "encrypt,decrypt,generate-data-key,re-encrypt,mix"
+    )]
     ops: String,
     /// Payload sizes in bytes (comma-separated).
     #[arg(long, default_value = "64,1024,4096,65536")]
