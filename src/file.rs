@@ -250,9 +250,10 @@ pub fn seal(
     output.write_all(&header.to_bytes())?;
     let size = header.segment_size();
     // One segment being sealed, and a look-ahead to know whether it is the
-    // last: a full segment followed by nothing is still the last one.
-    let mut cur = vec![0u8; size + TAG];
-    let mut next = vec![0u8; size + TAG];
+    // last: a full segment followed by nothing is still the last one. Both
+    // hold plaintext: wiped when dropped, on every path.
+    let mut cur = zeroize::Zeroizing::new(vec![0u8; size + TAG]);
+    let mut next = zeroize::Zeroizing::new(vec![0u8; size + TAG]);
     let mut n = fill(input, &mut cur[..size])?;
     let (mut index, mut total) = (0u32, 0u64);
     loop {
@@ -274,8 +275,6 @@ pub fn seal(
         total += n as u64;
         progress(total);
         if last {
-            wipe(&mut cur);
-            wipe(&mut next);
             return Ok(total);
         }
         index = index.checked_add(1).ok_or(FileError::TooLarge)?;
@@ -297,8 +296,10 @@ pub fn open(
 ) -> Result<u64, FileError> {
     let key = header.segment_key(data_key)?;
     let full = header.segment_size() + TAG;
-    let mut cur = vec![0u8; full];
-    let mut next = vec![0u8; full];
+    // Plaintext lands in `cur` (and, on a failed tag, whatever the AEAD
+    // left there): both wiped when dropped, on every path.
+    let mut cur = zeroize::Zeroizing::new(vec![0u8; full]);
+    let mut next = zeroize::Zeroizing::new(vec![0u8; full]);
     let mut n = fill(input, &mut cur)?;
     let (mut index, mut total) = (0u32, 0u64);
     loop {
@@ -325,22 +326,14 @@ pub fn open(
             })?;
         output.write_all(plain)?;
         total += plain.len() as u64;
-        wipe(&mut cur);
         progress(total);
         if last {
-            wipe(&mut next);
             return Ok(total);
         }
         index = index.checked_add(1).ok_or(FileError::TooLarge)?;
         std::mem::swap(&mut cur, &mut next);
         n = m;
     }
-}
-
-/// Overwrites a buffer that held plaintext.
-fn wipe(b: &mut [u8]) {
-    b.fill(0);
-    zeroize::optimization_barrier(b);
 }
 
 /// The number of segments of a file of `ciphertext_len` bytes after its

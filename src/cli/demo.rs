@@ -144,7 +144,11 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
     let grants = vec![
         pb::Grant {
             principal: svc("eu-central"),
-            operations: vec![pb::Operation::Encrypt as i32, pb::Operation::Decrypt as i32],
+            operations: vec![
+                pb::Operation::Encrypt as i32,
+                pb::Operation::Decrypt as i32,
+                pb::Operation::GenerateDataKey as i32,
+            ],
         },
         pb::Grant {
             principal: svc("us-east"),
@@ -315,6 +319,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         detail,
     });
 
+    file_steps(pki_dir, brokers, &key_id, &mut rows).await?;
     kmip_steps(pki_dir, brokers, &mut rows).await?;
 
     outln!("4. scenario:\n");
@@ -356,6 +361,85 @@ async fn admin_view(b: &Broker) -> Result<(), CliError> {
             format!("the eu-central broker is not ready: {}", ready.trim()),
             "see its log",
         ));
+    }
+    Ok(())
+}
+
+/// A file, as `sovkms file` seals it: a data key from the eu-central
+/// broker, 1 MiB sealed locally; the data key unwraps in eu-central and is
+/// refused to us-east, so the file opens only in its region.
+async fn file_steps(
+    pki_dir: &Path,
+    brokers: &HashMap<String, Broker>,
+    key_id: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(), CliError> {
+    use crate::file::{open, seal, Header};
+    use crate::secret::KeyMaterial;
+    let eu = &brokers["eu-central"].addr;
+    let mut svc_eu = connect_as(pki_dir, "eu-central/service-app", "eu-central", eu).await?;
+    let mut svc_us = connect_as(pki_dir, "us-east/service-app", "eu-central", eu).await?;
+    let context: HashMap<String, String> = [("file".to_string(), "scan-0001".to_string())].into();
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let dk = svc_eu
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key_id: key_id.to_owned(),
+            context: context.clone(),
+        })
+        .await;
+    let (got, detail) = outcome(&dk);
+    let mut sealed = Vec::new();
+    if let Ok(mut r) = dk {
+        let key = KeyMaterial::from_slice(&r.plaintext_key).ok_or_else(|| err("data key"))?;
+        zeroize::Zeroize::zeroize(&mut r.plaintext_key);
+        let header =
+            Header::new("eu-central", key_id, std::mem::take(&mut r.wrapped_key)).map_err(err)?;
+        seal(&header, &key, &mut &data[..], &mut sealed, &mut |_| {}).map_err(err)?;
+    }
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central".into(),
+        op: "file encrypt (1 MiB)".into(),
+        expected: Code::Ok,
+        got,
+        detail: if detail.is_empty() {
+            format!("{} bytes, sealed locally", sealed.len())
+        } else {
+            detail
+        },
+    });
+    let mut input = &sealed[..];
+    let header = Header::read(&mut input).map_err(err)?;
+    for (who, c, expected) in [
+        ("eu-central service", &mut svc_eu, Code::Ok),
+        ("us-east service", &mut svc_us, Code::PermissionDenied),
+    ] {
+        let r = c
+            .decrypt(pb::DecryptRequest {
+                ciphertext: header.wrapped_key.clone(),
+                context: context.clone(),
+            })
+            .await;
+        let (got, mut detail) = outcome(&r);
+        if let Ok(mut d) = r {
+            let key = KeyMaterial::from_slice(&d.plaintext).ok_or_else(|| err("data key"))?;
+            zeroize::Zeroize::zeroize(&mut d.plaintext);
+            let mut out = Vec::new();
+            open(&header, &key, &mut &input[..], &mut out, &mut |_| {}).map_err(err)?;
+            detail = if out == data {
+                "file matches".into()
+            } else {
+                "FILE DIFFERS".into()
+            };
+        }
+        rows.push(Row {
+            caller: who.into(),
+            broker: "eu-central".into(),
+            op: "file decrypt".into(),
+            expected,
+            got,
+            detail,
+        });
     }
     Ok(())
 }
