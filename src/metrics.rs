@@ -220,7 +220,7 @@ impl Metrics {
             let mut r = m.lock();
             r.register(
                 "sovkms_requests",
-                "Requests by operation, outcome (allowed, refused, failed), gRPC code and protocol (\"\" is gRPC).",
+                "Requests by operation, outcome (allowed, refused, failed), gRPC code and protocol (\"\" is gRPC)",
                 m.requests.clone(),
             );
             r.register(
@@ -440,25 +440,39 @@ impl Metrics {
     }
 }
 
-/// The root of trust, with each call counted and timed.
-pub struct MeteredRoot {
-    inner: std::sync::Arc<dyn crate::root::RootOfTrust>,
+/// A root of trust or a store with each call counted and timed (the
+/// core does not know it is watched).
+pub struct Metered<T: ?Sized> {
+    inner: std::sync::Arc<T>,
     metrics: std::sync::Arc<Metrics>,
 }
 
-impl MeteredRoot {
-    /// Wraps `inner`; every call but `info` is observed.
-    pub fn new(
-        inner: std::sync::Arc<dyn crate::root::RootOfTrust>,
-        metrics: std::sync::Arc<Metrics>,
-    ) -> Self {
+impl<T: ?Sized> Metered<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: std::sync::Arc<T>, metrics: std::sync::Arc<Metrics>) -> Self {
         Self { inner, metrics }
     }
+}
 
+/// The root of trust, with every call but `info` observed.
+pub type MeteredRoot = Metered<dyn crate::root::RootOfTrust>;
+/// The key store, with every call observed.
+pub type MeteredStore = Metered<dyn crate::store::Store>;
+
+impl MeteredRoot {
     fn timed<T, E>(&self, call: &'static str, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
         let start = std::time::Instant::now();
         let r = f();
         self.metrics.root_call(call, r.is_ok(), start.elapsed());
+        r
+    }
+}
+
+impl MeteredStore {
+    fn timed<T, E>(&self, call: &'static str, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.metrics.store_call(call, r.is_ok(), start.elapsed());
         r
     }
 }
@@ -490,29 +504,6 @@ impl crate::root::RootOfTrust for MeteredRoot {
     }
     fn signing_public_key(&self) -> Result<Vec<u8>, crate::root::RootError> {
         self.timed("public_key", || self.inner.signing_public_key())
-    }
-}
-
-/// The key store, with each call counted and timed.
-pub struct MeteredStore {
-    inner: std::sync::Arc<dyn crate::store::Store>,
-    metrics: std::sync::Arc<Metrics>,
-}
-
-impl MeteredStore {
-    /// Wraps `inner`; every call is observed.
-    pub fn new(
-        inner: std::sync::Arc<dyn crate::store::Store>,
-        metrics: std::sync::Arc<Metrics>,
-    ) -> Self {
-        Self { inner, metrics }
-    }
-
-    fn timed<T, E>(&self, call: &'static str, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-        let start = std::time::Instant::now();
-        let r = f();
-        self.metrics.store_call(call, r.is_ok(), start.elapsed());
-        r
     }
 }
 

@@ -86,14 +86,7 @@ fn kubernetes_manifests_validate_and_keep_the_region() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_and_dashboard_use_series_the_broker_exports() {
     let env = Env::new();
-    let eu = start_broker(&env, "eu-central").await;
-    let app = spiffe("eu-central", "service", "app");
-    let k = create_key(&env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = client(&env, "eu-central/service-app", &eu).await;
-    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
-        .await
-        .unwrap()
-        .ciphertext;
+    let (eu, mut svc, ct) = decrypting_region(&env).await;
     decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
     let mut us = client(&env, "us-east/service-app", &eu).await;
     decrypt(&mut us, &ct, &ctx(&[])).await.unwrap_err();

@@ -118,12 +118,11 @@ async fn acknowledged_writes_survive_kill_9() {
 /// cannot show this: the page cache survives a killed process.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decrypt_is_answered_only_after_its_record_is_synced() {
-    use std::io::BufRead;
     let env = Env::new();
     let config = env.config("eu-central", "");
     let trace = env.dir.path().join("broker.strace");
-    let mut child = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-y", "-s", "4096", "-e"])
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-y", "-s", "4096", "-e"])
         .arg("trace=write,writev,sendto,sendmsg,fdatasync,fsync")
         .arg("-o")
         .arg(&trace)
@@ -131,32 +130,17 @@ async fn a_decrypt_is_answered_only_after_its_record_is_synced() {
         .args(["serve", "--config"])
         .arg(&config)
         .env("SOVKMS_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("strace must be installed (deploy/deps.sh installs it)");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
+        .stderr(std::process::Stdio::null());
+    // strace must be installed (deploy/deps.sh installs it).
+    let mut p = started(cmd);
     // The broker is strace's child: it gets the stop signal (strace exits
     // with it).
-    let strace_pid = child.id();
+    let strace_pid = p.child.id();
     let broker_pid =
         std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
             .unwrap()
             .trim()
             .to_owned();
-    let mut p = Proc {
-        child,
-        addr,
-        admin: None,
-    };
     let app = spiffe("eu-central", "service", "app");
     let mut op = connect_ready(&env, "eu-central/operator-admin", "eu-central", &p.addr).await;
     let k = create_key_as(&mut op, "k", vec![grant(&app, &ALL_OPS)]).await;

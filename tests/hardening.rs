@@ -668,19 +668,6 @@ async fn rate(svc: &mut sovkms::client::Client, ct: &[u8]) -> (f64, Duration) {
     (lat.len() as f64 / start.elapsed().as_secs_f64(), p99)
 }
 
-/// A broker, an in-region service with a key and a ciphertext of it.
-async fn decrypting_region(env: &Env) -> (TestBroker, sovkms::client::Client, Vec<u8>) {
-    let eu = start_broker(env, "eu-central").await;
-    let app = spiffe("eu-central", "service", "app");
-    let k = create_key(env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = client(env, "eu-central/service-app", &eu).await;
-    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
-        .await
-        .unwrap()
-        .ciphertext;
-    (eu, svc, ct)
-}
-
 /// A raw HTTP/2 connection with `who`'s certificate: an attacker's, which
 /// need not behave like a gRPC client. The connection task's result says
 /// how the server ended it.

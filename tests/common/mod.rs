@@ -429,19 +429,25 @@ pub struct Proc {
 
 /// Starts `sovkms serve --config` with extra environment; reads the address line.
 pub fn spawn_broker(config: &Path, envs: &[(&str, &Path)]) -> Proc {
-    use std::io::BufRead;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sovkms"));
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .args(["serve", "--config"])
+    cmd.args(["serve", "--config"])
         .arg(config)
         .env("SOVKMS_LOG", "warn")
+        .stderr(std::process::Stdio::null());
+    started(cmd)
+}
+
+/// Runs `cmd` (a broker, possibly under a wrapper such as strace) with its
+/// stdout piped, and reads the "listening on …" line it prints.
+pub fn started(mut cmd: std::process::Command) -> Proc {
+    use std::io::BufRead;
+    let mut child = cmd
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -659,4 +665,17 @@ pub async fn wait_ready(admin: &str, want: u16, within: Duration) -> String {
         assert!(start.elapsed() < within, "/readyz stayed {status}: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A broker, an in-region service with a key and a ciphertext of it.
+pub async fn decrypting_region(env: &Env) -> (TestBroker, Client, Vec<u8>) {
+    let eu = start_broker(env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(env, &eu, "k", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(env, "eu-central/service-app", &eu).await;
+    let ct = encrypt(&mut svc, &k, b"x", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    (eu, svc, ct)
 }
