@@ -320,3 +320,96 @@ async fn no_or_untrusted_certificate_is_refused_at_the_socket() {
     let mut ok = client(&env, "eu-central/service-app", &eu).await;
     assert!(encrypt(&mut ok, &eu_key, b"x", &ctx(&[])).await.is_ok());
 }
+
+/// The regional client routes each ciphertext by the region in its header:
+/// with brokers of two regions listed it sends an eu-central ciphertext to
+/// eu-central and a us-east one to us-east; it fails over past a broker of
+/// the region that is down; and a ciphertext of a region it has no broker
+/// for is refused locally, with nothing sent (the broker counts no request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_regional_client_routes_by_region_fails_over_and_never_crosses() {
+    use sovkms::client::{Endpoint, Regional, RegionalError};
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let us = start_broker(&env, "us-east").await;
+    let ke = create_key(
+        &env,
+        &eu,
+        "eu",
+        vec![grant(&spiffe("eu-central", "service", "app"), &ALL_OPS)],
+    )
+    .await;
+    let ku = create_key(
+        &env,
+        &us,
+        "us",
+        vec![grant(&spiffe("us-east", "service", "app"), &ALL_OPS)],
+    )
+    .await;
+    // A broker of eu-central that is down (nothing listens there), listed first.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_addr = down.local_addr().unwrap().to_string();
+    drop(down);
+    let eu_tls = env.tls("eu-central/service-app", "eu-central");
+    let both = Regional::new(vec![
+        Endpoint::new("eu-central", &down_addr, eu_tls.clone()),
+        Endpoint::new("eu-central", &eu.addr, eu_tls.clone()),
+        Endpoint::new(
+            "us-east",
+            &us.addr,
+            env.tls("us-east/service-app", "us-east"),
+        ),
+    ])
+    .unwrap();
+    let c = ctx(&[("record", "7")]);
+    let ct_eu = both
+        .encrypt("eu-central", &ke, b"eu data", c.clone())
+        .await
+        .unwrap();
+    let ct_us = both
+        .encrypt("us-east", &ku, b"us data", c.clone())
+        .await
+        .unwrap();
+    assert_eq!(*both.decrypt(&ct_eu, c.clone()).await.unwrap(), b"eu data");
+    assert_eq!(*both.decrypt(&ct_us, c.clone()).await.unwrap(), b"us data");
+    assert_eq!(Regional::region_of(&ct_eu).unwrap().as_str(), "eu-central");
+
+    // A client of us-east only: the eu-central ciphertext never leaves.
+    let us_only = Regional::new(vec![Endpoint::new(
+        "us-east",
+        &us.addr,
+        env.tls("us-east/service-app", "us-east"),
+    )])
+    .unwrap();
+    let decrypts = |b: &TestBroker| {
+        b.broker
+            .metrics()
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("sovkms_requests_total{operation=\"decrypt\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    let (eu_before, us_before) = (decrypts(&eu), decrypts(&us));
+    match us_only.decrypt(&ct_eu, c.clone()).await {
+        Err(RegionalError::NoEndpoint { region, known }) => {
+            assert_eq!((region.as_str(), known.as_str()), ("eu-central", "us-east"));
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        (decrypts(&eu), decrypts(&us)),
+        (eu_before, us_before),
+        "a request left"
+    );
+
+    // Only the dead broker listed: UNAVAILABLE after the retries, named.
+    let dead = Regional::new(vec![Endpoint::new("eu-central", &down_addr, eu_tls)]).unwrap();
+    match dead.decrypt(&ct_eu, c).await {
+        Err(RegionalError::Unavailable { region, tries, .. }) => {
+            assert_eq!(region, "eu-central");
+            assert_eq!(tries, 3);
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

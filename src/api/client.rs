@@ -10,6 +10,8 @@ use crate::api::proto::{
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+pub use super::regional::{Endpoint, Regional, RegionalError};
+
 /// What a client presents and trusts.
 #[derive(Clone)]
 pub struct ClientTls {

@@ -7,6 +7,7 @@ mod breakglass;
 pub mod client;
 pub(crate) mod convert;
 pub mod proto;
+mod regional;
 mod service;
 pub mod tls;
 

@@ -1,0 +1,245 @@
+//! A client of several regions (`sovkms::client::Regional`): each
+//! ciphertext goes to a broker of the region its header names, never to
+//! another region; a region without endpoints is refused here, before any
+//! request leaves. Within a region, calls fail over across its brokers on
+//! `UNAVAILABLE` or a connection failure, with backoff and jitter.
+//!
+//! ```no_run
+//! # async fn demo(tls: sovkms::client::ClientTls) -> Result<(), sovkms::client::RegionalError> {
+//! use sovkms::client::{Endpoint, Regional};
+//! let client = Regional::new(vec![
+//!     Endpoint::new("eu-central", "kms-eu-1.example:7443", tls.clone()),
+//!     Endpoint::new("eu-central", "kms-eu-2.example:7443", tls),
+//! ])?;
+//! let ct = client.encrypt("eu-central", "alias/records", b"hello", Default::default()).await?;
+//! let pt = client.decrypt(&ct, Default::default()).await?; // routed by the header
+//! # let _ = pt; Ok(()) }
+//! ```
+
+use super::client::{connect, Client, ClientTls, Code, RemoteError};
+use crate::api::proto as pb;
+use crate::region::Region;
+use std::collections::HashMap;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// One broker of one region.
+#[derive(Clone)]
+pub struct Endpoint {
+    region: String,
+    addr: String,
+    tls: ClientTls,
+}
+
+impl Endpoint {
+    /// A broker of `region` at `addr` (host:port), reached with `tls`.
+    pub fn new(region: &str, addr: &str, tls: ClientTls) -> Self {
+        Self {
+            region: region.to_owned(),
+            addr: addr.to_owned(),
+            tls,
+        }
+    }
+}
+
+/// Why a regional call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegionalError {
+    /// A region name that is not one.
+    #[error("{0}")]
+    Region(String),
+    /// The ciphertext's region has no endpoint here: nothing was sent.
+    #[error("the ciphertext belongs to region {region}, and this client has no broker of {region} (it has: {known}); nothing was sent")]
+    NoEndpoint {
+        /// The ciphertext's region.
+        region: String,
+        /// The regions this client knows.
+        known: String,
+    },
+    /// The ciphertext does not parse (no region to route by).
+    #[error("not a sovkms ciphertext: {0}")]
+    Ciphertext(String),
+    /// The broker answered with a refusal or an error (not retried).
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    /// Every broker of the region was unavailable or unreachable.
+    #[error("no broker of region {region} answered ({tries} tries): {last}")]
+    Unavailable {
+        /// The region.
+        region: String,
+        /// Attempts made.
+        tries: u32,
+        /// The last failure.
+        last: String,
+    },
+}
+
+/// Clients of several regions, routed by region.
+pub struct Regional {
+    regions: HashMap<Region, Vec<Endpoint>>,
+    connections: tokio::sync::Mutex<HashMap<String, Client>>,
+    /// Rounds over a region's endpoints before giving up.
+    rounds: u32,
+    /// Deadline of each call.
+    deadline: Duration,
+}
+
+impl Regional {
+    /// A client of the endpoints' regions (connections made on first use).
+    pub fn new(endpoints: Vec<Endpoint>) -> Result<Self, RegionalError> {
+        let mut regions: HashMap<Region, Vec<Endpoint>> = HashMap::new();
+        for e in endpoints {
+            let r = Region::parse(&e.region).map_err(|x| RegionalError::Region(x.to_string()))?;
+            regions.entry(r).or_default().push(e);
+        }
+        Ok(Self {
+            regions,
+            connections: tokio::sync::Mutex::default(),
+            rounds: 3,
+            deadline: Duration::from_secs(10),
+        })
+    }
+
+    /// The region a ciphertext names in its header.
+    pub fn region_of(ciphertext: &[u8]) -> Result<Region, RegionalError> {
+        crate::envelope::Envelope::parse(ciphertext)
+            .map(|e| e.header.region.clone())
+            .map_err(|e| RegionalError::Ciphertext(e.to_string()))
+    }
+
+    fn endpoints(&self, region: &Region) -> Result<&[Endpoint], RegionalError> {
+        self.regions
+            .get(region)
+            .map(Vec::as_slice)
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| {
+                let mut known: Vec<String> = self.regions.keys().map(ToString::to_string).collect();
+                known.sort();
+                RegionalError::NoEndpoint {
+                    region: region.to_string(),
+                    known: known.join(", "),
+                }
+            })
+    }
+
+    /// Runs `call` on a broker of `region`, failing over to the region's
+    /// other brokers on `UNAVAILABLE` or a failed connection (with
+    /// backoff and jitter between rounds); any other answer returns.
+    async fn in_region<T, F, Fut>(&self, region: &Region, call: F) -> Result<T, RegionalError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RemoteError>>,
+    {
+        let endpoints = self.endpoints(region)?;
+        let start = jitter(endpoints.len() as u64) as usize;
+        let (mut tries, mut last) = (0u32, String::new());
+        for round in 0..self.rounds {
+            if round > 0 {
+                let base = 100u64 << round.min(5);
+                tokio::time::sleep(Duration::from_millis(base + jitter(base))).await;
+            }
+            for i in 0..endpoints.len() {
+                let e = &endpoints[(start + i) % endpoints.len()];
+                tries += 1;
+                let client = match self.client(e).await {
+                    Ok(c) => c,
+                    Err(why) => {
+                        last = format!("{}: {why}", e.addr);
+                        continue;
+                    }
+                };
+                match tokio::time::timeout(self.deadline, call(client)).await {
+                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Err(r)) if r.code == Code::Unavailable => {
+                        self.connections.lock().await.remove(&e.addr);
+                        last = format!("{}: {}", e.addr, r.message);
+                    }
+                    Ok(Err(r)) => return Err(r.into()),
+                    Err(_) => {
+                        self.connections.lock().await.remove(&e.addr);
+                        last = format!("{}: no answer within {:?}", e.addr, self.deadline);
+                    }
+                }
+            }
+        }
+        Err(RegionalError::Unavailable {
+            region: region.to_string(),
+            tries,
+            last,
+        })
+    }
+
+    /// A connection to `e`, made once and reused (TLS sessions resume).
+    async fn client(&self, e: &Endpoint) -> Result<Client, String> {
+        if let Some(c) = self.connections.lock().await.get(&e.addr) {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(self.deadline, connect(&e.addr, &e.tls))
+            .await
+            .map_err(|_| format!("no connection within {:?}", self.deadline))?
+            .map_err(|x| x.to_string())?;
+        self.connections
+            .lock()
+            .await
+            .insert(e.addr.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Encrypt under `key_id` at a broker of `region`.
+    pub async fn encrypt(
+        &self,
+        region: &str,
+        key_id: &str,
+        plaintext: &[u8],
+        context: HashMap<String, String>,
+    ) -> Result<Vec<u8>, RegionalError> {
+        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
+        self.in_region(&region, |mut c| {
+            let req = pb::EncryptRequest {
+                key_id: key_id.to_owned(),
+                plaintext: plaintext.to_vec(),
+                context: context.clone(),
+            };
+            async move {
+                c.encrypt(req)
+                    .await
+                    .map(|mut r| std::mem::take(&mut r.ciphertext))
+            }
+        })
+        .await
+    }
+
+    /// Decrypt at a broker of the region the ciphertext names; refused here,
+    /// with nothing sent, when this client has no broker of that region.
+    pub async fn decrypt(
+        &self,
+        ciphertext: &[u8],
+        context: HashMap<String, String>,
+    ) -> Result<Zeroizing<Vec<u8>>, RegionalError> {
+        let region = Self::region_of(ciphertext)?;
+        self.in_region(&region, |mut c| {
+            let req = pb::DecryptRequest {
+                ciphertext: ciphertext.to_vec(),
+                context: context.clone(),
+            };
+            async move {
+                c.decrypt(req)
+                    .await
+                    .map(|mut r| Zeroizing::new(std::mem::take(&mut r.plaintext)))
+            }
+        })
+        .await
+    }
+}
+
+/// A number in 0..n from the system's randomness (0 if it fails): spreads
+/// first choices and retries so that clients do not move in step.
+fn jitter(n: u64) -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if n == 0 || ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(b) % n
+}
