@@ -18,7 +18,8 @@
 //! 1), as Tink's AES-GCM-HKDF streaming AEAD and age's STREAM construction:
 //! reordered, duplicated, dropped or appended segments, and a file cut at a
 //! segment boundary, fail to open. A segment's plaintext is released only
-//! after its tag verifies.
+//! after its tag verifies. Segments are independent given their index and
+//! last flag, so a round of them is sealed or opened on several threads.
 
 use crate::secret::KeyMaterial;
 use aws_lc_rs::{aead, hkdf};
@@ -237,84 +238,183 @@ fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Progress reports: plaintext bytes done so far.
 pub type Progress<'a> = &'a mut dyn FnMut(u64);
 
-/// Writes `header` and the segments of everything `input` holds; returns
-/// the plaintext length. Memory: two segments, whatever the size.
+/// Threads worth using to seal or open: the cores, at most 4 (beyond, the
+/// disk or the memory bus is the limit).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// Segments read, processed (on up to `threads` threads) and written per
+/// round: 64 × 64 KiB, so memory stays a few MiB whatever the file size.
+const BATCH: usize = 64;
+
+/// What processing a segment made: bytes to write, and the plaintext
+/// bytes they stand for.
+type Done = Result<(usize, usize), FileError>;
+
+/// Seals or opens one segment: (index, last, buffer, bytes read).
+type Work<'a> = &'a (dyn Fn(u32, bool, &mut [u8], usize) -> Done + Sync);
+
+/// One segment in a round: its buffer, the bytes read into it, whether it
+/// is the file's last, and what processing made of it.
+struct Slot {
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    n: usize,
+    last: bool,
+    done: Done,
+}
+
+/// Reads `input` in rounds of up to [`BATCH`] segments of `read_len`
+/// bytes (a look-ahead tells whether a full segment is the last one),
+/// applies `work(index, last, buffer, n)` to each on up to `threads`
+/// threads, and writes each result in order; stops at the first failure.
+/// Every buffer holds plaintext at some point: all are wiped when dropped.
+fn rounds(
+    input: &mut impl Read,
+    output: &mut impl Write,
+    progress: Progress<'_>,
+    threads: usize,
+    read_len: usize,
+    work: Work<'_>,
+) -> Result<u64, FileError> {
+    let threads = threads.clamp(1, BATCH);
+    let new_slot = || Slot {
+        buf: zeroize::Zeroizing::new(vec![0u8; read_len + TAG]),
+        n: 0,
+        last: false,
+        done: Ok((0, 0)),
+    };
+    // Grown as the input proves long enough: a small file costs a segment.
+    let mut slots: Vec<Slot> = vec![new_slot()];
+    let mut ahead = zeroize::Zeroizing::new(vec![0u8; read_len + TAG]);
+    let mut ahead_n: Option<usize> = None;
+    let (mut base, mut total) = (0u32, 0u64);
+    loop {
+        let (mut k, mut end) = (0, false);
+        while k < BATCH {
+            if k == slots.len() {
+                slots.push(new_slot());
+            }
+            let n = match ahead_n.take() {
+                Some(n) => {
+                    std::mem::swap(&mut slots[k].buf, &mut ahead);
+                    n
+                }
+                None => fill(input, &mut slots[k].buf[..read_len])?,
+            };
+            if n == 0 && k > 0 {
+                // A full segment followed by nothing is the last one.
+                end = true;
+                break;
+            }
+            slots[k].n = n;
+            k += 1;
+            if n < read_len {
+                end = true;
+                break;
+            }
+        }
+        if !end {
+            match fill(input, &mut ahead[..read_len])? {
+                0 => end = true,
+                m => ahead_n = Some(m),
+            }
+        }
+        for (i, slot) in slots[..k].iter_mut().enumerate() {
+            slot.last = end && i + 1 == k;
+        }
+        let per = k.div_ceil(threads);
+        let run = |first: usize, chunk: &mut [Slot]| {
+            for (j, slot) in chunk.iter_mut().enumerate() {
+                slot.done = u32::try_from(first + j)
+                    .ok()
+                    .and_then(|i| base.checked_add(i))
+                    .ok_or(FileError::TooLarge)
+                    .and_then(|index| work(index, slot.last, &mut slot.buf, slot.n));
+            }
+        };
+        std::thread::scope(|scope| {
+            let mut chunks = slots[..k].chunks_mut(per).enumerate();
+            let mine = chunks.next();
+            for (c, chunk) in chunks {
+                scope.spawn(move || run(c * per, chunk));
+            }
+            if let Some((_, chunk)) = mine {
+                run(0, chunk);
+            }
+        });
+        for slot in &mut slots[..k] {
+            let (len, plain) = std::mem::replace(&mut slot.done, Ok((0, 0)))?;
+            output.write_all(&slot.buf[..len])?;
+            total += plain as u64;
+            progress(total);
+        }
+        if end {
+            return Ok(total);
+        }
+        base = u32::try_from(k)
+            .ok()
+            .and_then(|k| base.checked_add(k))
+            .ok_or(FileError::TooLarge)?;
+    }
+}
+
+/// Writes `header` and the segments of everything `input` holds, sealed
+/// on up to `threads` threads; returns the plaintext length. Memory: a few
+/// MiB, whatever the size.
 pub fn seal(
     header: &Header,
     data_key: &KeyMaterial,
     input: &mut impl Read,
     output: &mut impl Write,
     progress: Progress<'_>,
+    threads: usize,
 ) -> Result<u64, FileError> {
     let key = header.segment_key(data_key)?;
     output.write_all(&header.to_bytes())?;
-    let size = header.segment_size();
-    // One segment being sealed, and a look-ahead to know whether it is the
-    // last: a full segment followed by nothing is still the last one. Both
-    // hold plaintext: wiped when dropped, on every path.
-    let mut cur = zeroize::Zeroizing::new(vec![0u8; size + TAG]);
-    let mut next = zeroize::Zeroizing::new(vec![0u8; size + TAG]);
-    let mut n = fill(input, &mut cur[..size])?;
-    let (mut index, mut total) = (0u32, 0u64);
-    loop {
-        let m = if n == size {
-            fill(input, &mut next[..size])?
-        } else {
-            0
-        };
-        let last = m == 0;
+    let work = |index: u32, last: bool, buf: &mut [u8], n: usize| {
         let tag = key
             .seal_in_place_separate_tag(
                 header.nonce(index, last),
                 aead::Aad::empty(),
-                &mut cur[..n],
+                &mut buf[..n],
             )
             .map_err(|_| std::io::Error::other("sealing failed"))?;
-        cur[n..n + TAG].copy_from_slice(tag.as_ref());
-        output.write_all(&cur[..n + TAG])?;
-        total += n as u64;
-        progress(total);
-        if last {
-            return Ok(total);
-        }
-        index = index.checked_add(1).ok_or(FileError::TooLarge)?;
-        std::mem::swap(&mut cur, &mut next);
-        n = m;
-    }
+        buf[n..n + TAG].copy_from_slice(tag.as_ref());
+        Ok((n + TAG, n))
+    };
+    rounds(
+        input,
+        output,
+        progress,
+        threads,
+        header.segment_size(),
+        &work,
+    )
 }
 
-/// Opens the segments after a header already read (`header`), writing each
-/// segment's plaintext to `output` only once it authenticates; returns the
-/// plaintext length. Fails on any altered, reordered, duplicated or missing
-/// segment, and on a file cut anywhere.
+/// Opens the segments after a header already read (`header`) on up to
+/// `threads` threads, writing each segment's plaintext to `output` only
+/// once it authenticates (in order); returns the plaintext length. Fails
+/// on any altered, reordered, duplicated or missing segment, and on a file
+/// cut anywhere.
 pub fn open(
     header: &Header,
     data_key: &KeyMaterial,
     input: &mut impl Read,
     output: &mut impl Write,
     progress: Progress<'_>,
+    threads: usize,
 ) -> Result<u64, FileError> {
     let key = header.segment_key(data_key)?;
     let full = header.segment_size() + TAG;
-    // Plaintext lands in `cur` (and, on a failed tag, whatever the AEAD
-    // left there): both wiped when dropped, on every path.
-    let mut cur = zeroize::Zeroizing::new(vec![0u8; full]);
-    let mut next = zeroize::Zeroizing::new(vec![0u8; full]);
-    let mut n = fill(input, &mut cur)?;
-    let (mut index, mut total) = (0u32, 0u64);
-    loop {
+    let work = |index: u32, last: bool, buf: &mut [u8], n: usize| {
         if n < TAG {
             // Nothing, or less than a tag: the last segment is missing.
             return Err(FileError::Truncated(index.saturating_sub(1)));
         }
-        let m = if n == full {
-            fill(input, &mut next)?
-        } else {
-            0
-        };
-        let last = m == 0;
-        let plain = key
-            .open_in_place(header.nonce(index, last), aead::Aad::empty(), &mut cur[..n])
+        key.open_in_place(header.nonce(index, last), aead::Aad::empty(), &mut buf[..n])
+            .map(|p| (p.len(), p.len()))
             .map_err(|_| {
                 if last && n == full {
                     // A full segment with nothing after it that does not
@@ -323,17 +423,9 @@ pub fn open(
                 } else {
                     FileError::Segment(index)
                 }
-            })?;
-        output.write_all(plain)?;
-        total += plain.len() as u64;
-        progress(total);
-        if last {
-            return Ok(total);
-        }
-        index = index.checked_add(1).ok_or(FileError::TooLarge)?;
-        std::mem::swap(&mut cur, &mut next);
-        n = m;
-    }
+            })
+    };
+    rounds(input, output, progress, threads, full, &work)
 }
 
 /// The number of segments of a file of `ciphertext_len` bytes after its
@@ -357,7 +449,7 @@ mod tests {
 
     fn sealed(h: &Header, pt: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        seal(h, &key(), &mut &pt[..], &mut out, &mut |_| {}).unwrap();
+        seal(h, &key(), &mut &pt[..], &mut out, &mut |_| {}, 2).unwrap();
         out
     }
 
@@ -365,7 +457,7 @@ mod tests {
         let mut r = file;
         let h = Header::read(&mut r)?;
         let mut out = Vec::new();
-        open(&h, &key(), &mut r, &mut out, &mut |_| {})?;
+        open(&h, &key(), &mut r, &mut out, &mut |_| {}, 2)?;
         Ok(out)
     }
 
@@ -444,7 +536,7 @@ mod tests {
             let h = Header::read(&mut r).unwrap();
             assert_eq!(h.region, t["region"].as_str().unwrap());
             let mut out = Vec::new();
-            open(&h, &dk, &mut r, &mut out, &mut |_| {}).unwrap();
+            open(&h, &dk, &mut r, &mut out, &mut |_| {}, 1).unwrap();
             assert_eq!(out, pt);
             let mine = Header {
                 segment_log2: t["segment_log2"].as_u64().unwrap() as u8,
@@ -455,7 +547,7 @@ mod tests {
                 wrapped_key: hexv(&t["wrapped_key"]),
             };
             let mut again = Vec::new();
-            seal(&mine, &dk, &mut &pt[..], &mut again, &mut |_| {}).unwrap();
+            seal(&mine, &dk, &mut &pt[..], &mut again, &mut |_| {}, 3).unwrap();
             assert_eq!(again, file);
         }
     }

@@ -394,7 +394,15 @@ async fn file_steps(
         zeroize::Zeroize::zeroize(&mut r.plaintext_key);
         let header =
             Header::new("eu-central", key_id, std::mem::take(&mut r.wrapped_key)).map_err(err)?;
-        seal(&header, &key, &mut &data[..], &mut sealed, &mut |_| {}).map_err(err)?;
+        seal(
+            &header,
+            &key,
+            &mut &data[..],
+            &mut sealed,
+            &mut |_| {},
+            crate::file::default_threads(),
+        )
+        .map_err(err)?;
     }
     rows.push(Row {
         caller: "eu-central service".into(),
@@ -425,7 +433,15 @@ async fn file_steps(
             let key = KeyMaterial::from_slice(&d.plaintext).ok_or_else(|| err("data key"))?;
             zeroize::Zeroize::zeroize(&mut d.plaintext);
             let mut out = Vec::new();
-            open(&header, &key, &mut &input[..], &mut out, &mut |_| {}).map_err(err)?;
+            open(
+                &header,
+                &key,
+                &mut &input[..],
+                &mut out,
+                &mut |_| {},
+                crate::file::default_threads(),
+            )
+            .map_err(err)?;
             detail = if out == data {
                 "file matches".into()
             } else {

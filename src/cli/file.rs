@@ -42,6 +42,15 @@ pub struct FileIo {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Threads sealing or opening segments (default: the cores, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl FileIo {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(file::default_threads).max(1)
+    }
 }
 
 /// Arguments of `file encrypt`.
@@ -220,6 +229,7 @@ async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
             &mut BufReader::with_capacity(1 << 20, &mut input),
             &mut w,
             &mut |done| bar.set_position(done),
+            a.io.threads(),
         )?;
         w.flush()?;
         Ok::<_, FileError>(n)
@@ -262,9 +272,14 @@ async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
     let bar = progress(a.io.quiet, len, "decrypting");
     let total = tokio::task::block_in_place(|| {
         let mut w = out.writer();
-        let n = file::open(&header, &data_key, &mut input, &mut w, &mut |done| {
-            bar.set_position(done)
-        })?;
+        let n = file::open(
+            &header,
+            &data_key,
+            &mut input,
+            &mut w,
+            &mut |done| bar.set_position(done),
+            a.io.threads(),
+        )?;
         w.flush()?;
         Ok::<_, FileError>(n)
     })

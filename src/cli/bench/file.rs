@@ -112,56 +112,76 @@ pub(super) fn file(bytes: u64, dir: &Path) -> Result<(), CliError> {
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let many = fmt::default_threads();
     let key = KeyMaterial::from_array(&mut [7u8; 32]);
     let header = Header::new("eu-central", "k-bench", vec![0u8; 160]).map_err(err)?;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     println!(
-        "sovkms bench file: {} MiB, {ncpu} cores, one thread seals and opens, 64 KiB segments",
+        "sovkms bench file: {} MiB, {ncpu} cores, 64 KiB segments, 1 and {many} threads",
         mib(bytes)
     );
-    let small = bytes / 10;
+    let seal_to_sink = |n: u64, threads: usize| -> Result<Duration, CliError> {
+        let start = Instant::now();
+        fmt::seal(
+            &header,
+            &key,
+            &mut Pattern::new(n),
+            &mut std::io::sink(),
+            &mut |_| {},
+            threads,
+        )
+        .map_err(err)?;
+        Ok(start.elapsed())
+    };
     // Memory first, with nothing big allocated yet: the small size, then
     // the large one; equal peaks mean constant memory.
-    fmt::seal(
-        &header,
-        &key,
-        &mut Pattern::new(small),
-        &mut std::io::sink(),
-        &mut |_| {},
-    )
-    .map_err(err)?;
+    let small = bytes / 10;
+    seal_to_sink(small, many)?;
     let rss_small = peak_rss_mib();
+    seal_to_sink(bytes, many)?;
+    let rss_large = peak_rss_mib();
     let raw_t = raw(bytes)?;
     let raw_open_t = raw_open(bytes)?;
-    let start = Instant::now();
-    fmt::seal(
-        &header,
-        &key,
-        &mut Pattern::new(bytes),
-        &mut std::io::sink(),
-        &mut |_| {},
-    )
-    .map_err(err)?;
-    let seal_t = start.elapsed();
-    let rss_large = peak_rss_mib();
-    // Opening from memory: the ciphertext held in a buffer (after the
-    // memory figures were taken).
-    let mut sealed = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0) + (1 << 20));
+    let (raw_r, raw_o) = (gib_s(bytes, raw_t), gib_s(bytes, raw_open_t));
+    println!("raw AES-256-GCM seal, one thread (64 KiB chunks, in place)  {raw_r:>6.2} GiB/s");
+    println!("raw AES-256-GCM open, one thread (64 KiB chunks, copied in) {raw_o:>6.2} GiB/s");
+    // Opening from memory: the ciphertext held in a buffer.
+    let mut sealed = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0) + (1 << 22));
     fmt::seal(
         &header,
         &key,
         &mut Pattern::new(bytes),
         &mut sealed,
         &mut |_| {},
+        many,
     )
     .map_err(err)?;
-    let start = Instant::now();
-    let mut input = &sealed[..];
-    let h = Header::read(&mut input).map_err(err)?;
-    let n = fmt::open(&h, &key, &mut input, &mut std::io::sink(), &mut |_| {}).map_err(err)?;
-    let open_t = start.elapsed();
-    if n != bytes {
-        return Err(err(format!("opened {n} bytes of {bytes}")));
+    for threads in [1, many] {
+        let seal_t = seal_to_sink(bytes, threads)?;
+        let start = Instant::now();
+        let mut input = &sealed[..];
+        let h = Header::read(&mut input).map_err(err)?;
+        let n = fmt::open(
+            &h,
+            &key,
+            &mut input,
+            &mut std::io::sink(),
+            &mut |_| {},
+            threads,
+        )
+        .map_err(err)?;
+        let open_t = start.elapsed();
+        if n != bytes {
+            return Err(err(format!("opened {n} bytes of {bytes}")));
+        }
+        for (what, t, ceiling) in [("seal", seal_t, raw_r), ("open", open_t, raw_o)] {
+            let r = gib_s(bytes, t);
+            println!(
+                "{what}, memory → /dev/null, {threads} thread(s){:<20} {r:>6.2} GiB/s  {:.2}× raw",
+                "",
+                r / ceiling
+            );
+        }
     }
     drop(sealed);
     // Through the disk: seal into a file (synced), open it to /dev/null.
@@ -175,32 +195,32 @@ pub(super) fn file(bytes: u64, dir: &Path) -> Result<(), CliError> {
             &mut Pattern::new(bytes),
             &mut out,
             &mut |_| {},
+            many,
         )
         .map_err(err)?;
         out.sync_all().map_err(err)?;
     }
-    let seal_disk_t = start.elapsed();
+    let seal_disk = gib_s(bytes, start.elapsed());
     let start = Instant::now();
     let mut input = std::fs::File::open(&path).map_err(err)?;
     let h = Header::read(&mut std::io::Read::by_ref(&mut input)).map_err(err)?;
-    let n = fmt::open(&h, &key, &mut input, &mut std::io::sink(), &mut |_| {}).map_err(err)?;
-    let open_disk_t = start.elapsed();
-    if n != bytes {
-        return Err(err(format!("opened {n} bytes of {bytes}")));
-    }
+    fmt::open(
+        &h,
+        &key,
+        &mut input,
+        &mut std::io::sink(),
+        &mut |_| {},
+        many,
+    )
+    .map_err(err)?;
+    let open_disk = gib_s(bytes, start.elapsed());
     std::fs::remove_file(&path).map_err(err)?;
-    let (raw_r, raw_o) = (gib_s(bytes, raw_t), gib_s(bytes, raw_open_t));
-    println!("raw AES-256-GCM seal (64 KiB chunks, in place)   {raw_r:>6.2} GiB/s");
-    println!("raw AES-256-GCM open (64 KiB chunks, copied in)  {raw_o:>6.2} GiB/s");
-    for (what, t, ceiling) in [
-        ("seal, memory → /dev/null", seal_t, raw_r),
-        ("open, memory → /dev/null", open_t, raw_o),
-        ("seal, memory → file on disk (synced)", seal_disk_t, raw_r),
-        ("open, file (page cache) → /dev/null", open_disk_t, raw_o),
-    ] {
-        let r = gib_s(bytes, t);
-        println!("{what:<48} {r:>6.2} GiB/s  {:.2}× raw", r / ceiling);
-    }
+    println!(
+        "seal, memory → file on disk (synced), {many} thread(s)        {seal_disk:>6.2} GiB/s"
+    );
+    println!(
+        "open, file (page cache) → /dev/null, {many} thread(s)         {open_disk:>6.2} GiB/s"
+    );
     println!(
         "peak resident memory: {:.1} MiB after {:.0} MiB, {:.1} MiB after {:.0} MiB (constant: segments are streamed)",
         rss_small,
