@@ -176,6 +176,29 @@ fn progress(quiet: bool, total: Option<u64>, what: &str) -> indicatif::ProgressB
     bar
 }
 
+/// Runs `work` (a seal or an open) into the output `io` names, with a
+/// progress bar when wanted, off the async runtime; the output file takes
+/// its place only once everything was written and synced.
+fn stream(
+    io: &FileIo,
+    len: Option<u64>,
+    what: &str,
+    work: impl FnOnce(&mut Box<dyn Write + '_>, file::Progress<'_>, usize) -> Result<u64, FileError>,
+) -> Result<u64, CliError> {
+    let mut out = Output::create(io.output.as_deref())?;
+    let bar = progress(io.quiet, len, what);
+    let total = tokio::task::block_in_place(|| {
+        let mut w = out.writer();
+        let n = work(&mut w, &mut |done| bar.set_position(done), io.threads())?;
+        w.flush()?;
+        Ok::<_, FileError>(n)
+    })
+    .map_err(file_err)?;
+    bar.finish_and_clear();
+    out.finish()?;
+    Ok(total)
+}
+
 fn file_err(e: FileError) -> CliError {
     let hint = match e {
         FileError::NotAFile | FileError::Version(_) => {
@@ -219,24 +242,16 @@ async fn encrypt(a: EncryptArgs) -> Result<(), CliError> {
         r.wrapped_key.clone(),
     )
     .map_err(file_err)?;
-    let mut out = Output::create(a.io.output.as_deref())?;
-    let bar = progress(a.io.quiet, len, "encrypting");
-    let total = tokio::task::block_in_place(|| {
-        let mut w = out.writer();
-        let n = file::seal(
+    let total = stream(&a.io, len, "encrypting", |w, progress, threads| {
+        file::seal(
             &header,
             &data_key,
             &mut BufReader::with_capacity(1 << 20, &mut input),
-            &mut w,
-            &mut |done| bar.set_position(done),
-            a.io.threads(),
-        )?;
-        w.flush()?;
-        Ok::<_, FileError>(n)
-    })
-    .map_err(file_err)?;
-    bar.finish_and_clear();
-    out.finish()?;
+            w,
+            progress,
+            threads,
+        )
+    })?;
     if super::json() {
         return print_json(&serde_json::json!({
             "region": header.region, "key_id": header.key_id,
@@ -268,24 +283,9 @@ async fn decrypt(a: DecryptArgs) -> Result<(), CliError> {
     r.plaintext.zeroize();
     let data_key =
         data_key.ok_or_else(|| CliError::new("the wrapped data key is not 32 bytes", ""))?;
-    let mut out = Output::create(a.io.output.as_deref())?;
-    let bar = progress(a.io.quiet, len, "decrypting");
-    let total = tokio::task::block_in_place(|| {
-        let mut w = out.writer();
-        let n = file::open(
-            &header,
-            &data_key,
-            &mut input,
-            &mut w,
-            &mut |done| bar.set_position(done),
-            a.io.threads(),
-        )?;
-        w.flush()?;
-        Ok::<_, FileError>(n)
-    })
-    .map_err(file_err)?;
-    bar.finish_and_clear();
-    out.finish()?;
+    let total = stream(&a.io, len, "decrypting", |w, progress, threads| {
+        file::open(&header, &data_key, &mut input, w, progress, threads)
+    })?;
     if super::json() {
         return print_json(&serde_json::json!({
             "region": header.region, "key_id": header.key_id, "bytes": total,
