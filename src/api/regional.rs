@@ -16,7 +16,7 @@
 //! # let _ = pt; Ok(()) }
 //! ```
 
-use super::client::{connect, Client, ClientTls, Code, RemoteError};
+use super::client::{connect, Client, ClientError, ClientTls, Code, RemoteError};
 use crate::api::proto as pb;
 use crate::region::Region;
 use std::collections::HashMap;
@@ -171,14 +171,14 @@ impl Regional {
     }
 
     /// A connection to `e`, made once and reused (TLS sessions resume).
-    async fn client(&self, e: &Endpoint) -> Result<Client, String> {
+    async fn client(&self, e: &Endpoint) -> Result<Client, Unreached> {
         if let Some(c) = self.connections.lock().await.get(&e.addr) {
             return Ok(c.clone());
         }
         let c = tokio::time::timeout(self.deadline, connect(&e.addr, &e.tls))
             .await
-            .map_err(|_| format!("no connection within {:?}", self.deadline))?
-            .map_err(|x| x.to_string())?;
+            .map_err(|_| Unreached::Timeout(self.deadline))?
+            .map_err(Unreached::Connect)?;
         self.connections
             .lock()
             .await
@@ -231,6 +231,17 @@ impl Regional {
         })
         .await
     }
+}
+
+/// Why a broker could not be reached (the next one of the region is tried).
+#[derive(Debug, thiserror::Error)]
+enum Unreached {
+    /// No connection within the deadline.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed.
+    #[error("{0}")]
+    Connect(ClientError),
 }
 
 /// A number in 0..n from the system's randomness (0 if it fails): spreads

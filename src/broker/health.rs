@@ -46,26 +46,42 @@ impl Readiness {
     }
 }
 
+/// Why a component failed its readiness check (its sentence goes to
+/// `/readyz` and the log).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// A root-of-trust call failed.
+    #[error("wrap/unwrap round trip failed: {0}")]
+    Root(crate::error::Error),
+    /// The root answered, but with other material.
+    #[error("unwrap returned other material than was wrapped")]
+    Mismatch,
+    /// The store did not answer a read.
+    #[error("a read failed: {0}")]
+    Store(crate::store::StoreError),
+    /// The probe's key id does not parse (a constant: never in practice).
+    #[error("{0}")]
+    Id(crate::id::KeyIdError),
+    /// The audit log did not take a durable record.
+    #[error("the audit log does not take durable records: {0}")]
+    Audit(crate::audit::AuditError),
+}
+
 impl Broker {
     /// Runs the deep checks (blocking: HSM, store and disk calls) and keeps
     /// the result for [`Broker::readiness`]. `at` is set to the component
     /// being checked, so a caller that gives up waiting can name it.
     pub fn check_readiness(&self, fresh: Duration, at: &Mutex<&'static str>) -> Readiness {
         let mut failing = Vec::new();
-        let mut step = |name: &'static str, r: Result<(), String>| {
+        let mut step = |name: &'static str, r: Result<(), ProbeError>| {
             *at.lock().unwrap_or_else(|p| p.into_inner()) = name;
             if let Err(why) = r {
-                failing.push((name, why));
+                failing.push((name, why.to_string()));
             }
         };
         step("root_of_trust", self.probe_root());
         step("store", self.probe_store());
-        step(
-            "audit",
-            self.audit
-                .probe(fresh)
-                .map_err(|e| format!("the audit log does not take durable records: {e}")),
-        );
+        step("audit", self.audit.probe(fresh).map_err(ProbeError::Audit));
         let r = Readiness {
             ready: failing.is_empty(),
             failing,
@@ -106,11 +122,16 @@ impl Broker {
     }
 
     /// Fresh material wrapped and unwrapped by the root, compared.
-    fn probe_root(&self) -> Result<(), String> {
-        let why = |e: crate::error::Error| format!("wrap/unwrap round trip failed: {e}");
-        let material = self.with_root(|r| r.generate_material()).map_err(why)?;
-        let wrapped = self.with_root(|r| r.wrap(&material)).map_err(why)?;
-        let back = self.with_root(|r| r.unwrap(&wrapped)).map_err(why)?;
+    fn probe_root(&self) -> Result<(), ProbeError> {
+        let material = self
+            .with_root(|r| r.generate_material())
+            .map_err(ProbeError::Root)?;
+        let wrapped = self
+            .with_root(|r| r.wrap(&material))
+            .map_err(ProbeError::Root)?;
+        let back = self
+            .with_root(|r| r.unwrap(&wrapped))
+            .map_err(ProbeError::Root)?;
         // Fresh random material, discarded after: no timing to protect,
         // but compared without an early exit all the same.
         let differ = material
@@ -119,18 +140,15 @@ impl Broker {
             .zip(back.expose_secret())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if differ != 0 {
-            return Err("unwrap returned other material than was wrapped".into());
+            return Err(ProbeError::Mismatch);
         }
         Ok(())
     }
 
     /// A read of a key id that is never created (ids made by the broker
     /// start with `k-`): the store answers, whatever the answer.
-    fn probe_store(&self) -> Result<(), String> {
-        let id = KeyId::parse("readiness-probe").map_err(|e| e.to_string())?;
-        self.store
-            .get(&id)
-            .map(|_| ())
-            .map_err(|e| format!("a read failed: {e}"))
+    fn probe_store(&self) -> Result<(), ProbeError> {
+        let id = KeyId::parse("readiness-probe").map_err(ProbeError::Id)?;
+        self.store.get(&id).map(|_| ()).map_err(ProbeError::Store)
     }
 }
