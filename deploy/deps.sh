@@ -26,6 +26,18 @@ have strace || need+=(strace)
 pkg_installed python3-venv || need+=(python3-venv)
 # systemd-analyze checks the hardened unit (verify, security exposure).
 have systemd-analyze || need+=(systemd)
+# PostgreSQL server binaries: tests, benchmarks and the demo start their
+# own throwaway clusters (initdb, pg_ctl) for brokers that share a region's
+# database. No cluster of the distribution's is wanted: none is created.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need+=(postgresql)
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+    fi
+fi
 
 if ((${#need[@]})); then
     echo "deps: installing ${need[*]}"

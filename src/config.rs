@@ -47,6 +47,22 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    ca: Option<PathBuf>,
+    pool_size: Option<usize>,
+    listen: Option<bool>,
+    max_staleness_ms: Option<u64>,
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -295,6 +311,87 @@ pub struct Settings {
     /// The admin listener's address (metrics, liveness, readiness); None:
     /// no admin listener.
     pub admin_listen: Option<String>,
+    /// Where key records (and, over PostgreSQL, the audit chains) live.
+    pub store: StoreSettings,
+}
+
+/// `[store]`: the embedded default, or the region's shared database.
+#[derive(Clone, Debug)]
+pub enum StoreSettings {
+    /// sled in `data_dir/keys.sled` (one broker).
+    Sled,
+    /// PostgreSQL shared by the region's brokers.
+    Postgres(crate::store::PgSettings),
+}
+
+/// `[store]` settings, validated; the staleness bound goes to the broker.
+fn store_settings(
+    raw: RawStore,
+    broker_id: &str,
+    abs: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<(StoreSettings, Option<Duration>), String> {
+    use crate::store::{PgPassword, PgSettings, PgTls};
+    match raw.kind.as_deref().unwrap_or("sled") {
+        "sled" => {
+            if raw.url.is_some()
+                || raw.password_file.is_some()
+                || raw.password_env.is_some()
+                || raw.ca.is_some()
+            {
+                return Err(
+                    "store: url, password_file, password_env and ca are for kind = \"postgres\""
+                        .into(),
+                );
+            }
+            Ok((StoreSettings::Sled, None))
+        }
+        "postgres" => {
+            let url = raw.url.ok_or(
+                "store: kind = \"postgres\" needs url (postgres://user@host:port/database)",
+            )?;
+            let password = match (raw.password_file, raw.password_env) {
+                (Some(_), Some(_)) => {
+                    return Err("store: give password_file or password_env, not both".into())
+                }
+                (Some(f), None) => PgPassword::File(abs(f)),
+                (None, Some(v)) => PgPassword::Env(v),
+                (None, None) => PgPassword::None,
+            };
+            let staleness = raw.max_staleness_ms.unwrap_or(2000);
+            if !(100..=60_000).contains(&staleness) {
+                return Err(format!(
+                    "store.max_staleness_ms must be 100..=60000 (got {staleness})"
+                ));
+            }
+            let timeout = raw.timeout_ms.unwrap_or(5000);
+            if !(100..=60_000).contains(&timeout) {
+                return Err(format!(
+                    "store.timeout_ms must be 100..=60000 (got {timeout})"
+                ));
+            }
+            let pool_size = raw.pool_size.unwrap_or(16);
+            if !(2..=1024).contains(&pool_size) {
+                return Err(format!(
+                    "store.pool_size must be 2..=1024 (got {pool_size})"
+                ));
+            }
+            Ok((
+                StoreSettings::Postgres(PgSettings {
+                    url,
+                    password,
+                    tls: raw.ca.map_or(PgTls::Off, |c| PgTls::Ca(abs(c))),
+                    pool_size,
+                    listen: raw.listen.unwrap_or(true),
+                    timeout: Duration::from_millis(timeout),
+                    application_name: format!("sovkms {broker_id}"),
+                }),
+                Some(Duration::from_millis(staleness)),
+            ))
+        }
+        other => Err(format!(
+            "store.kind: {other:?} is not a store (sled or postgres)"
+        )),
+    }
 }
 
 impl Settings {
@@ -507,13 +604,17 @@ impl Settings {
                 "health: interval_seconds must be 1..=3600 and deadline_seconds 1..=interval_seconds (got {interval} and {deadline})"
             ));
         }
+        let broker_id = raw.broker_id.unwrap_or_else(|| format!("{region}-1"));
+        let (store, record_ttl) = store_settings(raw.store, &broker_id, &abs)?;
         Ok(Self {
             kmip,
             admin_listen,
+            store,
             broker: BrokerSettings {
+                record_ttl,
                 key_creators,
                 exportable_creators,
-                broker_id: raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
+                broker_id,
                 region,
                 trust_domain: td,
                 max_plaintext_bytes: raw.max_plaintext_bytes,

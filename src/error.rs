@@ -385,6 +385,9 @@ pub enum Unavailable {
     /// The TPM refused or failed a quote.
     #[error("the TPM could not produce a quote; retry later")]
     Tpm,
+    /// Another broker of the region changed the key at the same moment.
+    #[error("key {0} was changed by another broker at the same time; nothing was changed, retry")]
+    Conflict(KeyId),
 }
 
 /// An internal failure: logged with its source, told as "internal error".

@@ -546,6 +546,12 @@ impl crate::store::Store for MeteredStore {
     ) -> Result<Vec<crate::policy::breakglass::BreakGlass>, crate::store::StoreError> {
         self.timed("list_break_glass", || self.inner.list_break_glass())
     }
+    fn lifecycle_lock(&self) -> Result<crate::store::LifecycleLock, crate::store::StoreError> {
+        self.timed("lifecycle_lock", || self.inner.lifecycle_lock())
+    }
+    fn on_change(&self, handler: crate::store::ChangeHandler) {
+        self.inner.on_change(handler)
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::clock::Clock;
 use crate::config::{RootSettings, Settings};
 use crate::root::tpm::{TpmAttestor, TpmRoot};
 use crate::root::{pkcs11::Pkcs11Root, software::SoftwareRoot, RootOfTrust};
-use crate::store::{SledStore, Store};
+use crate::store::{PgStore, SledStore, Store};
 use std::sync::Arc;
 
 /// Start-up failure, with what to do about it.
@@ -44,9 +44,23 @@ pub enum StartError {
     Broker(#[from] crate::error::Error),
 }
 
-/// Opens the store of a broker's config (fails while the broker runs: sled
-/// holds an exclusive lock).
-pub fn open_store(settings: &Settings) -> Result<SledStore, StartError> {
+/// Opens the store of a broker's config: sled (fails while the broker
+/// runs: sled holds an exclusive lock) or the region's PostgreSQL.
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartError> {
+    match &settings.store {
+        crate::config::StoreSettings::Sled => Ok(Arc::new(open_sled(settings)?)),
+        crate::config::StoreSettings::Postgres(pg) => {
+            let store = PgStore::open(pg.clone()).map_err(|err| StartError::Store {
+                path: "the database".into(),
+                err,
+            })?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Opens the sled store in the config's data directory.
+pub fn open_sled(settings: &Settings) -> Result<SledStore, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
     crate::files::create_private_dir(&keys_dir).map_err(|e| StartError::Store {
         path: keys_dir.display().to_string(),
@@ -84,7 +98,7 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     }
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(
-        Arc::new(open_store(settings)?),
+        open_store(settings)?,
         Arc::clone(&metrics),
     ));
     let root: Arc<dyn RootOfTrust> = Arc::new(crate::metrics::MeteredRoot::new(

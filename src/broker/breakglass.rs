@@ -150,7 +150,9 @@ impl Broker {
     /// Another operator approves; the quorum-th approval activates it.
     pub fn approve_break_glass(&self, cx: &CallCtx, id: &str) -> Result<BreakGlass> {
         let caller = &cx.caller;
-        let _g = self.lock_lifecycle();
+        let _g = self.lock_lifecycle()?;
+        // Another broker may have changed it: read the stored grants.
+        self.load_break_glass()?;
         let op = Operation::ApproveBreakGlass;
         self.audit_first(
             Some(cx),
@@ -207,7 +209,9 @@ impl Broker {
     /// Withdraws a pending or active grant.
     pub fn revoke_break_glass(&self, cx: &CallCtx, id: &str) -> Result<BreakGlass> {
         let caller = &cx.caller;
-        let _g = self.lock_lifecycle();
+        let _g = self.lock_lifecycle()?;
+        // Another broker may have changed it: read the stored grants.
+        self.load_break_glass()?;
         let op = Operation::RevokeBreakGlass;
         self.audit_first(
             Some(cx),

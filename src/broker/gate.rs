@@ -221,6 +221,7 @@ mod tests {
             limits: Default::default(),
             readiness_interval: std::time::Duration::from_secs(10),
             readiness_deadline: std::time::Duration::from_secs(5),
+            record_ttl: None,
         };
         let root = crate::root::software::SoftwareRoot::open_or_create(&dir.join("root")).unwrap();
         let store = crate::store::SledStore::open(&dir.join("store")).unwrap();

@@ -75,13 +75,20 @@ impl Broker {
             .collect()
     }
 
-    pub(super) fn lock_lifecycle(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(super) fn lock_lifecycle(&self) -> Result<LifecycleGuard<'_>> {
         self.lock()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// One lifecycle change at a time: on this broker (its mutex), then
+    /// across the region's brokers (the store's lock).
+    fn lock(&self) -> Result<LifecycleGuard<'_>> {
         // The guarded value is `()`: a poisoned lock protects no broken state.
-        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
+        let node = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let region = self.store.lifecycle_lock().map_err(super::store_err)?;
+        Ok(LifecycleGuard {
+            _region: region,
+            _node: node,
+        })
     }
 
     fn new_version(&self, version: u32) -> Result<VersionRecord> {
@@ -193,7 +200,7 @@ impl Broker {
             |note| {
                 note.key(id, 0);
                 self.gate(cx, op, None, note)?;
-                let g = self.lock();
+                let g = self.lock()?;
                 let mut rec = self.load(id)?;
                 self.gate(cx, op, Some(On::Key(&rec)), note)?;
                 f(&mut rec)?;
@@ -387,7 +394,7 @@ impl Broker {
 
     /// Erases a key's material once its window has passed. Idempotent.
     pub(super) fn finish_destroy(&self, id: &KeyId) -> Result<KeyRecord> {
-        let g = self.lock();
+        let g = self.lock()?;
         let rec = self.get_record(id)?;
         let due = rec
             .destroy_after
@@ -441,6 +448,12 @@ impl Broker {
             after = page.last().map(|r| r.id.clone());
         }
     }
+}
+
+/// Held for one lifecycle change; the region's lock is released first.
+pub(super) struct LifecycleGuard<'a> {
+    _region: crate::store::LifecycleLock,
+    _node: std::sync::MutexGuard<'a, ()>,
 }
 
 /// The state a key has now, counting a passed destroy window as destroyed.

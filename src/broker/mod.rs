@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 mod objects;
 pub mod rewrap;
+mod shared;
 
 pub use audited::AfterAudit;
 pub use breakglass::BreakGlassAsk;
@@ -88,6 +89,10 @@ pub struct BrokerSettings {
     pub readiness_interval: Duration,
     /// ...and how long it may take before the broker reports not ready.
     pub readiness_deadline: Duration,
+    /// Longest a key record is used from memory without reading the store
+    /// again (brokers sharing a store: the bound on a missed change); None:
+    /// until this broker changes it.
+    pub record_ttl: Option<Duration>,
 }
 
 /// Broker facts for `GetInfo`.
@@ -110,14 +115,14 @@ pub struct Broker {
     settings: BrokerSettings,
     root: Arc<dyn RootOfTrust>,
     store: Arc<dyn Store>,
-    keyring: Keyring,
+    keyring: Arc<Keyring>,
     clock: Arc<dyn Clock>,
     rng: SystemRandom,
     /// Serializes read-modify-write of key records on this node.
     lifecycle: Mutex<()>,
     root_calls: AtomicU64,
     audit: Arc<dyn AuditSink>,
-    break_glass: std::sync::RwLock<Vec<crate::policy::breakglass::BreakGlass>>,
+    break_glass: Arc<std::sync::RwLock<Vec<crate::policy::breakglass::BreakGlass>>>,
     /// The host's TPM, for the auditors' quotes (None: not configured).
     attestor: Option<Arc<dyn Attestor>>,
     limits: limits::Limiter,
@@ -134,6 +139,7 @@ fn store_err(e: StoreError) -> Error {
             tracing::error!(error = %cause, "store unavailable");
             Unavailable::Store.into()
         }
+        StoreError::Conflict(id) => Unavailable::Conflict(id).into(),
         other => Fault::Store(other).into(),
     }
 }
@@ -161,8 +167,15 @@ impl Broker {
         clock: Arc<dyn Clock>,
         audit: Arc<dyn AuditSink>,
     ) -> Self {
-        let keyring = Keyring::new(settings.cache_max_entries, settings.cache_ttl);
+        let keyring = Arc::new(
+            Keyring::new(settings.cache_max_entries, settings.cache_ttl)
+                .with_record_ttl(settings.record_ttl),
+        );
         let limits = limits::Limiter::new(settings.limits.clone());
+        let break_glass = Arc::default();
+        if let Some(bound) = settings.record_ttl {
+            shared::follow(&store, &keyring, &break_glass, bound);
+        }
         Self {
             limits,
             settings,
@@ -174,7 +187,7 @@ impl Broker {
             lifecycle: Mutex::new(()),
             root_calls: AtomicU64::new(0),
             audit,
-            break_glass: std::sync::RwLock::new(Vec::new()),
+            break_glass,
             attestor: None,
             aggregates: Mutex::default(),
             metrics: Arc::default(),

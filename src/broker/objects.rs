@@ -153,7 +153,7 @@ impl Broker {
                 super::lifecycle::check_text("name", &new.name, 128, false)?;
                 check_custom(&new.custom_attributes)?;
                 let bytes = self.object_bytes(&new)?;
-                let g = self.lock_lifecycle();
+                let g = self.lock_lifecycle()?;
                 self.check_name_free(&new.name, None)?;
                 let id = KeyId::generate(&self.rng).map_err(|_| rng_err())?;
                 note.key(&id, 1);
@@ -253,7 +253,7 @@ impl Broker {
             |note| {
                 note.key(id, 0);
                 self.gate(cx, op, None, note)?;
-                let g = self.lock_lifecycle();
+                let g = self.lock_lifecycle()?;
                 let old = self.load(id)?;
                 self.gate(cx, op, Some(On::Key(&old)), note)?;
                 let bits = match old.kind {
@@ -303,6 +303,7 @@ impl Broker {
                     created_by: caller.spiffe_id(),
                     activated_at: active.then_some(now),
                     deactivated_at: None,
+                    revision: 0,
                     ..old.clone()
                 };
                 let mut new = new;
@@ -593,7 +594,7 @@ impl Broker {
                     pair.as_der().map_err(|_| rng_err())?.as_ref().to_vec(),
                 );
                 let pkcs1 = Plaintext::new(pair.public_key().as_ref().to_vec());
-                let g = self.lock_lifecycle();
+                let g = self.lock_lifecycle()?;
                 self.check_name_free(&private.name, None)?;
                 self.check_name_free(&public.name, None)?;
                 if !private.name.is_empty() && private.name == public.name {

@@ -226,8 +226,8 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             })?;
             let root = std::sync::Arc::new(Pkcs11Root::open(p).map_err(root_err)?);
             let current = root.info().root_key_id;
-            let per_root =
-                rewrap::versions_per_root(&store).map_err(|e| CliError::new(e.to_string(), ""))?;
+            let per_root = rewrap::versions_per_root(store.as_ref())
+                .map_err(|e| CliError::new(e.to_string(), ""))?;
             let stale: usize = per_root
                 .iter()
                 .filter(|(k, _)| **k != current)
@@ -246,11 +246,12 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 );
                 Some(k.id_str)
             };
-            let report =
-                rewrap::rewrap_all(&store, &*root, danger_crash_after.map(DangerCrashAfter))
-                    .map_err(|e| {
-                        CliError::new(e.to_string(), "run the same command again to finish")
-                    })?;
+            let report = rewrap::rewrap_all(
+                store.as_ref(),
+                &*root,
+                danger_crash_after.map(DangerCrashAfter),
+            )
+            .map_err(|e| CliError::new(e.to_string(), "run the same command again to finish"))?;
             drop(store);
             crate::server::audit_offline(
                 &settings,
@@ -284,8 +285,8 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
             let (settings, p) = load(&c)?;
             let store = crate::server::open_store(&settings)
                 .map_err(|e| CliError::new(e.to_string(), "stop the broker first"))?;
-            let per_root =
-                rewrap::versions_per_root(&store).map_err(|e| CliError::new(e.to_string(), ""))?;
+            let per_root = rewrap::versions_per_root(store.as_ref())
+                .map_err(|e| CliError::new(e.to_string(), ""))?;
             if let Some(n) = per_root.get(&root_key_id) {
                 return Err(CliError::new(
                     format!("root key {root_key_id} still wraps {n} key version(s)"),

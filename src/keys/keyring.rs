@@ -41,7 +41,7 @@ impl<E> From<E> for Halt<E> {
 }
 
 struct Records {
-    map: HashMap<KeyId, Arc<KeyRecord>>,
+    map: HashMap<KeyId, (Arc<KeyRecord>, std::time::Instant)>,
     epoch: u64,
 }
 
@@ -52,6 +52,10 @@ type UnwrapSlot = Arc<Mutex<()>>;
 pub struct Keyring {
     records: Mutex<Records>,
     max_records: usize,
+    /// Longest a record is used without reading it again (None: until
+    /// this broker changes it). Brokers sharing a store bound what a lost
+    /// change notification can cost this way.
+    record_ttl: Option<Duration>,
     keks: KekCache,
     unwrapping: Mutex<HashMap<(KeyId, u32), UnwrapSlot>>,
 }
@@ -72,9 +76,16 @@ impl Keyring {
                 epoch: 0,
             }),
             max_records: max_entries.max(1),
+            record_ttl: None,
             keks: KekCache::new(max_entries, ttl),
             unwrapping: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records older than `ttl` are read again.
+    pub fn with_record_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.record_ttl = ttl;
+        self
     }
 
     /// A key's record, from memory or through `read` (a store read).
@@ -86,21 +97,24 @@ impl Keyring {
     ) -> Result<Arc<KeyRecord>, Halt<E>> {
         let epoch = {
             let g = lock(&self.records);
-            if let Some(r) = g.map.get(id) {
-                return Ok(Arc::clone(r));
+            if let Some((r, at)) = g.map.get(id) {
+                if self.record_ttl.is_none_or(|ttl| at.elapsed() < ttl) {
+                    return Ok(Arc::clone(r));
+                }
             }
             g.epoch
         };
         if wait == Wait::Refused {
             return Err(Halt::WouldBlock);
         }
+        let read_at = std::time::Instant::now();
         let rec = Arc::new(read()?);
         let mut g = lock(&self.records);
         if g.epoch == epoch {
             if g.map.len() >= self.max_records {
                 g.map.clear();
             }
-            g.map.insert(id.clone(), Arc::clone(&rec));
+            g.map.insert(id.clone(), (Arc::clone(&rec), read_at));
         }
         Ok(rec)
     }
@@ -150,6 +164,15 @@ impl Keyring {
         let mut g = lock(&self.records);
         g.epoch += 1;
         g.map.remove(id);
+    }
+
+    /// Drops every cached record and version (changes may have been
+    /// missed).
+    pub fn forget_all(&self) {
+        self.keks.clear();
+        let mut g = lock(&self.records);
+        g.epoch += 1;
+        g.map.clear();
     }
 
     /// Version-material counters.

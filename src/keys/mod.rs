@@ -163,6 +163,11 @@ pub struct KeyRecord {
     /// replaced this one or that this one replaced.
     #[serde(default)]
     pub links: Vec<ObjectLink>,
+    /// Bumped by the store at every write of this record; a write based
+    /// on an older read is refused as a conflict (two brokers over one
+    /// database), never applied over a newer one.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// How another object relates to this one.
@@ -226,6 +231,7 @@ impl KeyRecord {
             deactivated_at: None,
             custom_attributes: Vec::new(),
             links: Vec::new(),
+            revision: 0,
         }
     }
 
@@ -262,6 +268,7 @@ impl KeyRecord {
             deactivated_at: None,
             custom_attributes: Vec::new(),
             links: Vec::new(),
+            revision: 0,
         }
     }
 }

@@ -4,9 +4,18 @@
 //! disk, fsynced). If it fails, the write may or may not have happened; the
 //! broker then reports an error and does not acknowledge, and a retry of a
 //! lifecycle call is safe because each reads the current record first.
+//!
+//! Several brokers may share one store (PostgreSQL): lifecycle changes
+//! take the region's [`Store::lifecycle_lock`], every update names the
+//! revision it read (a stale one is a [`StoreError::Conflict`], never a
+//! lost update), and changes made by other brokers reach this one through
+//! [`Store::on_change`].
 
+pub mod cluster;
+mod postgres;
 mod sled_store;
 
+pub use postgres::{PgPassword, PgSettings, PgStore, PgTls, SCHEMA_VERSION};
 pub use sled_store::SledStore;
 
 use crate::keys::{KeyId, KeyRecord};
@@ -24,6 +33,18 @@ pub enum StoreError {
     /// I/O or database failure; the store may be unavailable.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The record changed since it was read (another broker wrote it):
+    /// nothing was written.
+    #[error("key {0} was changed by another broker at the same time; nothing was written, retry")]
+    Conflict(KeyId),
+    /// The database's schema is newer than this binary knows.
+    #[error("the database schema is version {found}, newer than this sovkms knows ({known}); upgrade sovkms before starting it on this database")]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i32,
+        /// Newest version this binary applies.
+        known: i32,
+    },
     /// A stored record cannot be decoded (or encoded).
     #[error("stored record {id} is corrupt: {source}")]
     Corrupt {
@@ -34,13 +55,34 @@ pub enum StoreError {
     },
 }
 
+/// Held while one lifecycle change (read, audit, write) runs; dropping it
+/// lets the next one in, on this broker or another.
+pub type LifecycleLock = Box<dyn Send>;
+
+/// A change another broker committed, pushed to this one's caches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// This key's record changed.
+    Key(KeyId),
+    /// A break-glass grant changed.
+    BreakGlass,
+    /// Changes may have been missed (the notification channel was lost):
+    /// drop everything cached.
+    All,
+}
+
+/// Called with each change another broker made (from a store thread).
+pub type ChangeHandler = Box<dyn Fn(Change) + Send + Sync>;
+
 /// Persistent key records.
 pub trait Store: Send + Sync {
     /// Reads one key.
     fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
     /// Adds a new key; `AlreadyExists` if the id is taken. Durable on return.
     fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError>;
-    /// Replaces an existing key's record. Durable on return.
+    /// Replaces an existing key's record, read at `rec.revision`; stores
+    /// it at the next revision. `Conflict` if the stored revision is not
+    /// `rec.revision` (nothing written). Durable on return.
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError>;
     /// Adds `inserts` and replaces `updates` in one atomic write (all or
     /// nothing: a key pair; a rekeyed object and its predecessor, whose
@@ -60,4 +102,22 @@ pub trait Store: Send + Sync {
     fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError>;
     /// Every break-glass grant ever made.
     fn list_break_glass(&self) -> Result<Vec<BreakGlass>, StoreError>;
+    /// Takes the region's lifecycle lock: one lifecycle change at a time
+    /// across every broker sharing this store. A store of one broker has
+    /// nothing to take (the broker's own mutex suffices).
+    fn lifecycle_lock(&self) -> Result<LifecycleLock, StoreError> {
+        Ok(Box::new(()))
+    }
+    /// Registers the handler of changes other brokers make. A store of one
+    /// broker has none to report.
+    fn on_change(&self, handler: ChangeHandler) {
+        let _ = handler;
+    }
+}
+
+/// `rec` as stored after an update: at its next revision.
+pub(crate) fn next_revision(rec: &KeyRecord) -> KeyRecord {
+    let mut next = rec.clone();
+    next.revision = rec.revision.wrapping_add(1);
+    next
 }

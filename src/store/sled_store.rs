@@ -87,6 +87,20 @@ impl SledStore {
         }
     }
 
+    /// The stored bytes of `rec`'s key if they are at `rec.revision`.
+    fn current(&self, rec: &KeyRecord) -> Result<sled::IVec, StoreError> {
+        let id = rec.id.as_str();
+        let old = self
+            .keys
+            .get(id)
+            .map_err(unavailable)?
+            .ok_or_else(|| StoreError::Conflict(rec.id.clone()))?;
+        if Self::decode(id.as_bytes(), &old)?.revision != rec.revision {
+            return Err(StoreError::Conflict(rec.id.clone()));
+        }
+        Ok(old)
+    }
+
     fn decode(k: &[u8], v: &[u8]) -> Result<KeyRecord, StoreError> {
         serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
             id: String::from_utf8_lossy(k).into_owned(),
@@ -135,8 +149,12 @@ impl Store for SledStore {
     }
 
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError> {
-        let v = Self::encode(rec)?;
-        self.keys.insert(rec.id.as_str(), v).map_err(unavailable)?;
+        let old = self.current(rec)?;
+        let v = Self::encode(&super::next_revision(rec))?;
+        self.keys
+            .compare_and_swap(rec.id.as_str(), Some(old), Some(v))
+            .map_err(unavailable)?
+            .map_err(|_| StoreError::Conflict(rec.id.clone()))?;
         self.flush()
     }
 
@@ -155,7 +173,8 @@ impl Store for SledStore {
             batch.insert(r.id.as_str(), Self::encode(r)?);
         }
         for r in updates {
-            batch.insert(r.id.as_str(), Self::encode(r)?);
+            self.current(r)?;
+            batch.insert(r.id.as_str(), Self::encode(&super::next_revision(r))?);
         }
         self.keys.apply_batch(batch).map_err(unavailable)?;
         self.flush()

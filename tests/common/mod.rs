@@ -679,3 +679,31 @@ pub async fn decrypting_region(env: &Env) -> (TestBroker, Client, Vec<u8>) {
         .ciphertext;
     (eu, svc, ct)
 }
+
+/// A throwaway PostgreSQL cluster, and the `[store]` table of a broker over it.
+pub fn pg_cluster() -> sovkms::store::cluster::ThrowawayCluster {
+    sovkms::store::cluster::ThrowawayCluster::start().unwrap()
+}
+
+pub fn pg_store_toml(db: &sovkms::store::cluster::ThrowawayCluster, extra: &str) -> String {
+    format!(
+        "\n[store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n{extra}\n",
+        db.url(sovkms::store::cluster::ROLE),
+        db.password_file().display()
+    )
+}
+
+/// Config of broker `name` of region `r` over a shared store: the region's
+/// root (`root_toml`, one token for all its brokers), its own id, data
+/// directory and listener; `tail` appended (tables).
+pub fn config_shared(env: &Env, r: &str, name: &str, root_toml: &str, tail: &str) -> PathBuf {
+    let data = env.dir.path().join("data").join(format!("{r}-{name}"));
+    let text = pki::dev_broker_config(&env.pki, &data, &region(r), TD, &env.regions, root_toml)
+        .replace(
+            &format!("broker_id = \"{r}-dev\""),
+            &format!("broker_id = \"{r}-{name}\""),
+        );
+    let path = env.dir.path().join(format!("{r}-{name}.toml"));
+    std::fs::write(&path, format!("{text}{tail}")).unwrap();
+    path
+}

@@ -40,7 +40,7 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
     // one real wrapped version) written straight into the store.
     let settings = crate::config::Settings::load(&env.cfg).map_err(err)?;
     let template = {
-        let store = crate::server::open_store(&settings).map_err(err)?;
+        let store = crate::server::open_sled(&settings).map_err(err)?;
         let (page, _) = crate::store::Store::scan(&store, None, 1, &|_| true).map_err(err)?;
         page.into_iter()
             .next()
@@ -50,7 +50,7 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
     let mut have = 0u64;
     for n in counts {
         {
-            let store = crate::server::open_store(&settings).map_err(err)?;
+            let store = crate::server::open_sled(&settings).map_err(err)?;
             while have < n {
                 let mut r = template.clone();
                 r.id =

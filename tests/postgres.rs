@@ -1,0 +1,312 @@
+//! Several brokers of one region over one PostgreSQL (a throwaway cluster
+//! these tests start: initdb, a free port, stopped at the end). Brokers
+//! run as separate processes on one SoftHSM2 token, as a region's brokers
+//! share its HSM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use sovkms::api::proto as pb;
+use sovkms::store::cluster::ThrowawayCluster;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+const R: &str = "eu-central";
+
+struct Region {
+    env: Env,
+    db: ThrowawayCluster,
+    token: Token,
+}
+
+fn region_over_postgres() -> Region {
+    let env = Env::new();
+    let db = pg_cluster();
+    let token = new_token(env.dir.path(), R);
+    Region { env, db, token }
+}
+
+impl Region {
+    fn broker(&self, name: &str, store_extra: &str) -> Proc {
+        let tail = pg_store_toml(&self.db, store_extra);
+        spawn_broker(
+            &config_shared(&self.env, R, name, &self.token.root_toml, &tail),
+            &[],
+        )
+    }
+
+    async fn client(&self, who: &str, p: &Proc) -> sovkms::client::Client {
+        connect_ready(&self.env, &format!("{R}/{who}"), R, &p.addr).await
+    }
+}
+
+async fn rekey(op: &mut sovkms::client::Client, id: &str) -> Result<u32, tonic::Status> {
+    op.keys
+        .re_key(pb::KeyRef { key_id: id.into() })
+        .await
+        .map(|r| r.into_inner().primary_version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_share_keys_over_one_database() {
+    let reg = region_over_postgres();
+    let (a, b, c) = (
+        reg.broker("a", ""),
+        reg.broker("b", ""),
+        reg.broker("c", ""),
+    );
+    let app = spiffe(R, "service", "app");
+    let cx = ctx(&[("tenant", "t1")]);
+
+    let mut op_a = reg.client("operator-admin", &a).await;
+    let mut op_b = reg.client("operator-admin", &b).await;
+    let mut svc_a = reg.client("service-app", &a).await;
+    let mut svc_b = reg.client("service-app", &b).await;
+    let mut svc_c = reg.client("service-app", &c).await;
+
+    // Created on A, encrypted on B, decrypted on C.
+    let key = create_key_as(&mut op_a, "shared", vec![grant(&app, &ALL_OPS)]).await;
+    let old = encrypt(&mut svc_b, &key, b"written on b", &cx)
+        .await
+        .unwrap();
+    assert_eq!(old.key_version, 1);
+    assert_eq!(
+        decrypt(&mut svc_c, &old.ciphertext, &cx).await.unwrap(),
+        b"written on b"
+    );
+
+    // Rekeyed on B: the old ciphertext still opens on A, and every broker
+    // encrypts under version 2 once the change reaches it.
+    assert_eq!(rekey(&mut op_b, &key).await.unwrap(), 2);
+    assert_eq!(
+        decrypt(&mut svc_a, &old.ciphertext, &cx).await.unwrap(),
+        b"written on b"
+    );
+    for svc in [&mut svc_a, &mut svc_c] {
+        let start = Instant::now();
+        loop {
+            let v = encrypt(svc, &key, b"after", &cx).await.unwrap().key_version;
+            if v == 2 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "the rekey never reached this broker"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let new = encrypt(&mut svc_c, &key, b"after rekey", &cx)
+        .await
+        .unwrap();
+    assert_eq!(
+        decrypt(&mut svc_b, &new.ciphertext, &cx).await.unwrap(),
+        b"after rekey"
+    );
+
+    // A key created on C is listed on A.
+    let mut op_c = reg.client("operator-admin", &c).await;
+    let other = create_key_as(&mut op_c, "from-c", vec![]).await;
+    op_a.keys
+        .get_attributes(pb::KeyRef { key_id: other })
+        .await
+        .expect("a key created on another broker");
+    for mut p in [a, b, c] {
+        stop(&mut p);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rekeys_from_two_brokers_lose_nothing() {
+    let reg = region_over_postgres();
+    let (a, b) = (reg.broker("a", ""), reg.broker("b", ""));
+    let mut op_a = reg.client("operator-admin", &a).await;
+    let op_b = reg.client("operator-admin", &b).await;
+    let key = create_key_as(&mut op_a, "contended", vec![]).await;
+
+    const ROUNDS: usize = 25;
+    let mut tasks = Vec::new();
+    for mut op in [op_a.clone(), op_b] {
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..ROUNDS {
+                got.push(rekey(&mut op, &key).await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.extend(t.await.unwrap());
+    }
+    // Every acknowledged rekey made its own version: 2..=51, none twice.
+    versions.sort_unstable();
+    let want: Vec<u32> = (2..=(ROUNDS as u32 * 2 + 1)).collect();
+    assert_eq!(versions, want);
+    let meta = op_a
+        .keys
+        .get_attributes(pb::KeyRef {
+            key_id: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.primary_version, ROUNDS as u32 * 2 + 1);
+    for mut p in [a, b] {
+        stop(&mut p);
+    }
+}
+
+/// Revokes a key on A and measures how long B keeps decrypting with it.
+async fn revoke_reaches(reg: &Region, store_extra: &str, rounds: usize) -> Vec<Duration> {
+    let (a, b) = (reg.broker("a", store_extra), reg.broker("b", store_extra));
+    let app = spiffe(R, "service", "app");
+    let cx = ctx(&[]);
+    let mut op_a = reg.client("operator-admin", &a).await;
+    let mut svc_b = reg.client("service-app", &b).await;
+    let mut took = Vec::new();
+    for i in 0..rounds {
+        let key = create_key_as(&mut op_a, &format!("r{i}"), vec![grant(&app, &ALL_OPS)]).await;
+        let ct = encrypt(&mut svc_b, &key, b"x", &cx)
+            .await
+            .unwrap()
+            .ciphertext;
+        // B holds the record in memory now.
+        decrypt(&mut svc_b, &ct, &cx).await.unwrap();
+        op_a.keys
+            .revoke(pb::RevokeRequest {
+                key_id: key.clone(),
+                reason: pb::RevocationReason::KeyCompromise as i32,
+                message: String::new(),
+            })
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        loop {
+            match decrypt(&mut svc_b, &ct, &cx).await {
+                Ok(_) => {}
+                Err(s) => {
+                    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                    break;
+                }
+            }
+            assert!(
+                committed.elapsed() < Duration::from_secs(10),
+                "revoke never reached B"
+            );
+        }
+        took.push(committed.elapsed());
+    }
+    for mut p in [a, b] {
+        stop(&mut p);
+    }
+    took.sort();
+    took
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_on_one_broker_is_refused_on_another_within_the_bound() {
+    let reg = region_over_postgres();
+    // Pushed (LISTEN/NOTIFY).
+    let pushed = revoke_reaches(&reg, "max_staleness_ms = 2000", 30).await;
+    // Notifications lost (a pooler that cannot LISTEN): the record bound.
+    let bounded = revoke_reaches(&reg, "listen = false\nmax_staleness_ms = 500", 8).await;
+    println!(
+        "revoke on A -> refused on B: pushed p50 {:?} p99 {:?} max {:?}; without notifications p50 {:?} max {:?} (bound 500 ms)",
+        quantile(&pushed, 0.5),
+        quantile(&pushed, 0.99),
+        pushed.last().unwrap(),
+        quantile(&bounded, 0.5),
+        bounded.last().unwrap()
+    );
+    // The push is what makes it fast: well inside the 2 s bound.
+    assert!(
+        quantile(&pushed, 0.5) < Duration::from_millis(500),
+        "{pushed:?}"
+    );
+    // Lost notifications cost at most the bound (and a request's time).
+    assert!(
+        *bounded.last().unwrap() < Duration::from_millis(500 + 300),
+        "{bounded:?}"
+    );
+}
+
+#[test]
+fn schema_migrates_from_the_previous_version_and_refuses_a_newer_one() {
+    use sovkms::store::{PgPassword, PgSettings, PgStore, PgTls, Store, StoreError};
+    let db = pg_cluster();
+    let settings = PgSettings {
+        url: db.url(sovkms::store::cluster::ROLE),
+        password: PgPassword::File(db.password_file()),
+        tls: PgTls::Off,
+        pool_size: 2,
+        listen: false,
+        timeout: Duration::from_secs(5),
+        application_name: "test".into(),
+    };
+    // A database at schema 1 (before the audit chains) with a key in it.
+    let old = PgStore::open_at_schema(settings.clone(), 1).unwrap();
+    assert_eq!(old.schema_version().unwrap(), 1);
+    let rec = sovkms::keys::KeyRecord::new(
+        sovkms::keys::KeyId::parse("k-kept").unwrap(),
+        region(R),
+        sovkms::keys::VersionRecord {
+            version: 1,
+            created_at: 0,
+            wrapped: None,
+            provenance: None,
+            sealed_object: None,
+        },
+        true,
+        0,
+        String::new(),
+    );
+    old.insert(&rec).unwrap();
+    drop(old);
+    // The current binary migrates it and keeps the key.
+    let store = PgStore::open(settings.clone()).unwrap();
+    assert_eq!(
+        store.schema_version().unwrap(),
+        sovkms::store::SCHEMA_VERSION
+    );
+    assert_eq!(store.get(&rec.id).unwrap().unwrap().name, rec.name);
+    let tables = db
+        .sql(
+            sovkms::store::cluster::ROLE,
+            "SELECT count(*) FROM sovkms_audit",
+        )
+        .unwrap();
+    assert_eq!(tables.trim(), "0");
+    // A fresh database gets the whole schema at once.
+    db.sql("postgres", "CREATE DATABASE fresh").unwrap();
+    let fresh = PgStore::open(PgSettings {
+        url: db.url("fresh"),
+        ..settings.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        fresh.schema_version().unwrap(),
+        sovkms::store::SCHEMA_VERSION
+    );
+    drop(fresh);
+    // A schema from a newer sovkms: refused, nothing touched.
+    db.sql(
+        sovkms::store::cluster::ROLE,
+        "INSERT INTO sovkms_schema (version, description) VALUES (99, 'from the future')",
+    )
+    .unwrap();
+    drop(store);
+    match PgStore::open(settings) {
+        Err(e @ StoreError::SchemaTooNew { found: 99, .. }) => {
+            assert!(e.to_string().contains("upgrade sovkms"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
