@@ -1,6 +1,7 @@
 //! Wiring: validated settings → store, root of trust, broker core, API.
 
 use crate::api::{self, RunningServer, ServeError};
+use crate::audit::table::TableRef;
 use crate::audit::{AuditError, AuditLog, AuditSink, Event, Kind, LogSettings};
 use crate::broker::Broker;
 use crate::clock::Clock;
@@ -47,14 +48,23 @@ pub enum StartError {
 /// Opens the store of a broker's config: sled (fails while the broker
 /// runs: sled holds an exclusive lock) or the region's PostgreSQL.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartError> {
+    Ok(open_store_and_chains(settings)?.0)
+}
+
+/// The store, and the database table of audit chains when the store is
+/// the region's PostgreSQL (the audit log then lives there too).
+pub fn open_store_and_chains(
+    settings: &Settings,
+) -> Result<(Arc<dyn Store>, Option<TableRef>), StartError> {
     match &settings.store {
-        crate::config::StoreSettings::Sled => Ok(Arc::new(open_sled(settings)?)),
+        crate::config::StoreSettings::Sled => Ok((Arc::new(open_sled(settings)?), None)),
         crate::config::StoreSettings::Postgres(pg) => {
-            let store = PgStore::open(pg.clone()).map_err(|err| StartError::Store {
+            let store = Arc::new(PgStore::open(pg.clone()).map_err(|err| StartError::Store {
                 path: "the database".into(),
                 err,
-            })?;
-            Ok(Arc::new(store))
+            })?);
+            let table = TableRef(Arc::clone(&store) as Arc<dyn crate::audit::table::ChainTable>);
+            Ok((store, Some(table)))
         }
     }
 }
@@ -97,8 +107,9 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         tracing::warn!("{warning}");
     }
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (store, chains) = open_store_and_chains(settings)?;
     let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(
-        open_store(settings)?,
+        store,
         Arc::clone(&metrics),
     ));
     let root: Arc<dyn RootOfTrust> = Arc::new(crate::metrics::MeteredRoot::new(
@@ -108,10 +119,11 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     let info = root.info();
     tracing::info!(kind = info.kind, root_key = %info.root_key_id, description = %info.description, "root of trust ready");
     metrics.set_build(settings.broker.region.as_str(), info.kind);
-    let audit = AuditLog::open(log_settings(settings), Arc::clone(&root))?;
+    let audit = AuditLog::open(log_settings(settings, chains.clone()), Arc::clone(&root))?;
     metrics.register_audit(&audit.metrics());
     let mut broker = Broker::new(settings.broker.clone(), root, store, clock, Arc::new(audit))
-        .with_metrics(Arc::clone(&metrics));
+        .with_metrics(Arc::clone(&metrics))
+        .with_audit_table(chains);
     if let Some(tpm) = &settings.tpm {
         broker = broker.with_attestor(Arc::new(TpmAttestor::new(tpm.clone())));
     }
@@ -122,7 +134,7 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
     Ok(broker)
 }
 
-fn log_settings(settings: &Settings) -> LogSettings {
+fn log_settings(settings: &Settings, table: Option<TableRef>) -> LogSettings {
     LogSettings {
         path: settings.audit.path.clone(),
         region: settings.broker.region.to_string(),
@@ -132,6 +144,7 @@ fn log_settings(settings: &Settings) -> LogSettings {
         witness: settings.audit.witness.clone(),
         segment_bytes: settings.audit.segment_bytes,
         reserve_bytes: settings.audit.reserve_bytes,
+        table,
     }
 }
 
@@ -144,7 +157,8 @@ pub fn audit_offline(
     operation: &'static str,
     reason: &str,
 ) -> Result<u64, StartError> {
-    let log = AuditLog::open(log_settings(settings), root)?;
+    let chains = open_store_and_chains(settings)?.1;
+    let log = AuditLog::open(log_settings(settings, chains), root)?;
     let seq = log.append_durable(Event::system(Kind::Request, operation, reason))?;
     log.shutdown();
     Ok(seq)

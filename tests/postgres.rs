@@ -310,3 +310,185 @@ fn schema_migrates_from_the_previous_version_and_refuses_a_newer_one() {
         Ok(_) => panic!("a newer schema was accepted"),
     }
 }
+
+/// Decrypts with our own request id; Ok(id) when the plaintext came back.
+async fn decrypt_with_id(
+    c: &mut sovkms::client::Client,
+    ct: &[u8],
+    id: String,
+) -> Result<String, tonic::Status> {
+    let mut req = tonic::Request::new(pb::DecryptRequest {
+        ciphertext: ct.to_vec(),
+        context: Default::default(),
+    });
+    req.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    c.crypto.decrypt(req).await.map(|_| id)
+}
+
+fn committed_request_ids(db: &ThrowawayCluster) -> std::collections::HashSet<String> {
+    db.sql(
+        sovkms::store::cluster::ROLE,
+        "SELECT line::json->>'request_id' FROM sovkms_audit WHERE line::json->>'operation' = 'decrypt' AND line::json->>'outcome' = 'allowed'",
+    )
+    .unwrap()
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_under_decrypt_load_loses_no_acknowledged_record() {
+    let reg = region_over_postgres();
+    let (mut a, b) = (reg.broker("a", ""), reg.broker("b", ""));
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &b).await;
+    let key = create_key_as(&mut op, "load", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc_b = reg.client("service-app", &b).await;
+    let ct = encrypt(&mut svc_b, &key, b"under load", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+
+    // Four streams of decrypts on each broker, each request with its own id.
+    let stop_at = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for (p, name) in [(&a, "a"), (&b, "b")] {
+        for s in 0..4 {
+            let mut c = reg.client("service-app", p).await;
+            let ct = ct.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut acked, mut failed) = (Vec::new(), 0u32);
+                let mut i = 0;
+                while Instant::now() < stop_at {
+                    i += 1;
+                    match decrypt_with_id(&mut c, &ct, format!("{name}-{s}-{i}")).await {
+                        Ok(id) => acked.push(id),
+                        Err(_) => failed += 1,
+                    }
+                }
+                (acked, failed)
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    kill9(&mut a);
+    let (mut acked, mut failed_on) = (Vec::new(), [0u32; 2]);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (ids, failed) = t.await.unwrap();
+        acked.extend(ids);
+        failed_on[i / 4] += failed;
+    }
+    let committed = committed_request_ids(&reg.db);
+    let missing: Vec<_> = acked.iter().filter(|id| !committed.contains(*id)).collect();
+    let on_a = acked.iter().filter(|i| i.starts_with("a-")).count();
+    let on_b = acked.len() - on_a;
+    println!(
+        "acknowledged decrypts: {on_a} on a (killed), {on_b} on b; failed after the kill: {} on a, {} on b; records missing: {}",
+        failed_on[0],
+        failed_on[1],
+        missing.len()
+    );
+    assert!(on_a > 0 && on_b > 0);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged without a committed record, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    // The survivor never failed a request.
+    assert_eq!(failed_on[1], 0);
+
+    // A client that lists both brokers carries on with the survivor.
+    let tls = reg.env.tls(&format!("{R}/service-app"), R);
+    let regional = sovkms::client::Regional::new(vec![
+        sovkms::client::Endpoint::new(R, &a.addr, tls.clone()),
+        sovkms::client::Endpoint::new(R, &b.addr, tls),
+    ])
+    .unwrap();
+    for _ in 0..5 {
+        let pt = regional.decrypt(&ct, Default::default()).await.unwrap();
+        assert_eq!(&pt[..], b"under load");
+    }
+    let mut b = b;
+    stop(&mut b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_brokers_chain_verifies_from_the_database_and_an_edit_is_named() {
+    let reg = region_over_postgres();
+    let (a, b) = (reg.broker("a", ""), reg.broker("b", ""));
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "audited", vec![grant(&app, &ALL_OPS)]).await;
+    for p in [&a, &b] {
+        let mut svc = reg.client("service-app", p).await;
+        let ct = encrypt(&mut svc, &key, b"x", &ctx(&[]))
+            .await
+            .unwrap()
+            .ciphertext;
+        for _ in 0..20 {
+            decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
+        }
+    }
+    let pubkey = reg.env.dir.path().join("signing.pem");
+    std::fs::write(
+        &pubkey,
+        op.broker
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .signing_public_key_pem,
+    )
+    .unwrap();
+    // Stopped brokers end their chains with a signed checkpoint.
+    for mut p in [a, b] {
+        stop(&mut p);
+    }
+    let cfg = reg.env.dir.path().join(format!("{R}-a.toml"));
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify", "--database", cfg.to_str().unwrap()];
+        args.extend(["--pubkey", pubkey.to_str().unwrap()]);
+        args.extend(extra);
+        run_sovkms(&args, &[])
+    };
+    let ok = verify(&["--require-checkpoint"]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text.contains(&format!("broker {R}-a: OK")), "{text}");
+    assert!(text.contains(&format!("broker {R}-b: OK")), "{text}");
+
+    // An insider with the database edits one record of b's chain.
+    reg.db
+        .sql(
+            sovkms::store::cluster::ROLE,
+            &format!(
+                "UPDATE sovkms_audit SET line = replace(line, '\"allowed\"', '\"refused\"')
+                 WHERE broker_id = '{R}-b' AND seq = 5"
+            ),
+        )
+        .unwrap();
+    let bad = verify(&[]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains(&format!("broker {R}-b")) && err.contains('5'),
+        "{err}"
+    );
+
+    // The export holds both chains.
+    let out = run_sovkms(
+        &["audit", "export", "--database", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success());
+    let lines = String::from_utf8_lossy(&out.stdout);
+    for who in ["a", "b"] {
+        assert!(lines.contains(&format!("\"broker_id\":\"{R}-{who}\"")));
+    }
+}

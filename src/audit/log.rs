@@ -59,6 +59,77 @@ pub struct LogSettings {
     /// for (plaintext releases, lifecycle changes): below it, buffered
     /// records (refusals, encrypts, reads) are counted instead of written.
     pub reserve_bytes: u64,
+    /// The region's database, when the chain lives there instead of in
+    /// `path` (brokers over PostgreSQL): no segments, no disk reserve.
+    pub table: Option<super::table::TableRef>,
+}
+
+/// Where the writer's records go.
+enum Output {
+    File(File),
+    /// Records wait in `pending` until the next sync inserts them in one
+    /// transaction.
+    Table {
+        table: Arc<dyn super::table::ChainTable>,
+        broker_id: String,
+        pending: Vec<(u64, String)>,
+    },
+}
+
+impl Output {
+    /// Writes records (lines in `buf`, one per record).
+    fn write(&mut self, records: &[Record], buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::File(f) => f.write_all(buf),
+            Self::Table { pending, .. } => {
+                for (r, line) in records.iter().zip(buf.split(|b| *b == b'\n')) {
+                    pending.push((r.seq, String::from_utf8_lossy(line).into_owned()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::File(f) => f.sync_data(),
+            Self::Table {
+                table,
+                broker_id,
+                pending,
+            } => {
+                let Some(&(last, _)) = pending.last() else {
+                    return Ok(());
+                };
+                match table.append(broker_id, std::mem::take(pending)) {
+                    Ok(()) => Ok(()),
+                    // A commit whose answer was lost may have landed: the
+                    // table's head says (else the next batch would repeat
+                    // its sequence numbers).
+                    Err(e) => match table.last(broker_id) {
+                        Ok(Some(line))
+                            if serde_json::from_str::<Record>(&line)
+                                .is_ok_and(|r| r.seq == last) =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(e),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Drops what was written after `durable_len` (not synced).
+    fn cut(&mut self, durable_len: u64) {
+        match self {
+            Self::File(f) => {
+                let _ = f.set_len(durable_len);
+                let _ = f.seek(SeekFrom::Start(durable_len));
+            }
+            Self::Table { pending, .. } => pending.clear(),
+        }
+    }
 }
 
 /// Where the writer reports a durable record's sequence number.
@@ -230,10 +301,25 @@ fn check_before_continuing(
         }
         None => Vec::new(),
     };
-    let f = super::segments::open(&settings.path)
-        .map_err(|e| AuditError::io(settings.path.display(), e))?;
-    super::verify::verify_anchored(std::io::BufReader::new(f), &pk, false, &anchors)
-        .map_err(|e| AuditError::Rejected(format!("{}: {e}; the broker does not continue this chain (`sovkms audit verify` names the record)", settings.path.display())))?;
+    let (reader, name): (Box<dyn Read>, String) = match &settings.table {
+        Some(t) => (
+            Box::new(super::table::ChainReader::new(
+                Arc::clone(&t.0),
+                &settings.broker_id,
+                0,
+            )),
+            format!("the database chain of broker {}", settings.broker_id),
+        ),
+        None => (
+            Box::new(
+                super::segments::open(&settings.path)
+                    .map_err(|e| AuditError::io(settings.path.display(), e))?,
+            ),
+            settings.path.display().to_string(),
+        ),
+    };
+    super::verify::verify_anchored(std::io::BufReader::new(reader), &pk, false, &anchors)
+        .map_err(|e| AuditError::Rejected(format!("{name}: {e}; the broker does not continue this chain (`sovkms audit verify` names the record)")))?;
     Ok(())
 }
 
@@ -291,7 +377,7 @@ struct Reserve {
 }
 
 struct Writer {
-    file: File,
+    out: Output,
     settings: LogSettings,
     root: Arc<dyn RootOfTrust>,
     seq: u64,
@@ -362,7 +448,7 @@ impl Writer {
             serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Encode(Arc::new(e)))?;
             buf.push(b'\n');
         }
-        if let Err(e) = self.file.write_all(&buf) {
+        if let Err(e) = self.out.write(records, &buf) {
             return self.fail(e);
         }
         self.written_len += buf.len() as u64;
@@ -383,7 +469,7 @@ impl Writer {
 
     fn sync(&mut self) -> Result<(), AuditError> {
         let start = Instant::now();
-        let synced = self.file.sync_data();
+        let synced = self.out.sync();
         self.metrics
             .sync_seconds
             .observe(start.elapsed().as_secs_f64());
@@ -400,8 +486,7 @@ impl Writer {
 
     fn fail(&mut self, e: std::io::Error) -> Result<(), AuditError> {
         self.metrics.write_failures.inc();
-        let _ = self.file.set_len(self.durable_len);
-        let _ = self.file.seek(SeekFrom::Start(self.durable_len));
+        self.out.cut(self.durable_len);
         self.written_len = self.durable_len;
         (self.seq, self.hash) = self.synced.clone();
         self.unsynced_since = None;
@@ -567,6 +652,9 @@ impl Writer {
     /// a segment and starts a new one. A failure leaves the active file in
     /// place and is retried at the next checkpoint.
     fn rotate(&mut self) {
+        if !matches!(self.out, Output::File(_)) {
+            return;
+        }
         let path = self.settings.path.clone();
         let closed = super::segments::segment_path(&path, self.active_first);
         if closed.exists() {
@@ -586,7 +674,7 @@ impl Writer {
         let dir = closed.parent().map(File::open);
         match opened {
             Ok(f) => {
-                self.file = f;
+                self.out = Output::File(f);
                 self.durable_len = 0;
                 self.written_len = 0;
                 self.active_first = self.seq + 1;
@@ -675,43 +763,91 @@ impl Writer {
     }
 }
 
+/// The writer's output, head (seq, hash), durable length and the active
+/// file's first sequence number.
+type Opened = (Output, u64, String, u64, u64);
+
+/// Opens (or creates) the log file and recovers its head.
+fn open_file(path: &Path) -> Result<Opened, AuditError> {
+    if let Some(dir) = path.parent() {
+        crate::files::create_private_dir(dir).map_err(|e| AuditError::io(dir.display(), e))?;
+    }
+    let mut file = OpenOptions::new()
+        .mode(0o600)
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| AuditError::io(path.display(), e))?;
+    let (mut seq, mut hash, durable_len) = recover_tail(&mut file, path)?;
+    // A fresh active file after a rotation: the chain goes on from the
+    // last closed segment.
+    let active_first = if durable_len > 0 {
+        super::segments::first_seq(path)
+            .map_err(|e| AuditError::io(path.display(), e))?
+            .unwrap_or(seq)
+    } else {
+        let closed =
+            super::segments::closed(path).map_err(|e| AuditError::io(path.display(), e))?;
+        if let Some((_, last)) = closed.last() {
+            let mut f = File::open(last).map_err(|e| AuditError::io(last.display(), e))?;
+            (seq, hash, _) = recover_tail(&mut f, last)?;
+        }
+        seq + 1
+    };
+    file.seek(SeekFrom::End(0))
+        .map_err(|e| AuditError::io(path.display(), e))?;
+    Ok((Output::File(file), seq, hash, durable_len, active_first))
+}
+
+/// Recovers the head of `broker_id`'s chain in the database.
+fn open_table(
+    table: &Arc<dyn super::table::ChainTable>,
+    broker_id: &str,
+) -> Result<Opened, AuditError> {
+    let what = || format!("the database chain of broker {broker_id}");
+    let (seq, hash) = match table
+        .last(broker_id)
+        .map_err(|e| AuditError::io(what(), e))?
+    {
+        None => (0, GENESIS.to_owned()),
+        Some(line) => {
+            let rec: Record = serde_json::from_str(&line).map_err(|e| {
+                AuditError::Corrupt(format!(
+                    "{}: the last record does not parse ({e}); run `sovkms audit verify`",
+                    what()
+                ))
+            })?;
+            if rec.compute_hash() != rec.hash {
+                return Err(AuditError::Corrupt(format!(
+                    "{}: the last record (seq {}) fails its hash; run `sovkms audit verify`",
+                    what(),
+                    rec.seq
+                )));
+            }
+            (rec.seq, rec.hash)
+        }
+    };
+    let out = Output::Table {
+        table: Arc::clone(table),
+        broker_id: broker_id.to_owned(),
+        pending: Vec::new(),
+    };
+    Ok((out, seq, hash, 0, 0))
+}
+
 impl AuditLog {
     /// Opens (or creates) the log, recovers its head, and starts the writer.
     pub fn open(settings: LogSettings, root: Arc<dyn RootOfTrust>) -> Result<Self, AuditError> {
-        let path = settings.path.clone();
-        if let Some(dir) = path.parent() {
-            crate::files::create_private_dir(dir).map_err(|e| AuditError::io(dir.display(), e))?;
-        }
-        let mut file = OpenOptions::new()
-            .mode(0o600)
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(|e| AuditError::io(path.display(), e))?;
-        let (mut seq, mut hash, durable_len) = recover_tail(&mut file, &path)?;
-        // A fresh active file after a rotation: the chain goes on from the
-        // last closed segment.
-        let active_first = if durable_len > 0 {
-            super::segments::first_seq(&path)
-                .map_err(|e| AuditError::io(path.display(), e))?
-                .unwrap_or(seq)
-        } else {
-            let closed =
-                super::segments::closed(&path).map_err(|e| AuditError::io(path.display(), e))?;
-            if let Some((_, last)) = closed.last() {
-                let mut f = File::open(last).map_err(|e| AuditError::io(last.display(), e))?;
-                (seq, hash, _) = recover_tail(&mut f, last)?;
-            }
-            seq + 1
+        let (out, seq, hash, durable_len, active_first) = match &settings.table {
+            Some(t) => open_table(&t.0, &settings.broker_id)?,
+            None => open_file(&settings.path)?,
         };
         check_before_continuing(&settings, root.as_ref())?;
-        file.seek(SeekFrom::End(0))
-            .map_err(|e| AuditError::io(path.display(), e))?;
         let mut writer = Writer {
             metrics: crate::metrics::AuditMetrics::default(),
             last_durable_ms: Arc::default(),
-            file,
+            out,
             settings,
             root,
             synced: (seq, hash.clone()),
@@ -865,6 +1001,7 @@ mod tests {
                 witness: None,
                 segment_bytes: 64 << 20,
                 reserve_bytes: 0,
+                table: None,
             },
             root,
         )
@@ -965,6 +1102,7 @@ mod tests {
                     witness: None,
                     segment_bytes: 2048,
                     reserve_bytes: 0,
+                    table: None,
                 },
                 Arc::clone(&root) as Arc<dyn RootOfTrust>,
             )
@@ -1081,6 +1219,7 @@ mod tests {
                 witness: None,
                 segment_bytes: 64 << 20,
                 reserve_bytes: 0,
+                table: None,
             },
             Arc::clone(&root) as Arc<dyn RootOfTrust>,
         )

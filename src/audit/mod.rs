@@ -5,6 +5,7 @@
 mod log;
 pub mod record;
 pub mod segments;
+pub mod table;
 mod verify;
 
 pub use log::{AuditLog, LogSettings, WitnessLine};

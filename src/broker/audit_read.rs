@@ -29,22 +29,34 @@ impl Broker {
         self.audited(cx, op, None, |note| {
             self.gate(cx, op, None, note)?;
             let mut n = 0;
-            // Closed segments that end before `from_seq` are not read.
-            let path = &self.settings.audit_path;
-            let first = audit::segments::closed(path)
-                .map_err(read_err)?
-                .iter()
-                .rev()
-                .find(|(s, _)| *s <= from_seq)
-                .map_or(0, |(s, _)| *s);
-            let log = audit::segments::Chain::from(
-                path,
-                audit::segments::Position {
-                    file_first_seq: first,
-                    offset: 0,
-                },
-            )
-            .map_err(read_err)?;
+            let log: Box<dyn std::io::Read> = match &self.audit_table {
+                // This broker's chain in the region's database.
+                Some(t) => Box::new(audit::table::ChainReader::new(
+                    std::sync::Arc::clone(&t.0),
+                    &self.settings.broker_id,
+                    from_seq.saturating_sub(1),
+                )),
+                None => {
+                    // Closed segments that end before `from_seq` are not read.
+                    let path = &self.settings.audit_path;
+                    let first = audit::segments::closed(path)
+                        .map_err(read_err)?
+                        .iter()
+                        .rev()
+                        .find(|(s, _)| *s <= from_seq)
+                        .map_or(0, |(s, _)| *s);
+                    Box::new(
+                        audit::segments::Chain::from(
+                            path,
+                            audit::segments::Position {
+                                file_first_seq: first,
+                                offset: 0,
+                            },
+                        )
+                        .map_err(read_err)?,
+                    )
+                }
+            };
             for line in complete_lines(BufReader::new(log)) {
                 let line = line.map_err(read_err)?;
                 let r: Record = serde_json::from_str(&line).map_err(Fault::AuditRecord)?;
@@ -89,15 +101,37 @@ impl Broker {
             }
             let min = self.settings.aggregate_min_group;
             let mut cache = self.aggregates.lock().unwrap_or_else(|p| p.into_inner());
-            let (at, counts) = &mut *cache;
-            let mut log =
-                audit::segments::Chain::from(&self.settings.audit_path, *at).map_err(read_err)?;
-            while let Some(line) = log.next_line() {
-                let line = line.map_err(read_err)?;
-                counts.add(serde_json::from_str(&line).map_err(Fault::AuditRecord)?);
-                *at = log.position();
+            let agg = &mut *cache;
+            match &self.audit_table {
+                // Every broker's chain: the region's counts.
+                Some(t) => {
+                    for broker in t.0.brokers().map_err(read_err)? {
+                        let after = agg.chains.get(&broker).copied().unwrap_or(0);
+                        let mut log = audit::table::ChainReader::new(
+                            std::sync::Arc::clone(&t.0),
+                            &broker,
+                            after,
+                        );
+                        for line in complete_lines(BufReader::new(&mut log)) {
+                            let line = line.map_err(read_err)?;
+                            agg.counts
+                                .add(serde_json::from_str(&line).map_err(Fault::AuditRecord)?);
+                        }
+                        agg.chains.insert(broker, log.read_up_to());
+                    }
+                }
+                None => {
+                    let mut log = audit::segments::Chain::from(&self.settings.audit_path, agg.at)
+                        .map_err(read_err)?;
+                    while let Some(line) = log.next_line() {
+                        let line = line.map_err(read_err)?;
+                        agg.counts
+                            .add(serde_json::from_str(&line).map_err(Fault::AuditRecord)?);
+                        agg.at = log.position();
+                    }
+                }
             }
-            Ok((counts.rows(from_ms, to, min), min))
+            Ok((agg.counts.rows(from_ms, to, min), min))
         })
     }
 }

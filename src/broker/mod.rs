@@ -128,7 +128,10 @@ pub struct Broker {
     limits: limits::Limiter,
     /// Aggregate counts of the log read so far, and where reading stopped:
     /// each call reads only the records written since.
-    aggregates: Mutex<(crate::audit::segments::Position, crate::audit::Aggregator)>,
+    aggregates: Mutex<Aggregates>,
+    /// The region's database table of audit chains, when the log lives
+    /// there (brokers over PostgreSQL).
+    audit_table: Option<crate::audit::table::TableRef>,
     metrics: Arc<crate::metrics::Metrics>,
     readiness: std::sync::RwLock<Readiness>,
 }
@@ -190,9 +193,16 @@ impl Broker {
             break_glass,
             attestor: None,
             aggregates: Mutex::default(),
+            audit_table: None,
             metrics: Arc::default(),
             readiness: std::sync::RwLock::default(),
         }
+    }
+
+    /// Reads exports and aggregates from the database's chains.
+    pub fn with_audit_table(mut self, table: Option<crate::audit::table::TableRef>) -> Self {
+        self.audit_table = table;
+        self
     }
 
     /// Counts requests into `metrics` (by default, a set of its own).
@@ -323,6 +333,15 @@ impl Broker {
             .into()
         })
     }
+}
+
+/// Aggregate counts of the log read so far, and where reading stopped (the
+/// file's position, or each database chain's last sequence number).
+#[derive(Default)]
+struct Aggregates {
+    at: crate::audit::segments::Position,
+    chains: std::collections::HashMap<String, u64>,
+    counts: crate::audit::Aggregator,
 }
 
 /// What a request reached, filled in as the core learns it (for the audit record).

@@ -10,11 +10,20 @@ use std::path::PathBuf;
 /// Audit commands.
 #[derive(clap::Subcommand)]
 pub enum AuditCmd {
-    /// Check every link and every checkpoint signature of a log file.
+    /// Check every link and every checkpoint signature of a log file, or
+    /// of every broker's chain in the region's database.
     Verify {
         /// Exported log (JSON lines) or a stopped broker's audit.log.
-        #[arg(long)]
-        log: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "database",
+            conflicts_with = "database"
+        )]
+        log: Option<PathBuf>,
+        /// A broker config whose `[store]` is the region's PostgreSQL: every
+        /// broker's chain there is verified (read only).
+        #[arg(long, value_name = "CONFIG")]
+        database: Option<PathBuf>,
         /// The broker's signing public key (PEM from `hsm init`/`info`, or hex).
         #[arg(long)]
         pubkey: PathBuf,
@@ -30,11 +39,20 @@ pub enum AuditCmd {
         #[arg(long)]
         witness: Option<PathBuf>,
     },
-    /// Export a log file as JSON lines or RFC 5424 syslog.
+    /// Export a log file, or the chains in the region's database, as JSON
+    /// lines or RFC 5424 syslog.
     Export {
         /// Log file.
-        #[arg(long)]
-        log: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "database",
+            conflicts_with = "database"
+        )]
+        log: Option<PathBuf>,
+        /// A broker config whose `[store]` is the region's PostgreSQL: every
+        /// broker's chain there, one after another (read only).
+        #[arg(long, value_name = "CONFIG")]
+        database: Option<PathBuf>,
         /// jsonl or syslog.
         #[arg(long, default_value = "jsonl")]
         format: String,
@@ -120,6 +138,46 @@ fn open(p: &std::path::Path) -> Result<BufReader<audit::segments::Chain>, CliErr
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", p.display()), ""))
 }
 
+/// The chains to read, by name: the log file (with its closed segments),
+/// or each broker's chain in the database of a broker config.
+fn chains(
+    log: &Option<PathBuf>,
+    database: &Option<PathBuf>,
+) -> Result<Vec<(String, Box<dyn std::io::BufRead>)>, CliError> {
+    if let Some(p) = log {
+        return Ok(vec![(p.display().to_string(), Box::new(open(p)?))]);
+    }
+    let Some(config) = database else {
+        return Err(CliError::new("give --log or --database", ""));
+    };
+    let settings = crate::config::Settings::load(config).map_err(|e| CliError::new(e, ""))?;
+    let crate::config::StoreSettings::Postgres(pg) = settings.store else {
+        return Err(CliError::new(
+            format!("{}: its [store] is not PostgreSQL", config.display()),
+            "give a sled broker's audit log with --log",
+        ));
+    };
+    let store = std::sync::Arc::new(
+        crate::store::PgStore::open_for_reading(pg)
+            .map_err(|e| CliError::new(format!("the database: {e}"), ""))?,
+    );
+    let table: std::sync::Arc<dyn audit::table::ChainTable> = store;
+    let brokers = table
+        .brokers()
+        .map_err(|e| CliError::new(format!("the database: {e}"), ""))?;
+    if brokers.is_empty() {
+        return Err(CliError::new("the database holds no audit chain", ""));
+    }
+    Ok(brokers
+        .into_iter()
+        .map(|b| {
+            let r = audit::table::ChainReader::new(std::sync::Arc::clone(&table), &b, 0);
+            let chain: Box<dyn std::io::BufRead> = Box::new(BufReader::new(r));
+            (format!("broker {b}"), chain)
+        })
+        .collect())
+}
+
 /// A failed write of records: a closed pipe (`| head`) ends quietly, as
 /// standard tools do; anything else is an error.
 fn write_err(e: std::io::Error) -> CliError {
@@ -158,6 +216,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
     match c {
         AuditCmd::Verify {
             log,
+            database,
             pubkey,
             require_checkpoint,
             mut anchors,
@@ -173,63 +232,93 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                 .map_err(|e| CliError::new(format!("cannot read {}: {e}", pubkey.display()), ""))?;
             let pk = audit::parse_public_key(&pk_text)
                 .map_err(|e| CliError::new(e, "pass the PEM `sovkms hsm init` printed"))?;
-            match audit::verify_anchored(open(&log)?, &pk, require_checkpoint, &anchors) {
-                Ok(rep) => {
-                    if super::json() {
-                        return print_json(&serde_json::json!({"ok": true, "report": rep}));
+            let chains = chains(&log, &database)?;
+            if chains.len() > 1 && !anchors.is_empty() {
+                return Err(CliError::new(
+                    "anchors and witnesses belong to one broker's chain",
+                    "export that broker's chain (`sovkms audit fetch` from it) and verify the file with --log",
+                ));
+            }
+            let several = database.is_some();
+            let mut reports = Vec::new();
+            for (name, chain) in chains {
+                match audit::verify_anchored(chain, &pk, require_checkpoint, &anchors) {
+                    Ok(rep) => reports.push((name, rep)),
+                    Err(f) => {
+                        if super::json() {
+                            print_json(
+                                &serde_json::json!({"ok": false, "chain": name, "line": f.line, "seq": f.seq, "why": f.why}),
+                            )?;
+                        }
+                        let hint = if f.why.contains("anchor") {
+                            "the log no longer holds a record that was kept outside it: it was rewritten or cut after that record"
+                        } else if f.why.contains("does not end with a signed checkpoint") {
+                            "a running broker signs checkpoints as it goes and at shutdown: wait for its next checkpoint or stop it; otherwise the tail was cut off"
+                        } else {
+                            "the log was altered, truncated or signed by another key"
+                        };
+                        let msg = if several {
+                            format!("{name}: {f}")
+                        } else {
+                            f.to_string()
+                        };
+                        return Err(CliError::new(msg, hint));
                     }
-                    outln!(
-                        "OK: {} records, {} signed checkpoints; last sequence {}, signed up to {}",
-                        rep.records,
-                        rep.checkpoints,
-                        rep.last_seq,
-                        rep.last_checkpoint_head
-                    );
-                    if !anchors.is_empty() {
-                        outln!("every anchor given ({}) is in the log", anchors.len());
-                    }
-                    outln!(
-                        "keep this head to check the next export: --anchor {}:{}",
-                        rep.last_seq,
-                        rep.last_hash
-                    );
-                    Ok(())
-                }
-                Err(f) => {
-                    if super::json() {
-                        print_json(
-                            &serde_json::json!({"ok": false, "line": f.line, "seq": f.seq, "why": f.why}),
-                        )?;
-                    }
-                    let hint = if f.why.contains("anchor") {
-                        "the log no longer holds a record that was kept outside it: it was rewritten or cut after that record"
-                    } else if f.why.contains("does not end with a signed checkpoint") {
-                        "a running broker signs checkpoints as it goes and at shutdown: wait for its next checkpoint or stop it; otherwise the tail was cut off"
-                    } else {
-                        "the log was altered, truncated or signed by another key"
-                    };
-                    Err(CliError::new(f.to_string(), hint))
                 }
             }
+            if super::json() {
+                let all: Vec<_> = reports
+                    .iter()
+                    .map(|(n, r)| serde_json::json!({"chain": n, "report": r}))
+                    .collect();
+                return match (several, reports.first()) {
+                    (false, Some((_, rep))) => {
+                        print_json(&serde_json::json!({"ok": true, "report": rep}))
+                    }
+                    _ => print_json(&serde_json::json!({"ok": true, "chains": all})),
+                };
+            }
+            for (name, rep) in &reports {
+                let who = if several {
+                    format!("{name}: ")
+                } else {
+                    String::new()
+                };
+                outln!(
+                    "{who}OK: {} records, {} signed checkpoints; last sequence {}, signed up to {}",
+                    rep.records,
+                    rep.checkpoints,
+                    rep.last_seq,
+                    rep.last_checkpoint_head
+                );
+                if !anchors.is_empty() {
+                    outln!("every anchor given ({}) is in the log", anchors.len());
+                }
+                outln!(
+                    "{who}keep this head to check the next export: --anchor {}:{}",
+                    rep.last_seq,
+                    rep.last_hash
+                );
+            }
+            Ok(())
         }
         AuditCmd::Export {
             log,
+            database,
             format: f,
             from_seq,
             since,
             out: o,
         } => {
-            let n = audit::export(
-                open(&log)?,
-                &mut *out(&o)?,
-                format(&f)?,
-                from_seq,
-                since_ms(&since)?,
-            )
-            .map_err(|e| match e {
-                audit::ReadError::Write(w) => write_err(w),
-                other => CliError::new(other, ""),
-            })?;
+            let mut w = out(&o)?;
+            let mut n = 0;
+            for (name, chain) in chains(&log, &database)? {
+                n += audit::export(chain, &mut *w, format(&f)?, from_seq, since_ms(&since)?)
+                    .map_err(|e| match e {
+                        audit::ReadError::Write(w) => write_err(w),
+                        other => CliError::new(format!("{name}: {other}"), ""),
+                    })?;
+            }
             eprintln!("{n} records exported");
             Ok(())
         }

@@ -230,6 +230,26 @@ impl PgStore {
     /// upgrades from an older schema).
     #[doc(hidden)]
     pub fn open_at_schema(settings: PgSettings, version: i32) -> Result<Self, StoreError> {
+        let store = Self::connect(settings)?;
+        store.call(move |pool| async move { migrate(&pool, version).await })?;
+        Ok(store)
+    }
+
+    /// Opens without changing anything (auditors' reads): the schema must
+    /// be the one this binary knows.
+    pub fn open_for_reading(settings: PgSettings) -> Result<Self, StoreError> {
+        let store = Self::connect(settings)?;
+        let found = store.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        Ok(store)
+    }
+
+    fn connect(settings: PgSettings) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = settings
             .url
             .parse()
@@ -288,7 +308,6 @@ impl PgStore {
             settings,
             handler: Arc::default(),
         };
-        store.call(move |pool| async move { migrate(&pool, version).await })?;
         Ok(store)
     }
 
@@ -700,5 +719,90 @@ impl Drop for PgStore {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+fn io_err(e: StoreError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl crate::audit::table::ChainTable for PgStore {
+    fn append(&self, broker_id: &str, rows: Vec<(u64, String)>) -> std::io::Result<()> {
+        let broker = broker_id.to_owned();
+        let (seqs, lines): (Vec<i64>, Vec<String>) = rows
+            .into_iter()
+            .map(|(s, l)| (i64::try_from(s).unwrap_or(i64::MAX), l))
+            .unzip();
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            // One statement, one transaction: the whole group or nothing.
+            c.execute(
+                "INSERT INTO sovkms_audit (broker_id, seq, line)
+                 SELECT $1, s, l FROM unnest($2::bigint[], $3::text[]) AS t(s, l)",
+                &[&broker, &seqs, &lines],
+            )
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .map_err(io_err)
+    }
+
+    fn last(&self, broker_id: &str) -> std::io::Result<Option<String>> {
+        let broker = broker_id.to_owned();
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            let row = c
+                .query_opt(
+                    "SELECT line FROM sovkms_audit WHERE broker_id = $1 ORDER BY seq DESC LIMIT 1",
+                    &[&broker],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .map_err(io_err)
+    }
+
+    fn page(
+        &self,
+        broker_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> std::io::Result<Vec<(u64, String)>> {
+        let broker = broker_id.to_owned();
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            let rows = c
+                .query(
+                    "SELECT seq, line FROM sovkms_audit WHERE broker_id = $1 AND seq > $2
+                     ORDER BY seq LIMIT $3",
+                    &[&broker, &after, &limit],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(rows
+                .iter()
+                .map(|r| (u64::try_from(r.get::<_, i64>(0)).unwrap_or(0), r.get(1)))
+                .collect())
+        })
+        .map_err(io_err)
+    }
+
+    fn brokers(&self) -> std::io::Result<Vec<String>> {
+        self.call(|pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            let rows = c
+                .query(
+                    "SELECT DISTINCT broker_id FROM sovkms_audit ORDER BY broker_id",
+                    &[],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+        .map_err(io_err)
     }
 }

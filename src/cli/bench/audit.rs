@@ -22,6 +22,7 @@ pub(super) fn audit(seconds: f64, dir: &Path) -> Result<(), CliError> {
         witness: None,
         segment_bytes: 64 << 20,
         reserve_bytes: 0,
+        table: None,
     };
     let log = Arc::new(
         AuditLog::open(

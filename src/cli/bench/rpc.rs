@@ -102,6 +102,7 @@ fn durable_log(data_dir: &Path) -> Result<Arc<dyn crate::audit::AuditSink>, CliE
             witness: None,
             segment_bytes: 64 << 20,
             reserve_bytes: 0,
+            table: None,
         },
         root,
     )
