@@ -138,12 +138,15 @@ fn open(p: &std::path::Path) -> Result<BufReader<audit::segments::Chain>, CliErr
         .map_err(|e| CliError::new(format!("cannot open {}: {e}", p.display()), ""))
 }
 
+/// One chain's records as JSON lines.
+type Chain = Box<dyn std::io::BufRead>;
+
 /// The chains to read, by name: the log file (with its closed segments),
 /// or each broker's chain in the database of a broker config.
 fn chains(
     log: &Option<PathBuf>,
     database: &Option<PathBuf>,
-) -> Result<Vec<(String, Box<dyn std::io::BufRead>)>, CliError> {
+) -> Result<Vec<(String, Chain)>, CliError> {
     if let Some(p) = log {
         return Ok(vec![(p.display().to_string(), Box::new(open(p)?))]);
     }
