@@ -552,6 +552,12 @@ impl crate::store::Store for MeteredStore {
     fn on_change(&self, handler: crate::store::ChangeHandler) {
         self.inner.on_change(handler)
     }
+    fn snapshot(
+        &self,
+        each: &mut dyn FnMut(crate::store::Item) -> Result<(), crate::store::StoreError>,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.snapshot(each)
+    }
 }
 
 #[cfg(test)]

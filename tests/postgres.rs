@@ -29,7 +29,11 @@ fn region_over_postgres() -> Region {
 
 impl Region {
     fn broker(&self, name: &str, store_extra: &str) -> Proc {
-        let tail = pg_store_toml(&self.db, store_extra);
+        self.broker_with(name, store_extra, "")
+    }
+
+    fn broker_with(&self, name: &str, store_extra: &str, tables: &str) -> Proc {
+        let tail = pg_store_toml(&self.db, store_extra) + tables;
         spawn_broker(
             &config_shared(&self.env, R, name, &self.token.root_toml, &tail),
             &[],
@@ -491,4 +495,153 @@ async fn every_brokers_chain_verifies_from_the_database_and_an_edit_is_named() {
     for who in ["a", "b"] {
         assert!(lines.contains(&format!("\"broker_id\":\"{R}-{who}\"")));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_database_fails_closed_and_service_resumes_without_restart() {
+    let mut reg = region_over_postgres();
+    let mut a = reg.broker_with(
+        "a",
+        "timeout_ms = 1000\nmax_staleness_ms = 1000",
+        "\n[health]\ninterval_seconds = 1\ndeadline_seconds = 1\n",
+    );
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "outage", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = reg.client("service-app", &a).await;
+    let cx = ctx(&[]);
+    let ct = encrypt(&mut svc, &key, b"kept", &cx)
+        .await
+        .unwrap()
+        .ciphertext;
+    assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
+
+    reg.db.stop().unwrap();
+    let stopped = Instant::now();
+    // Nothing is released once the database is gone: every decrypt fails.
+    for _ in 0..5 {
+        let r = decrypt(&mut svc, &ct, &cx).await;
+        assert_eq!(code(&r), Code::Unavailable, "{r:?}");
+    }
+    let why = decrypt(&mut svc, &ct, &cx).await.unwrap_err();
+    // The store (its change channel dropped the caches) or the audit log, named.
+    assert!(
+        why.message().contains("key store is unavailable")
+            || why.message().contains("audit log cannot be written"),
+        "{why:?}"
+    );
+    // Health says so.
+    while serving(&svc).await != Some(false) {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "still SERVING without its database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Encrypts served from memory stop at the staleness bound.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = encrypt(&mut svc, &key, b"late", &cx).await;
+    assert_eq!(code(&r), Code::Unavailable, "{r:?}");
+
+    // The database returns: the same process serves again by itself.
+    reg.db.start_again().unwrap();
+    let back = Instant::now();
+    loop {
+        if decrypt(&mut svc, &ct, &cx).await.is_ok() && serving(&svc).await == Some(true) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(20), "never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "outage: failed closed at once; serving again {:?} after the database returned",
+        back.elapsed()
+    );
+    encrypt(&mut svc, &key, b"after", &cx).await.unwrap();
+    stop(&mut a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_backup_restores_on_a_fresh_broker_and_is_useless_without_the_root() {
+    let reg = region_over_postgres();
+    let a = reg.broker("a", "");
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "backed-up", vec![grant(&app, &ALL_OPS)]).await;
+    assert_eq!(rekey(&mut op, &key).await.unwrap(), 2);
+    let mut svc = reg.client("service-app", &a).await;
+    let cx = ctx(&[("case", "backup")]);
+    let ct = encrypt(&mut svc, &key, b"from before the backup", &cx)
+        .await
+        .unwrap()
+        .ciphertext;
+
+    // Taken while the broker serves (one repeatable-read transaction).
+    let file = reg.env.dir.path().join("region.backup");
+    let cfg_a = reg.env.dir.path().join(format!("{R}-a.toml"));
+    let out = run_sovkms(
+        &[
+            "backup",
+            "--config",
+            cfg_a.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("{\"format\":\"sovkms-backup\""), "{text}");
+    assert!(!text.contains("from before the backup"));
+
+    // A fresh single broker (sled) on the region's root: restore, decrypt.
+    let fresh = config_shared(&reg.env, R, "restored", &reg.token.root_toml, "");
+    let restore = |cfg: &std::path::Path| {
+        run_sovkms(
+            &[
+                "restore",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--in",
+                file.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let out = restore(&fresh);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restored 1 keys"));
+    // Only into an empty store.
+    let again = restore(&fresh);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let mut p = spawn_broker(&fresh, &[]);
+    let mut svc_fresh = connect_ready(&reg.env, &format!("{R}/service-app"), R, &p.addr).await;
+    assert_eq!(
+        decrypt(&mut svc_fresh, &ct, &cx).await.unwrap(),
+        b"from before the backup"
+    );
+    stop(&mut p);
+
+    // The same backup on a broker with another root of trust: nothing opens.
+    let other_token = new_token(reg.env.dir.path(), R);
+    let other = config_shared(&reg.env, R, "elsewhere", &other_token.root_toml, "");
+    assert!(restore(&other).status.success());
+    let mut p = spawn_broker(&other, &[]);
+    let mut svc_other = connect_ready(&reg.env, &format!("{R}/service-app"), R, &p.addr).await;
+    let r = decrypt(&mut svc_other, &ct, &cx).await;
+    assert!(r.is_err(), "decrypted without the region's root");
+    let r = encrypt(&mut svc_other, &key, b"x", &cx).await;
+    assert!(r.is_err(), "encrypted under a key whose root is absent");
+    stop(&mut p);
+    let mut a = a;
+    stop(&mut a);
 }

@@ -13,6 +13,7 @@ macro_rules! out {
 }
 
 mod audit;
+mod backup;
 mod bench;
 mod breakglass;
 mod crypto;
@@ -142,6 +143,10 @@ enum Command {
     BenchEcho(bench::EchoArgs),
     /// Run the two-region demonstration: PKI, two brokers, a scenario.
     Demo(demo::DemoArgs),
+    /// Write a consistent snapshot of a broker's store (wrapped material only).
+    Backup(backup::BackupArgs),
+    /// Restore a backup into an empty store of the same region.
+    Restore(backup::RestoreArgs),
 }
 
 /// A broker's config file, for commands run on the broker's host.
@@ -387,6 +392,8 @@ pub fn main() -> ExitCode {
             Command::Config(ConfigCmd::Check { file }) => config_check(&file).await,
             Command::Version => version(),
             Command::Doctor { config } => tokio::task::block_in_place(|| doctor::run(&config)),
+            Command::Backup(a) => tokio::task::block_in_place(|| backup::backup(a)),
+            Command::Restore(a) => tokio::task::block_in_place(|| backup::restore(a)),
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(

@@ -11,6 +11,7 @@
 //! lost update), and changes made by other brokers reach this one through
 //! [`Store::on_change`].
 
+pub mod backup;
 pub mod cluster;
 mod postgres;
 mod sled_store;
@@ -71,6 +72,16 @@ pub enum Change {
     All,
 }
 
+/// One stored item, as a backup holds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Item {
+    /// A key record (wrapped material only).
+    Key(KeyRecord),
+    /// A break-glass grant.
+    BreakGlass(BreakGlass),
+}
+
 /// Called with each change another broker made (from a store thread).
 pub type ChangeHandler = Box<dyn Fn(Change) + Send + Sync>;
 
@@ -107,6 +118,29 @@ pub trait Store: Send + Sync {
     /// nothing to take (the broker's own mutex suffices).
     fn lifecycle_lock(&self) -> Result<LifecycleLock, StoreError> {
         Ok(Box::new(()))
+    }
+    /// Hands every key record, then every break-glass grant, to `each`, as
+    /// of one moment (a backup). The default reads page by page: a store
+    /// nobody writes meanwhile (sled, held exclusively by this process).
+    fn snapshot(
+        &self,
+        each: &mut dyn FnMut(Item) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut after: Option<KeyId> = None;
+        loop {
+            let (page, more) = self.scan(after.as_ref(), 1000, &|_| true)?;
+            after = page.last().map(|r| r.id.clone());
+            for r in page {
+                each(Item::Key(r))?;
+            }
+            if !more {
+                break;
+            }
+        }
+        for bg in self.list_break_glass()? {
+            each(Item::BreakGlass(bg))?;
+        }
+        Ok(())
     }
     /// Registers the handler of changes other brokers make. A store of one
     /// broker has none to report.

@@ -700,6 +700,60 @@ impl Store for PgStore {
         }))
     }
 
+    fn snapshot(
+        &self,
+        each: &mut dyn FnMut(super::Item) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        // One read-only REPEATABLE READ transaction on a connection of its
+        // own: a cursor over the keys, then the grants, all as of its start.
+        let connect = Arc::clone(&self.connect);
+        let client = self.call(move |_| async move {
+            let (client, mut conn) = connect.connect().await.map_err(unavailable)?;
+            tokio::spawn(async move {
+                while let Some(Ok(_)) =
+                    std::future::poll_fn(|cx| conn.as_mut().poll_message(cx)).await
+                {
+                }
+            });
+            client
+                .batch_execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+                     DECLARE sovkms_backup NO SCROLL CURSOR FOR
+                         SELECT id, body FROM sovkms_keys ORDER BY id",
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(Arc::new(client))
+        })?;
+        let rows = |sql: &'static str| {
+            let c = Arc::clone(&client);
+            self.call(move |_| async move {
+                let rows = c.query(sql, &[]).await.map_err(unavailable)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect::<Vec<_>>())
+            })
+        };
+        loop {
+            let page = rows("FETCH 1000 FROM sovkms_backup")?;
+            if page.is_empty() {
+                break;
+            }
+            for (id, body) in &page {
+                each(super::Item::Key(decode(id, body)?))?;
+            }
+        }
+        for (id, body) in rows("SELECT id, body FROM sovkms_break_glass ORDER BY id")? {
+            let bg = serde_json::from_str(&body).map_err(|source| StoreError::Corrupt {
+                id: id.clone(),
+                source,
+            })?;
+            each(super::Item::BreakGlass(bg))?;
+        }
+        Ok(())
+    }
+
     fn on_change(&self, handler: ChangeHandler) {
         let first = {
             let mut h = self.handler.lock().unwrap_or_else(|p| p.into_inner());
