@@ -8,6 +8,7 @@ mod file;
 mod kmip;
 mod lifecycle;
 mod rpc;
+mod stores;
 mod tpm;
 
 pub use rpc::echo;
@@ -39,6 +40,20 @@ pub enum BenchCmd {
         /// Write results as JSON to this file.
         #[arg(long = "json-file", value_name = "FILE")]
         json_file: Option<PathBuf>,
+    },
+    /// Encrypt, Decrypt (1 KiB) and key creation against one broker on sled,
+    /// one on PostgreSQL and two on one PostgreSQL (a throwaway cluster), with
+    /// the echo ceiling and audit records per second per broker.
+    Stores {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        inflight: usize,
+        /// Working directory; wiped first.
+        #[arg(long, default_value = "target/bench-stores")]
+        dir: PathBuf,
     },
     /// Key creation rate, start-up time, memory and Locate latency by key count.
     Lifecycle(LifecycleArgs),
@@ -373,6 +388,11 @@ pub async fn run(c: BenchCmd) -> Result<(), CliError> {
             tokio::task::block_in_place(|| audit::audit(seconds, &dir))
         }
         BenchCmd::Rpc(a) => rpc::rpc(a).await,
+        BenchCmd::Stores {
+            seconds,
+            inflight,
+            dir,
+        } => stores::stores(seconds, inflight, &dir).await,
         BenchCmd::File { bytes, dir } => tokio::task::block_in_place(|| file::file(bytes, &dir)),
         BenchCmd::Kmip(a) => kmip::kmip(a).await,
         BenchCmd::Crypto { seconds, json_file } => {

@@ -1,0 +1,264 @@
+//! `bench stores`: the same load against one broker on sled, one broker on
+//! PostgreSQL and two brokers on one PostgreSQL (a throwaway cluster on
+//! this machine), all on one SoftHSM2 token, next to the echo ceiling
+//! measured in the same run.
+
+use super::*;
+use crate::api::bench::proto as echo_pb;
+use crate::store::cluster::{ThrowawayCluster, ROLE};
+
+/// A setup under test: its brokers (processes) and their clients.
+struct Setup {
+    brokers: Vec<devenv::Broker>,
+    services: Vec<Client>,
+    operators: Vec<Client>,
+}
+
+impl Setup {
+    fn pids(&self) -> Vec<u32> {
+        self.brokers
+            .iter()
+            .map(|b| b.child.id().unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Like [`drive`], charging the CPU time of every process in `pids`.
+async fn drive_all<F, Fut>(inflight: usize, secs: f64, pids: &[u32], call: Arc<F>) -> Samples
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let cpu = |pids: &[u32]| pids.iter().filter_map(|p| cpu_seconds(*p)).sum::<f64>();
+    let c0 = cpu(pids);
+    let mut s = drive(inflight, secs, 0, call).await;
+    s.cpu = cpu(pids) - c0;
+    s
+}
+
+fn pg_config(env: &Env, db: &ThrowawayCluster, name: &str) -> Result<PathBuf, CliError> {
+    let text = std::fs::read_to_string(&env.cfg).map_err(err)?;
+    let data = env.dir.join(format!("data-{name}"));
+    let text = text
+        .replace(
+            &format!("data_dir = \"{}\"", env.dir.join("data").display()),
+            &format!("data_dir = \"{}\"", data.display()),
+        )
+        .replace(
+            "broker_id = \"eu-central-dev\"",
+            &format!("broker_id = \"eu-central-{name}\""),
+        );
+    let cfg = env.dir.join(format!("broker-{name}.toml"));
+    let store = format!(
+        "\n[store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+        db.url(ROLE),
+        db.password_file().display()
+    );
+    std::fs::write(&cfg, text + &store).map_err(err)?;
+    Ok(cfg)
+}
+
+async fn start(env: &Env, name: &'static str, configs: &[PathBuf]) -> Result<Setup, CliError> {
+    let mut s = Setup {
+        brokers: Vec::new(),
+        services: Vec::new(),
+        operators: Vec::new(),
+    };
+    for (i, cfg) in configs.iter().enumerate() {
+        let log = env.dir.join(format!("{name}-{i}.log"));
+        let b = devenv::start_child(&env.exe, "serve", cfg, &log, env.conf.as_deref()).await?;
+        let op = env.connect("operator-admin", &b.addr).await?;
+        devenv::wait_serving(&op).await?;
+        for _ in 0..2 {
+            s.services.push(env.connect("service-app", &b.addr).await?);
+        }
+        s.operators.push(op);
+        s.brokers.push(b);
+    }
+    Ok(s)
+}
+
+/// `sovkms bench stores`.
+pub(super) async fn stores(seconds: f64, inflight: usize, dir: &Path) -> Result<(), CliError> {
+    let env = setup(dir, false, "softhsm2", "").await?;
+    let db = tokio::task::block_in_place(ThrowawayCluster::start).map_err(err)?;
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "sovkms bench stores: 1 KiB, {inflight} in flight, {seconds}s per run, {ncpu} cores shared by client, brokers, echo and PostgreSQL; SoftHSM2 token; PostgreSQL on this host (synchronous_commit on, fsync on)"
+    );
+    let echo = env.start("bench-echo").await?;
+    let epid = echo.child.id().unwrap_or(0);
+    let echo_c: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            let e = env.connect("service-app", &echo.addr).await?;
+            v.push(echo_pb::echo_service_client::EchoServiceClient::new(
+                e.channel.clone(),
+            ));
+        }
+        v
+    };
+    let echo_c = Arc::new(echo_c);
+    let payload = vec![0x5au8; 1024];
+    let app = format!("spiffe://{TD}/region/eu-central/service/app");
+    let ctx: HashMap<String, String> = [("bench".to_string(), "1".to_string())].into();
+    println!(
+        "{:<22} {:<8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>13}",
+        "setup", "op", "req/s", "p50 ms", "p99 ms", "cpu µs/r", "×echo", "records/s/brk"
+    );
+    let mut rows = Vec::new();
+    let mut decrypt_rps = HashMap::new();
+    let setups: [(&'static str, Vec<PathBuf>); 3] = [
+        ("1 broker, sled", vec![env.cfg.clone()]),
+        ("1 broker, postgres", vec![pg_config(&env, &db, "pg1")?]),
+        (
+            "2 brokers, postgres",
+            vec![pg_config(&env, &db, "pg1")?, pg_config(&env, &db, "pg2")?],
+        ),
+    ];
+    for (name, configs) in setups {
+        let s = start(&env, name, &configs).await?;
+        let pids = s.pids();
+        let mut op0 = s.operators[0].clone();
+        let key = op0
+            .create_key(pb::CreateKeyRequest {
+                name: "bench".into(),
+                grants: vec![pb::Grant {
+                    principal: app.clone(),
+                    operations: vec![1, 2, 3, 4, 5],
+                }],
+                activate: true,
+                ..Default::default()
+            })
+            .await?
+            .key_id;
+        let ct = s.services[0]
+            .clone()
+            .encrypt(pb::EncryptRequest {
+                key_id: key.clone(),
+                plaintext: payload.clone(),
+                context: ctx.clone(),
+            })
+            .await?
+            .ciphertext;
+        let services = Arc::new(s.services.clone());
+        for op in ["encrypt", "decrypt", "create"] {
+            let body = match op {
+                "decrypt" => ct.clone(),
+                _ => payload.clone(),
+            };
+            let ec = Arc::clone(&echo_c);
+            let b2 = body.clone();
+            let echo_call = Arc::new(move |w: usize, _| {
+                let mut c = ec[w % ec.len()].clone();
+                let p = b2.clone();
+                async move { c.echo(echo_pb::EchoMessage { payload: p }).await.is_ok() }
+            });
+            let (svc, ops) = (Arc::clone(&services), Arc::new(s.operators.clone()));
+            let (k, cx, pt, c2) = (key.clone(), ctx.clone(), payload.clone(), ct.clone());
+            let call = Arc::new(move |w: usize, i: u64| {
+                let mut c = svc[w % svc.len()].clone();
+                let mut o = ops[w % ops.len()].clone();
+                let (k, cx, pt, ct) = (k.clone(), cx.clone(), pt.clone(), c2.clone());
+                async move {
+                    match op {
+                        "encrypt" => c
+                            .crypto
+                            .encrypt(pb::EncryptRequest {
+                                key_id: k,
+                                plaintext: pt,
+                                context: cx,
+                            })
+                            .await
+                            .is_ok(),
+                        "decrypt" => c
+                            .crypto
+                            .decrypt(pb::DecryptRequest {
+                                ciphertext: ct,
+                                context: cx,
+                            })
+                            .await
+                            .is_ok(),
+                        _ => o
+                            .keys
+                            .create(pb::CreateKeyRequest {
+                                name: format!("c{w}-{i}"),
+                                activate: true,
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok(),
+                    }
+                }
+            });
+            let count = |db: &ThrowawayCluster| -> u64 {
+                db.sql(ROLE, "SELECT count(*) FROM sovkms_audit")
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            let on_pg = name.contains("postgres");
+            let before = if on_pg { count(&db) } else { 0 };
+            let (mut ce, mut br) = (Samples::default(), Samples::default());
+            for _ in 0..3 {
+                ce.merge(drive(inflight, seconds / 3.0, epid, Arc::clone(&echo_call)).await);
+                br.merge(drive_all(inflight, seconds / 3.0, &pids, Arc::clone(&call)).await);
+            }
+            let elapsed = br.elapsed;
+            let (ceiling, m) = (ce.summary(), br.summary());
+            // Records committed per second per broker (all operations write
+            // one; the database counts them; sled: one per request).
+            let records = if on_pg {
+                (count(&db) - before) as f64 / elapsed / pids.len() as f64
+            } else {
+                m.requests as f64 / elapsed
+            };
+            let x = if ceiling.rps > 0.0 {
+                m.rps / ceiling.rps
+            } else {
+                0.0
+            };
+            println!(
+                "{:<22} {:<8} {:>9.0} {:>8.2} {:>8.2} {:>9.1} {:>7.2} {:>13.0}{}",
+                name,
+                op,
+                m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                m.server_cpu_us_per_req,
+                x,
+                records,
+                if m.errors > 0 {
+                    format!("  ({} errors)", m.errors)
+                } else {
+                    String::new()
+                }
+            );
+            if op == "decrypt" {
+                decrypt_rps.insert(name, m.rps);
+            }
+            rows.push(serde_json::json!({
+                "setup": name, "op": op, "bytes": if op == "create" { 0 } else { 1024 },
+                "broker": m, "ceiling": ceiling, "ratio_rps": x, "audit_records_per_s_per_broker": records,
+            }));
+        }
+        for mut b in s.brokers {
+            let _ = b.child.kill().await;
+        }
+    }
+    let sled = decrypt_rps.get("1 broker, sled").copied().unwrap_or(0.0);
+    for name in ["1 broker, postgres", "2 brokers, postgres"] {
+        let pg = decrypt_rps.get(name).copied().unwrap_or(0.0);
+        println!(
+            "decrypt, {name} ÷ 1 broker, sled: {:.2}×",
+            if sled > 0.0 { pg / sled } else { 0.0 }
+        );
+    }
+    drop(echo);
+    let path = env.dir.join("stores.json");
+    write_rows(Some(&path), ncpu, rows)?;
+    println!("(JSON: {})", path.display());
+    Ok(())
+}
