@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command: build sovkms and run the two-region scenario
-# (development PKI, eu-central and us-east brokers, encrypt in-region,
+# (development PKI, two eu-central brokers over a throwaway PostgreSQL and
+# a us-east broker, encrypt in-region,
 # decrypt refused from outside), then stop everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."

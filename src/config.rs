@@ -604,7 +604,22 @@ impl Settings {
                 "health: interval_seconds must be 1..=3600 and deadline_seconds 1..=interval_seconds (got {interval} and {deadline})"
             ));
         }
-        let broker_id = raw.broker_id.unwrap_or_else(|| format!("{region}-1"));
+        // Several replicas of one config (a StatefulSet) each need their
+        // own id: the environment may give it (e.g. the pod's name).
+        let broker_id = match std::env::var("SOVKMS_BROKER_ID") {
+            Ok(id) => id,
+            Err(_) => raw.broker_id.unwrap_or_else(|| format!("{region}-1")),
+        };
+        if broker_id.is_empty()
+            || broker_id.len() > 64
+            || !broker_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(format!(
+                "broker_id {broker_id:?} must be 1 to 64 letters, digits, '-', '_' or '.' (it names this broker's audit chain)"
+            ));
+        }
         let (store, record_ttl) = store_settings(raw.store, &broker_id, &abs)?;
         Ok(Self {
             kmip,

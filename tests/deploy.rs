@@ -76,7 +76,8 @@ fn kubernetes_manifests_validate_and_keep_the_region() {
     let (ok, out) = run(Command::new(venv_python())
         .arg(repo().join(".ci/check_deploy.py"))
         .arg("kubernetes")
-        .arg(repo().join("deploy/kubernetes/sovkms-eu-central.yaml")));
+        .arg(repo().join("deploy/kubernetes/sovkms-eu-central.yaml"))
+        .arg(repo().join("deploy/kubernetes/sovkms-eu-central-ha.yaml")));
     assert!(ok, "{out}");
 }
 

@@ -414,6 +414,24 @@ async fn a_broker_killed_under_decrypt_load_loses_no_acknowledged_record() {
         let pt = regional.decrypt(&ct, Default::default()).await.unwrap();
         assert_eq!(&pt[..], b"under load");
     }
+    // So does the CLI given both addresses (the dead one first).
+    let pki = reg.env.pki.join(R);
+    let both = format!("{},{}", a.addr, b.addr);
+    let out = run_sovkms(
+        &["key", "list"],
+        &[
+            ("SOVKMS_ADDR", std::path::Path::new(&both)),
+            ("SOVKMS_CA", &pki.join("ca.pem")),
+            ("SOVKMS_TLS_CERT", &pki.join("operator-admin.pem")),
+            ("SOVKMS_TLS_KEY", &pki.join("operator-admin.key")),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("load"));
     let mut b = b;
     stop(&mut b);
 }

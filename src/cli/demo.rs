@@ -1,8 +1,9 @@
 //! `sovkms demo`: the two-region scenario of the README's first command.
 //!
-//! Mints a development PKI, starts two broker processes (eu-central and
-//! us-east) plus nothing else, waits for them by gRPC health check, runs the
-//! scenario, prints what happened, and stops the brokers. Exits non-zero if
+//! Mints a development PKI, starts a throwaway PostgreSQL cluster and three
+//! broker processes (two of eu-central over that database, one of us-east
+//! on its embedded store), waits for them by gRPC health check, runs the
+//! scenario, prints what happened, and stops everything. Exits non-zero if
 //! any step did not give the expected answer.
 
 use super::devenv::{
@@ -68,12 +69,15 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
     pki::dev_pki(&pki_dir, TD, &regions, 2).map_err(err)?;
 
     let profile = super::devenv::profile_spec(&a.profile)?;
+    let db = tokio::task::block_in_place(crate::store::cluster::ThrowawayCluster::start)
+        .map_err(|e| CliError::new(e, "bash deploy/deps.sh installs PostgreSQL"))?;
     if a.software_root {
         outln!(
-            "2. starting two brokers, each with its own store and a DEVELOPMENT-ONLY software root"
+            "2. starting brokers with a DEVELOPMENT-ONLY software root per region: eu-central's two share a throwaway PostgreSQL on port {}, us-east has its embedded store",
+            db.port()
         );
     } else {
-        outln!("2. starting two brokers, each with its own store and its own SoftHSM2 token (private SOFTHSM2_CONF)");
+        outln!("2. starting brokers, one SoftHSM2 token per region (private SOFTHSM2_CONF): eu-central's two share it and a throwaway PostgreSQL on port {}, us-east has its embedded store", db.port());
     }
     let mut brokers = HashMap::new();
     for r in &regions[..2] {
@@ -99,7 +103,20 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
         ));
         // Metrics and health for the host's operators (loopback: plain HTTP).
         text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
-        std::fs::write(&cfg, text).map_err(err)?;
+        let eu = r.as_str() == "eu-central";
+        if eu {
+            // Several brokers of the region over its database.
+            text = text.replace(
+                "broker_id = \"eu-central-dev\"",
+                "broker_id = \"eu-central-a\"",
+            );
+            text.push_str(&format!(
+                "\n[store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+                db.url(crate::store::cluster::ROLE),
+                db.password_file().display()
+            ));
+        }
+        std::fs::write(&cfg, &text).map_err(err)?;
         let root_desc = match &conf {
             Some(c) => format!(
                 "root key in token 'sovkms-{r}', check value {}",
@@ -117,17 +134,55 @@ pub async fn run(a: DemoArgs) -> Result<(), CliError> {
             log.display()
         );
         brokers.insert(r.to_string(), b);
+        if eu {
+            // The region's second broker: same root of trust, same database.
+            let data_b = dir.join("data").join("eu-central-b");
+            let text = text
+                .replace(
+                    "broker_id = \"eu-central-a\"",
+                    "broker_id = \"eu-central-b\"",
+                )
+                .replace(
+                    &format!(
+                        "data_dir = \"{}\"",
+                        dir.join("data").join("eu-central").display()
+                    ),
+                    &format!("data_dir = \"{}\"", data_b.display()),
+                );
+            if conf.is_none() {
+                // The development root lives in the data directory: share it.
+                std::fs::create_dir_all(&data_b).map_err(err)?;
+                std::fs::copy(
+                    dir.join("data")
+                        .join("eu-central")
+                        .join("software-root.key"),
+                    data_b.join("software-root.key"),
+                )
+                .map_err(err)?;
+            }
+            let cfg_b = dir.join("eu-central-b.toml");
+            std::fs::write(&cfg_b, text).map_err(err)?;
+            let log = dir.join("eu-central-b.log");
+            let b = start_broker(&exe, &cfg_b, &log, conf.as_deref()).await?;
+            outln!(
+                "   eu-central broker b on {} (the region's second broker: same token, same database; log: {})",
+                b.addr,
+                log.display()
+            );
+            brokers.insert("eu-central-b".to_owned(), b);
+        }
     }
-    let result = scenario(&pki_dir, &brokers).await;
+    let result = scenario(&pki_dir, &mut brokers).await;
     for (_, mut b) in brokers {
         let _ = b.child.start_kill();
         let _ = b.child.wait().await;
     }
-    outln!("5. brokers stopped");
+    drop(db);
+    outln!("5. brokers and the throwaway PostgreSQL stopped");
     result
 }
 
-async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(), CliError> {
+async fn scenario(pki_dir: &Path, brokers: &mut HashMap<String, Broker>) -> Result<(), CliError> {
     let eu = &brokers["eu-central"].addr;
     let us = &brokers["us-east"].addr;
     for (region, addr) in [("eu-central", eu), ("us-east", us)] {
@@ -136,7 +191,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         )
         .await?;
     }
-    outln!("3. both brokers report SERVING (gRPC health)");
+    outln!("3. the brokers report SERVING (gRPC health)");
 
     let mut rows = Vec::new();
     let svc = |r: &str| format!("spiffe://{TD}/region/{r}/service/app");
@@ -319,6 +374,7 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         detail,
     });
 
+    ha_steps(pki_dir, brokers, &ct, &ctx, &mut rows).await?;
     file_steps(pki_dir, brokers, &key_id, &mut rows).await?;
     kmip_steps(pki_dir, brokers, &mut rows).await?;
 
@@ -336,6 +392,82 @@ async fn scenario(pki_dir: &Path, brokers: &HashMap<String, Broker>) -> Result<(
         rows.len()
     );
     admin_view(&brokers["eu-central"]).await
+}
+
+/// The region's second broker: it serves keys and ciphertext made through
+/// the first (one database), refuses other regions the same way, and a
+/// client that lists both carries on when one stops.
+async fn ha_steps(
+    pki_dir: &Path,
+    brokers: &mut HashMap<String, Broker>,
+    ct: &[u8],
+    ctx: &HashMap<String, String>,
+    rows: &mut Vec<Row>,
+) -> Result<(), CliError> {
+    let (a, b) = (
+        brokers["eu-central"].addr.clone(),
+        brokers["eu-central-b"].addr.clone(),
+    );
+    wait_serving(&connect_as(pki_dir, "eu-central/operator-admin", "eu-central", &b).await?)
+        .await?;
+    for (who, label, expected) in [
+        ("eu-central/service-app", "eu-central service", Code::Ok),
+        (
+            "us-east/service-app",
+            "us-east service",
+            Code::PermissionDenied,
+        ),
+    ] {
+        let mut c = connect_as(pki_dir, who, "eu-central", &b).await?;
+        let r = c
+            .decrypt(pb::DecryptRequest {
+                ciphertext: ct.to_vec(),
+                context: ctx.clone(),
+            })
+            .await;
+        let (got, detail) = outcome(&r);
+        rows.push(Row {
+            caller: label.into(),
+            broker: "eu-central (b)".into(),
+            op: "decrypt, made through a".into(),
+            expected,
+            got,
+            detail: if detail.is_empty() {
+                "same database, same root".into()
+            } else {
+                detail
+            },
+        });
+    }
+    let tls = |addr: &str| -> Result<crate::client::Endpoint, CliError> {
+        let t = crate::client::ClientTls::from_files(
+            &pki_dir.join("eu-central").join("ca.pem"),
+            &pki_dir.join("eu-central").join("service-app.pem"),
+            &pki_dir.join("eu-central").join("service-app.key"),
+            "localhost",
+        )
+        .map_err(err)?;
+        Ok(crate::client::Endpoint::new("eu-central", addr, t))
+    };
+    let regional = crate::client::Regional::new(vec![tls(&b)?, tls(&a)?]).map_err(err)?;
+    if let Some(broker_b) = brokers.get_mut("eu-central-b") {
+        let _ = broker_b.child.start_kill();
+        let _ = broker_b.child.wait().await;
+    }
+    let r = regional.decrypt(ct, ctx.clone()).await;
+    let (got, detail) = match &r {
+        Ok(_) => (Code::Ok, "broker b stopped: served by a".to_owned()),
+        Err(e) => (Code::Unavailable, e.to_string()),
+    };
+    rows.push(Row {
+        caller: "eu-central service".into(),
+        broker: "eu-central (b, a)".into(),
+        op: "decrypt, b killed".into(),
+        expected: Code::Ok,
+        got,
+        detail,
+    });
+    Ok(())
 }
 
 /// What the region's operators see on the admin listener: readiness and
@@ -574,7 +706,7 @@ async fn kmip_steps(
 
 fn print_table(rows: &[Row]) {
     outln!(
-        "#   {:<20} {:<11} {:<26} {:<20} DETAIL",
+        "#   {:<20} {:<17} {:<26} {:<20} DETAIL",
         "CALLER",
         "BROKER",
         "OPERATION",
@@ -587,7 +719,7 @@ fn print_table(rows: &[Row]) {
             " (UNEXPECTED)"
         };
         outln!(
-            "{:<3} {:<20} {:<11} {:<26} {:<20} {}{mark}",
+            "{:<3} {:<20} {:<17} {:<26} {:<20} {}{mark}",
             i + 1,
             r.caller,
             r.broker,

@@ -185,7 +185,8 @@ pub struct ConnArgs {
     /// Client profile to use from the profile file (default: its `default`).
     #[arg(long, env = "SOVKMS_PROFILE")]
     profile: Option<String>,
-    /// Broker address, host:port.
+    /// Broker address, host:port; several brokers of one region separated
+    /// by commas (the first that serves is used).
     #[arg(long, env = "SOVKMS_ADDR")]
     addr: Option<String>,
     /// CA certificate that issued the broker's certificate (PEM).
@@ -241,19 +242,43 @@ impl ConnArgs {
             "--tls-key",
             "SOVKMS_TLS_KEY",
         )?;
-        let host = client::addr_host(&addr).map_err(|e| {
-            CliError::new(e, "set --addr (or SOVKMS_ADDR) to the broker's host:port")
-        })?;
-        let server_name = self
-            .server_name
-            .clone()
-            .or(p.server_name)
-            .unwrap_or_else(|| host.to_owned());
-        let tls = ClientTls::from_files(&ca, &cert, &key, &server_name)
-            .map_err(|e| CliError::new(&e, e.hint()))?;
-        client::connect(&addr, &tls)
-            .await
-            .map_err(|e| CliError::new(&e, e.hint()))
+        // Several brokers of one region (one CA): the first that connects
+        // and serves; else the first that connects (its refusal then says
+        // why); else the last connection error.
+        let mut fallback: Option<Client> = None;
+        let mut last = None;
+        let addrs: Vec<&str> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        for a in &addrs {
+            let host = client::addr_host(a).map_err(|e| {
+                CliError::new(e, "set --addr (or SOVKMS_ADDR) to the broker's host:port")
+            })?;
+            let server_name = self
+                .server_name
+                .clone()
+                .or(p.server_name.clone())
+                .unwrap_or_else(|| host.to_owned());
+            let tls = ClientTls::from_files(&ca, &cert, &key, &server_name)
+                .map_err(|e| CliError::new(&e, e.hint()))?;
+            match client::connect(a, &tls).await {
+                Ok(c) if addrs.len() == 1 => return Ok(c),
+                Ok(c) => {
+                    if c.serving().await.unwrap_or(false) {
+                        return Ok(c);
+                    }
+                    fallback.get_or_insert(c);
+                }
+                Err(e) => last = Some(CliError::new(&e, e.hint())),
+            }
+        }
+        fallback.ok_or_else(|| {
+            last.unwrap_or_else(|| {
+                CliError::new("no broker address given", "set --addr (or SOVKMS_ADDR)")
+            })
+        })
     }
 }
 
