@@ -137,11 +137,24 @@ impl ThrowawayCluster {
         self.run(&mut cmd)
     }
 
-    /// Starts the (stopped) cluster again, on a new free port the first time.
+    /// Starts the (stopped) cluster again, on a new free port the first
+    /// time (another port if that one was taken meanwhile).
     pub fn start_again(&mut self) -> Result<(), String> {
-        if self.port == 0 {
-            self.port = free_port()?;
+        if self.port != 0 {
+            return self.start_on_port();
         }
+        let mut last = String::new();
+        for _ in 0..3 {
+            self.port = free_port()?;
+            match self.start_on_port() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn start_on_port(&mut self) -> Result<(), String> {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
             self.port,
