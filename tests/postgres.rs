@@ -485,6 +485,30 @@ async fn every_brokers_chain_verifies_from_the_database_and_an_edit_is_named() {
     assert!(text.contains(&format!("broker {R}-a: OK")), "{text}");
     assert!(text.contains(&format!("broker {R}-b: OK")), "{text}");
 
+    // Aggregates of the region, offline from the database: 40 decrypts.
+    let agg = run_sovkms(
+        &[
+            "audit",
+            "aggregates",
+            "--database",
+            cfg.to_str().unwrap(),
+            "--min-group",
+            "1",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&agg.stdout);
+    assert!(
+        agg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agg.stderr)
+    );
+    let decrypts = text
+        .lines()
+        .find(|l| l.contains("decrypt") && l.contains("allowed"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(decrypts.trim_end().ends_with(" 40"), "{decrypts}");
+
     // An insider with the database edits one record of b's chain.
     reg.db
         .sql(

@@ -6,33 +6,7 @@
 use std::io::Read;
 use std::sync::Arc;
 
-/// A table of chains, one per broker (the PostgreSQL store implements it).
-pub trait ChainTable: Send + Sync {
-    /// Appends records `(seq, line)` of `broker_id`'s chain, all or none,
-    /// durable on return.
-    fn append(&self, broker_id: &str, rows: Vec<(u64, String)>) -> std::io::Result<()>;
-    /// The last record of `broker_id`'s chain, if any.
-    fn last(&self, broker_id: &str) -> std::io::Result<Option<String>>;
-    /// Up to `limit` records of `broker_id`'s chain after `after_seq`, in order.
-    fn page(
-        &self,
-        broker_id: &str,
-        after_seq: u64,
-        limit: usize,
-    ) -> std::io::Result<Vec<(u64, String)>>;
-    /// The brokers that have a chain, by id.
-    fn brokers(&self) -> std::io::Result<Vec<String>>;
-}
-
-/// A chain table in settings (shown by name only).
-#[derive(Clone)]
-pub struct TableRef(pub Arc<dyn ChainTable>);
-
-impl std::fmt::Debug for TableRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ChainTable")
-    }
-}
+pub use crate::store::{ChainTable, TableRef};
 
 /// Records read per round trip.
 const PAGE: usize = 10_000;

@@ -7,23 +7,27 @@ use crate::audit::{self, ExportFormat};
 use std::io::{BufReader, Write};
 use std::path::PathBuf;
 
+/// Where the records are: a log file, or every broker's chain in the
+/// region's database.
+#[derive(clap::Args)]
+pub struct Source {
+    /// Exported log (JSON lines) or a stopped broker's audit.log.
+    #[arg(long, conflicts_with = "database")]
+    log: Option<PathBuf>,
+    /// A broker config whose `[store]` is the region's PostgreSQL: every
+    /// broker's chain there, one after another (read only).
+    #[arg(long, value_name = "CONFIG")]
+    database: Option<PathBuf>,
+}
+
 /// Audit commands.
 #[derive(clap::Subcommand)]
 pub enum AuditCmd {
     /// Check every link and every checkpoint signature of a log file, or
     /// of every broker's chain in the region's database.
     Verify {
-        /// Exported log (JSON lines) or a stopped broker's audit.log.
-        #[arg(
-            long,
-            required_unless_present = "database",
-            conflicts_with = "database"
-        )]
-        log: Option<PathBuf>,
-        /// A broker config whose `[store]` is the region's PostgreSQL: every
-        /// broker's chain there is verified (read only).
-        #[arg(long, value_name = "CONFIG")]
-        database: Option<PathBuf>,
+        #[command(flatten)]
+        source: Source,
         /// The broker's signing public key (PEM from `hsm init`/`info`, or hex).
         #[arg(long)]
         pubkey: PathBuf,
@@ -42,17 +46,8 @@ pub enum AuditCmd {
     /// Export a log file, or the chains in the region's database, as JSON
     /// lines or RFC 5424 syslog.
     Export {
-        /// Log file.
-        #[arg(
-            long,
-            required_unless_present = "database",
-            conflicts_with = "database"
-        )]
-        log: Option<PathBuf>,
-        /// A broker config whose `[store]` is the region's PostgreSQL: every
-        /// broker's chain there, one after another (read only).
-        #[arg(long, value_name = "CONFIG")]
-        database: Option<PathBuf>,
+        #[command(flatten)]
+        source: Source,
         /// jsonl or syslog.
         #[arg(long, default_value = "jsonl")]
         format: String,
@@ -83,10 +78,17 @@ pub enum AuditCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Aggregates (counts per day × key × operation × outcome; small cells suppressed) from a broker.
+    /// Aggregates (counts per day × key × operation × outcome; small cells
+    /// suppressed) from a broker, or offline from a log file or every
+    /// chain in the region's database (`--log`/`--database`).
     Aggregates {
         #[command(flatten)]
         conn: ConnArgs,
+        #[command(flatten)]
+        source: Source,
+        /// Offline: cells below this count are suppressed.
+        #[arg(long, default_value_t = 1)]
+        min_group: u64,
     },
     /// Ask a broker for a TPM quote of its host (auditors of its region);
     /// writes files that `tpm2_checkquote` verifies.
@@ -143,10 +145,8 @@ type Chain = Box<dyn std::io::BufRead>;
 
 /// The chains to read, by name: the log file (with its closed segments),
 /// or each broker's chain in the database of a broker config.
-fn chains(
-    log: &Option<PathBuf>,
-    database: &Option<PathBuf>,
-) -> Result<Vec<(String, Chain)>, CliError> {
+fn chains(source: &Source) -> Result<Vec<(String, Chain)>, CliError> {
+    let Source { log, database } = source;
     if let Some(p) = log {
         return Ok(vec![(p.display().to_string(), Box::new(open(p)?))]);
     }
@@ -218,8 +218,7 @@ fn since_ms(s: &Option<String>) -> Result<u64, CliError> {
 pub async fn run(c: AuditCmd) -> Result<(), CliError> {
     match c {
         AuditCmd::Verify {
-            log,
-            database,
+            source,
             pubkey,
             require_checkpoint,
             mut anchors,
@@ -235,14 +234,14 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
                 .map_err(|e| CliError::new(format!("cannot read {}: {e}", pubkey.display()), ""))?;
             let pk = audit::parse_public_key(&pk_text)
                 .map_err(|e| CliError::new(e, "pass the PEM `sovkms hsm init` printed"))?;
-            let chains = chains(&log, &database)?;
+            let chains = chains(&source)?;
             if chains.len() > 1 && !anchors.is_empty() {
                 return Err(CliError::new(
                     "anchors and witnesses belong to one broker's chain",
                     "export that broker's chain (`sovkms audit fetch` from it) and verify the file with --log",
                 ));
             }
-            let several = database.is_some();
+            let several = source.database.is_some();
             let mut reports = Vec::new();
             for (name, chain) in chains {
                 match audit::verify_anchored(chain, &pk, require_checkpoint, &anchors) {
@@ -306,8 +305,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             Ok(())
         }
         AuditCmd::Export {
-            log,
-            database,
+            source,
             format: f,
             from_seq,
             since,
@@ -315,7 +313,7 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
         } => {
             let mut w = out(&o)?;
             let mut n = 0;
-            for (name, chain) in chains(&log, &database)? {
+            for (name, chain) in chains(&source)? {
                 n += audit::export(chain, &mut *w, format(&f)?, from_seq, since_ms(&since)?)
                     .map_err(|e| match e {
                         audit::ReadError::Write(w) => write_err(w),
@@ -350,9 +348,43 @@ pub async fn run(c: AuditCmd) -> Result<(), CliError> {
             eprintln!("{n} records fetched");
             Ok(())
         }
-        AuditCmd::Aggregates { conn } => {
-            let mut c = conn.connect().await?;
-            let r = c.aggregates(pb::AggregatesRequest::default()).await?;
+        AuditCmd::Aggregates {
+            conn,
+            source,
+            min_group,
+        } => {
+            let r = if source.log.is_some() || source.database.is_some() {
+                let mut agg = audit::Aggregator::default();
+                for (name, chain) in chains(&source)? {
+                    for line in audit::complete_lines(chain) {
+                        let line = line.map_err(|e| CliError::new(format!("{name}: {e}"), ""))?;
+                        let rec = serde_json::from_str(&line).map_err(|e| {
+                            CliError::new(
+                                format!("{name}: a record does not parse: {e}"),
+                                "run `sovkms audit verify`",
+                            )
+                        })?;
+                        agg.add(rec);
+                    }
+                }
+                pb::AggregatesResponse {
+                    cells: agg
+                        .rows(0, u64::MAX, min_group.max(1))
+                        .into_iter()
+                        .map(|r| pb::AggregateCell {
+                            day: r.day,
+                            key_id: r.key_id,
+                            operation: r.operation,
+                            outcome: r.outcome,
+                            count: r.count,
+                        })
+                        .collect(),
+                    min_group_size: min_group.max(1),
+                }
+            } else {
+                let mut c = conn.connect().await?;
+                c.aggregates(pb::AggregatesRequest::default()).await?
+            };
             if super::json() {
                 return print_json(&serde_json::json!({
                     "min_group_size": r.min_group_size,

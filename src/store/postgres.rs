@@ -780,7 +780,7 @@ fn io_err(e: StoreError) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-impl crate::audit::table::ChainTable for PgStore {
+impl super::ChainTable for PgStore {
     fn append(&self, broker_id: &str, rows: Vec<(u64, String)>) -> std::io::Result<()> {
         let broker = broker_id.to_owned();
         let (seqs, lines): (Vec<i64>, Vec<String>) = rows

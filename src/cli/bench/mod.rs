@@ -321,6 +321,41 @@ impl Samples {
     }
 }
 
+/// Creates the benchmark's key, granted to the service `app` for every
+/// crypto operation.
+async fn bench_key(op: &mut Client) -> Result<String, CliError> {
+    Ok(op
+        .create_key(pb::CreateKeyRequest {
+            name: "bench".into(),
+            grants: vec![pb::Grant {
+                principal: format!("spiffe://{TD}/region/eu-central/service/app"),
+                operations: vec![1, 2, 3, 4, 5],
+            }],
+            activate: true,
+            ..Default::default()
+        })
+        .await?
+        .key_id)
+}
+
+/// One ciphertext of `pt` under `key`, for the decrypt loads.
+async fn ciphertext(
+    svc: &Client,
+    key: &str,
+    pt: &[u8],
+    ctx: &HashMap<String, String>,
+) -> Result<Vec<u8>, CliError> {
+    Ok(svc
+        .clone()
+        .encrypt(pb::EncryptRequest {
+            key_id: key.to_owned(),
+            plaintext: pt.to_vec(),
+            context: ctx.clone(),
+        })
+        .await?
+        .ciphertext)
+}
+
 /// Runs `inflight` loops for `secs`, each calling `call`; `pid` is the
 /// server whose CPU time is charged to the requests.
 async fn drive<F, Fut>(inflight: usize, secs: f64, pid: u32, call: Arc<F>) -> Samples

@@ -122,20 +122,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
     let (bpid, epid) = (broker.child.id().unwrap_or(0), echo.child.id().unwrap_or(0));
     let mut op = env.connect("operator-admin", &broker.addr).await?;
     devenv::wait_serving(&op).await?;
-    let app = format!("spiffe://{TD}/region/eu-central/service/app");
-    let all_ops = [1, 2, 3, 4, 5];
-    let key = op
-        .create_key(pb::CreateKeyRequest {
-            name: "bench".into(),
-            grants: vec![pb::Grant {
-                principal: app,
-                operations: all_ops.to_vec(),
-            }],
-            activate: true,
-            ..Default::default()
-        })
-        .await?
-        .key_id;
+    let key = bench_key(&mut op).await?;
     let conns = a.connections.max(1);
     let mut svc = Vec::new();
     let mut echo_c = Vec::new();
@@ -180,15 +167,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
     for &o in &ops {
         for &size in &sizes {
             let pt = vec![0x5au8; size];
-            let ct = svc[0]
-                .clone()
-                .encrypt(pb::EncryptRequest {
-                    key_id: key.clone(),
-                    plaintext: pt.clone(),
-                    context: ctx.clone(),
-                })
-                .await?
-                .ciphertext;
+            let ct = ciphertext(&svc[0], &key, &pt, &ctx).await?;
             // Ceiling: echo of the request's payload size.
             let payload = match o {
                 Op::Decrypt | Op::ReEncrypt => ct.clone(),

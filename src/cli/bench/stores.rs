@@ -102,7 +102,6 @@ pub(super) async fn stores(seconds: f64, inflight: usize, dir: &Path) -> Result<
     };
     let echo_c = Arc::new(echo_c);
     let payload = vec![0x5au8; 1024];
-    let app = format!("spiffe://{TD}/region/eu-central/service/app");
     let ctx: HashMap<String, String> = [("bench".to_string(), "1".to_string())].into();
     println!(
         "{:<22} {:<8} {:>9} {:>8} {:>8} {:>9} {:>7} {:>13}",
@@ -121,28 +120,8 @@ pub(super) async fn stores(seconds: f64, inflight: usize, dir: &Path) -> Result<
     for (name, configs) in setups {
         let s = start(&env, name, &configs).await?;
         let pids = s.pids();
-        let mut op0 = s.operators[0].clone();
-        let key = op0
-            .create_key(pb::CreateKeyRequest {
-                name: "bench".into(),
-                grants: vec![pb::Grant {
-                    principal: app.clone(),
-                    operations: vec![1, 2, 3, 4, 5],
-                }],
-                activate: true,
-                ..Default::default()
-            })
-            .await?
-            .key_id;
-        let ct = s.services[0]
-            .clone()
-            .encrypt(pb::EncryptRequest {
-                key_id: key.clone(),
-                plaintext: payload.clone(),
-                context: ctx.clone(),
-            })
-            .await?
-            .ciphertext;
+        let key = bench_key(&mut s.operators[0].clone()).await?;
+        let ct = ciphertext(&s.services[0], &key, &payload, &ctx).await?;
         let services = Arc::new(s.services.clone());
         for op in ["encrypt", "decrypt", "create"] {
             let body = match op {
