@@ -445,6 +445,23 @@ impl Error {
         })
     }
 
+    /// Why the request did not succeed, as a word a client can match on
+    /// (the `x-sovkms-reason` of a gRPC error): a refusal's reason, else
+    /// the failing component.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable(Unavailable::Store) => "store_unavailable",
+            Self::Unavailable(Unavailable::RootOfTrust) => "root_unavailable",
+            Self::Unavailable(Unavailable::AuditWrite | Unavailable::AuditRead) => {
+                "audit_unavailable"
+            }
+            Self::Unavailable(Unavailable::Conflict(_)) => "conflict",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+            other => other.refusal_reason().unwrap_or("internal"),
+        }
+    }
+
     /// Refused (the rules or the input) or failed (the system).
     pub fn outcome(&self) -> crate::audit::Outcome {
         match self {

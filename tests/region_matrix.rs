@@ -413,3 +413,92 @@ async fn the_regional_client_routes_by_region_fails_over_and_never_crosses() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+/// Every refusal carries the broker's reason in a form the client types:
+/// a caller acts on `Reason::Region` or `Reason::Grant`, not on a sentence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_their_reason_to_the_client() {
+    use sovkms::client::{Reason, RemoteError};
+    let env = Env::new();
+    let (eu, mut svc, ct) = decrypting_region(&env).await;
+    let reason = |r: Result<Vec<u8>, tonic::Status>| RemoteError::from(r.unwrap_err()).reason;
+    let mut us = client(&env, "us-east/service-app", &eu).await;
+    assert_eq!(
+        reason(decrypt(&mut us, &ct, &ctx(&[])).await),
+        Reason::Region
+    );
+    let mut op = client(&env, "eu-central/operator-admin", &eu).await;
+    assert_eq!(reason(decrypt(&mut op, &ct, &ctx(&[])).await), Reason::Role);
+    let mut nogrant = client(&env, "eu-central/service-nogrant", &eu).await;
+    assert_eq!(
+        reason(decrypt(&mut nogrant, &ct, &ctx(&[])).await),
+        Reason::Grant
+    );
+    assert_eq!(
+        reason(decrypt(&mut svc, &ct, &ctx(&[("x", "y")])).await),
+        Reason::Invalid
+    );
+    let r = encrypt(
+        &mut svc,
+        "k-00000000000000000000000000000000",
+        b"x",
+        &ctx(&[]),
+    )
+    .await;
+    assert_eq!(RemoteError::from(r.unwrap_err()).reason, Reason::NotFound);
+    assert!(!Reason::Region.retryable() && Reason::AuditUnavailable.retryable());
+    eu.stop().await;
+}
+
+/// The opt-in data-key cache shares a broker data key across messages up
+/// to its limits, and each data key opens (in the region) to the
+/// plaintext it handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_data_keys_respect_their_limits_and_open_in_the_region() {
+    use sovkms::client::{CacheLimits, DataKeyCache, Endpoint, Regional};
+    let env = Env::new();
+    let eu = start_broker(&env, "eu-central").await;
+    let app = spiffe("eu-central", "service", "app");
+    let key = create_key(&env, &eu, "dk", vec![grant(&app, &ALL_OPS)]).await;
+    let regional = Regional::new(vec![Endpoint::new(
+        "eu-central",
+        &eu.addr,
+        env.tls("eu-central/service-app", "eu-central"),
+    )])
+    .unwrap();
+    let cache = DataKeyCache::new(CacheLimits {
+        max_messages: 2,
+        max_bytes: 1 << 20,
+        max_age: std::time::Duration::from_secs(60),
+        max_entries: 8,
+    });
+    let cx = ctx(&[("tenant", "t1")]);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            cache
+                .data_key(&regional, "eu-central", &key, &cx, 100)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(got[0].wrapped, got[1].wrapped);
+    assert_ne!(got[1].wrapped, got[2].wrapped);
+    for dk in &got {
+        let pt = regional.decrypt(&dk.wrapped, cx.clone()).await.unwrap();
+        assert_eq!(&pt[..], dk.plaintext.expose_secret());
+    }
+    // Another context never shares a data key.
+    let other = cache
+        .data_key(
+            &regional,
+            "eu-central",
+            &key,
+            &ctx(&[("tenant", "t2")]),
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(got.iter().all(|g| g.wrapped != other.wrapped));
+    eu.stop().await;
+}

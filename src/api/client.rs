@@ -10,6 +10,7 @@ use crate::api::proto::{
 use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+pub use super::datakeys::{CacheLimits, DataKey, DataKeyCache};
 pub use super::regional::{Endpoint, Regional, RegionalError};
 
 /// What a client presents and trusts.
@@ -377,6 +378,85 @@ impl From<tonic::Code> for Code {
     }
 }
 
+/// The response header in which the broker names why a request failed.
+pub const REASON_HEADER: &str = "x-sovkms-reason";
+
+/// Why the broker refused or failed a request: the broker's own reasons,
+/// so a caller can act on them without parsing sentences.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No usable identity (certificate, SPIFFE id, trust domain).
+    Identity,
+    /// The caller's role may not do this (an operator decrypting).
+    Role,
+    /// The region rule: the caller, the broker or the key is of another region.
+    Region,
+    /// No grant (or break-glass grant) for this key and operation.
+    Grant,
+    /// The key's or ciphertext's state does not allow it (revoked,
+    /// destroyed, another region's ciphertext at this broker).
+    State,
+    /// Malformed request or ciphertext, or the wrong context.
+    Invalid,
+    /// No such key, version or grant here.
+    NotFound,
+    /// A rate or size limit.
+    Limit,
+    /// The key store is down (retry, possibly at another broker of the region).
+    StoreUnavailable,
+    /// The HSM or TPM is down.
+    RootUnavailable,
+    /// The audit log cannot take the record: nothing was released.
+    AuditUnavailable,
+    /// Another broker changed the key at the same moment: nothing changed, retry.
+    Conflict,
+    /// Another unavailable component.
+    Unavailable,
+    /// A bug or corrupt state on the broker.
+    Internal,
+    /// The request never got an answer (connection, TLS, deadline).
+    Transport,
+    /// A reason this client does not know (a newer broker), or none given.
+    Other,
+}
+
+impl Reason {
+    fn parse(word: &str) -> Self {
+        match word {
+            "identity" => Self::Identity,
+            "role" => Self::Role,
+            "region" => Self::Region,
+            "grant" => Self::Grant,
+            "state" => Self::State,
+            "invalid" => Self::Invalid,
+            "not_found" => Self::NotFound,
+            "limit" => Self::Limit,
+            "store_unavailable" => Self::StoreUnavailable,
+            "root_unavailable" => Self::RootUnavailable,
+            "audit_unavailable" => Self::AuditUnavailable,
+            "conflict" => Self::Conflict,
+            "unavailable" => Self::Unavailable,
+            "internal" => Self::Internal,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the same request may succeed when retried (here or at
+    /// another broker of the same region): nothing was done.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::StoreUnavailable
+                | Self::RootUnavailable
+                | Self::AuditUnavailable
+                | Self::Conflict
+                | Self::Unavailable
+                | Self::Transport
+        )
+    }
+}
+
 /// A call the broker refused or could not answer.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{}: {message}", code.name())]
@@ -385,13 +465,32 @@ pub struct RemoteError {
     pub code: Code,
     /// The broker's sentence (or the transport's, for a failed connection).
     pub message: String,
+    /// Why, as the broker names it.
+    pub reason: Reason,
 }
 
 impl From<tonic::Status> for RemoteError {
     fn from(s: tonic::Status) -> Self {
+        let reason = match s
+            .metadata()
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(word) => Reason::parse(word),
+            // No answer from a broker: the transport failed.
+            None if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) =>
+            {
+                Reason::Transport
+            }
+            None => Reason::Other,
+        };
         Self {
             code: s.code().into(),
             message: s.message().to_owned(),
+            reason,
         }
     }
 }

@@ -13,7 +13,8 @@ use tonic::Status;
 /// logged here and replaced by a generic message.
 pub fn to_status(e: Error) -> Status {
     let text = e.to_string();
-    match e {
+    let reason = e.reason();
+    let mut status = match e {
         Error::Invalid(_) => Status::invalid_argument(text),
         Error::NotFound(_) => Status::not_found(text),
         Error::Precondition(_) => Status::failed_precondition(text),
@@ -27,7 +28,12 @@ pub fn to_status(e: Error) -> Status {
             tracing::error!(detail = %fault, "internal error");
             Status::internal(text)
         }
-    }
+    };
+    status.metadata_mut().insert(
+        super::client::REASON_HEADER,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
 }
 
 pub fn key_id(field: &str, s: &str) -> Result<KeyId, Status> {

@@ -6,6 +6,7 @@ pub mod bench;
 mod breakglass;
 pub mod client;
 pub(crate) mod convert;
+mod datakeys;
 pub mod proto;
 mod regional;
 mod service;

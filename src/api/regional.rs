@@ -151,7 +151,7 @@ impl Regional {
                 };
                 match tokio::time::timeout(self.deadline, call(client)).await {
                     Ok(Ok(v)) => return Ok(v),
-                    Ok(Err(r)) if r.code == Code::Unavailable => {
+                    Ok(Err(r)) if r.code == Code::Unavailable && r.reason.retryable() => {
                         self.connections.lock().await.remove(&e.addr);
                         last = format!("{}: {}", e.addr, r.message);
                     }
@@ -230,6 +230,51 @@ impl Regional {
             }
         })
         .await
+    }
+}
+
+impl Regional {
+    /// A fresh data key under `key_id` at a broker of `region`: its
+    /// plaintext (for sealing here, zeroized on drop) and its wrapped form.
+    pub async fn generate_data_key(
+        &self,
+        region: &str,
+        key_id: &str,
+        context: HashMap<String, String>,
+    ) -> Result<super::datakeys::DataKey, RegionalError> {
+        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
+        let mut r = self
+            .in_region(&region, |mut c| {
+                let req = pb::GenerateDataKeyRequest {
+                    key_id: key_id.to_owned(),
+                    context: context.clone(),
+                };
+                async move { c.generate_data_key(req).await }
+            })
+            .await?;
+        let plaintext = crate::secret::KeyMaterial::from_slice(&r.plaintext_key);
+        zeroize::Zeroize::zeroize(&mut r.plaintext_key);
+        Ok(super::datakeys::DataKey {
+            plaintext: plaintext.ok_or_else(|| {
+                RegionalError::Ciphertext("the broker's data key is not 32 bytes".into())
+            })?,
+            wrapped: std::mem::take(&mut r.wrapped_key),
+        })
+    }
+}
+
+impl RegionalError {
+    /// Why, in the broker's terms: a refusal's reason, `Transport` when
+    /// no broker of the region answered, `Region` for a ciphertext of a
+    /// region this client has no broker of (refused here).
+    pub fn reason(&self) -> super::client::Reason {
+        use super::client::Reason;
+        match self {
+            Self::Remote(r) => r.reason,
+            Self::Unavailable { .. } => Reason::Transport,
+            Self::NoEndpoint { .. } => Reason::Region,
+            Self::Region(_) | Self::Ciphertext(_) => Reason::Invalid,
+        }
     }
 }
 
