@@ -110,13 +110,34 @@ fn durable_log(data_dir: &Path) -> Result<Arc<dyn crate::audit::AuditSink>, CliE
     Ok(Arc::new(log))
 }
 
+/// The KEK and record caches' sizes, from the admin listener's metrics.
+async fn cache_sizes(admin: &str) -> Result<(u64, u64), CliError> {
+    let (_, text) = devenv::admin_get(admin, "/metrics").await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    Ok((
+        value("sovkms_kek_cache_entries "),
+        value("sovkms_record_cache_entries "),
+    ))
+}
+
 pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
     let ops = list(&a.ops, Op::parse)?;
     let sizes = list(&a.sizes, |s| {
         s.parse::<usize>()
             .map_err(|_| CliError::new(format!("bad size {s:?}"), ""))
     })?;
-    let env = setup(&a.dir, a.software_root, &a.profile, "").await?;
+    // The admin listener (loopback) gives the caches' sizes.
+    let env = setup(
+        &a.dir,
+        a.software_root,
+        &a.profile,
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await?;
     let broker = env.start("serve").await?;
     let echo = env.start("bench-echo").await?;
     let (bpid, epid) = (broker.child.id().unwrap_or(0), echo.child.id().unwrap_or(0));
@@ -164,6 +185,7 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
     );
     let mut rows = Vec::new();
     let mut below = Vec::new();
+    let mut peak = (0u64, 0u64);
     for &o in &ops {
         for &size in &sizes {
             let pt = vec![0x5au8; size];
@@ -327,6 +349,10 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
             if m.errors > 0 {
                 println!("  ({} errors)", m.errors);
             }
+            if let Some(admin) = &broker.admin_addr {
+                let (kek, rec) = cache_sizes(admin).await?;
+                peak = (peak.0.max(kek), peak.1.max(rec));
+            }
             if let Some(min) = a.min_ratio {
                 if matches!(o, Op::Encrypt | Op::Decrypt) && x_rps < min {
                     below.push(format!("{} {size} B: {x_rps:.2}× the ceiling", o.name()));
@@ -341,8 +367,13 @@ pub(super) async fn rpc(a: RpcArgs) -> Result<(), CliError> {
         }
     }
     drop((broker, echo));
+    println!(
+        "cache sizes, largest seen after a measurement: {} KEK entries, {} key records (bounds: [cache] max_entries each)",
+        peak.0, peak.1
+    );
     if let Some(p) = a.json_file {
-        let v = serde_json::json!({"cores": ncpu, "inflight": a.inflight, "connections": conns, "seconds": a.seconds, "rows": rows});
+        let v = serde_json::json!({"cores": ncpu, "inflight": a.inflight, "connections": conns, "seconds": a.seconds, "rows": rows,
+            "cache_peak": {"kek_entries": peak.0, "record_entries": peak.1}});
         std::fs::write(&p, serde_json::to_string_pretty(&v).map_err(err)?).map_err(err)?;
     }
     if !below.is_empty() {
