@@ -39,6 +39,19 @@ impl KeyId {
         Ok(Self(format!("k-{}", hex::encode(b))))
     }
 
+    /// The id of the key created by `caller`'s request `request_id` in
+    /// `region`: the same for every retry of that request, at any broker
+    /// of the region, so a retried create finds the key its first attempt
+    /// made instead of making a second one.
+    pub fn for_request(region: &str, caller: &str, request_id: &str) -> Self {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in ["sovkms/v1/create-key", region, caller, request_id] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        Self(format!("k-{}", hex::encode(&h.finish().as_ref()[..16])))
+    }
+
     /// The id.
     pub fn as_str(&self) -> &str {
         &self.0

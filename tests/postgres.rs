@@ -687,3 +687,61 @@ async fn an_online_backup_restores_on_a_fresh_broker_and_is_useless_without_the_
     let mut a = a;
     stop(&mut a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_retried_on_another_broker_with_its_request_id_makes_one_key() {
+    let reg = region_over_postgres();
+    let (mut a, b) = (reg.broker("a", ""), reg.broker("b", ""));
+    let req = pb::CreateKeyRequest {
+        name: "idempotent".into(),
+        activate: true,
+        ..Default::default()
+    };
+    // The first attempt is carried out at A, and its answer is lost with A.
+    let mut op_a = reg.client("operator-admin", &a).await;
+    let mut first = tonic::Request::new(req.clone());
+    first
+        .metadata_mut()
+        .insert("x-request-id", "order-42".parse().unwrap());
+    let made = op_a.keys.create(first).await.unwrap().into_inner().key_id;
+    kill9(&mut a);
+    // The client retries the same request on the region's brokers.
+    let tls = reg.env.tls(&format!("{R}/operator-admin"), R);
+    let regional = sovkms::client::Regional::new(vec![
+        sovkms::client::Endpoint::new(R, &a.addr, tls.clone()),
+        sovkms::client::Endpoint::new(R, &b.addr, tls),
+    ])
+    .unwrap();
+    for _ in 0..2 {
+        let again = regional
+            .create_key(R, "order-42", req.clone())
+            .await
+            .unwrap();
+        assert_eq!(again.key_id, made);
+    }
+    // Another request id is another key; one key carries the name once.
+    let other = regional
+        .create_key(R, "order-43", req.clone())
+        .await
+        .unwrap();
+    assert_ne!(other.key_id, made);
+    let mut op_b = reg.client("operator-admin", &b).await;
+    let found = op_b
+        .keys
+        .locate(pb::LocateRequest {
+            name: "idempotent".into(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(matches!(
+        regional.create_key(R, "bad id!", req).await,
+        Err(sovkms::client::RegionalError::RequestId(_))
+    ));
+    let mut b = b;
+    stop(&mut b);
+}

@@ -57,6 +57,9 @@ pub enum RegionalError {
         /// The regions this client knows.
         known: String,
     },
+    /// A request id that is not one (nothing was sent).
+    #[error("request id {0:?}: use 1-64 letters, digits or '-'")]
+    RequestId(String),
     /// The ciphertext does not parse (no region to route by).
     #[error("not a sovkms ciphertext: {0}")]
     Ciphertext(String),
@@ -263,6 +266,45 @@ impl Regional {
     }
 }
 
+impl Regional {
+    /// Creates a key at a broker of `region` (an operator's client) under
+    /// the client's own `request_id` (1-64 letters, digits or '-'): tried
+    /// again on the region's brokers after `UNAVAILABLE` or a lost
+    /// connection, the request creates one key, never two; a later call
+    /// with the same id answers with that key.
+    pub async fn create_key(
+        &self,
+        region: &str,
+        request_id: &str,
+        req: pb::CreateKeyRequest,
+    ) -> Result<pb::KeyMetadata, RegionalError> {
+        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
+        let id: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = request_id
+            .parse()
+            .ok()
+            .filter(|_| {
+                (1..=64).contains(&request_id.len())
+                    && request_id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+            .ok_or_else(|| RegionalError::RequestId(request_id.to_owned()))?;
+        self.in_region(&region, |c| {
+            let mut r = tonic::Request::new(req.clone());
+            r.metadata_mut()
+                .insert(super::service::REQUEST_ID, id.clone());
+            let mut keys = c.keys.clone();
+            async move {
+                keys.create(r)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(RemoteError::from)
+            }
+        })
+        .await
+    }
+}
+
 impl RegionalError {
     /// Why, in the broker's terms: a refusal's reason, `Transport` when
     /// no broker of the region answered, `Region` for a ciphertext of a
@@ -273,7 +315,7 @@ impl RegionalError {
             Self::Remote(r) => r.reason,
             Self::Unavailable { .. } => Reason::Transport,
             Self::NoEndpoint { .. } => Reason::Region,
-            Self::Region(_) | Self::Ciphertext(_) => Reason::Invalid,
+            Self::Region(_) | Self::Ciphertext(_) | Self::RequestId(_) => Reason::Invalid,
         }
     }
 }

@@ -166,8 +166,15 @@ impl pb::key_service_server::KeyService for Api {
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, Operation::CreateKey)?;
+        // The client's own request id (not one made up here) makes a
+        // retried create idempotent.
+        let client_id = req
+            .metadata()
+            .get(REQUEST_ID)
+            .is_some_and(|v| v.to_str().is_ok_and(|v| v == cx.request_id));
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
+            request_id: client_id.then(|| cx.request_id.clone()),
             name: r.name,
             tenant: r.tenant,
             description: r.description,

@@ -7,6 +7,7 @@ use crate::error::{Error, Invalid, Limit, Precondition, Result};
 use crate::keys::provenance::Provenance;
 use crate::keys::{KeyId, KeyRecord, KeyState, RevocationReason, VersionRecord};
 use crate::policy::{CryptoOp, Grant, Operation, Principal};
+use crate::store::StoreError;
 
 /// A grant as requested, before the broker checks it can take effect.
 #[derive(Clone, Debug)]
@@ -30,6 +31,10 @@ pub struct CreateKey {
     pub grants: Vec<GrantRequest>,
     /// Create active instead of pre-active.
     pub activate: bool,
+    /// The client's own request id, when it gave one: a retry with the
+    /// same id (at any broker of the region) answers with the key the
+    /// first attempt created instead of creating another.
+    pub request_id: Option<String>,
 }
 
 /// Locate filter; empty fields match everything.
@@ -149,6 +154,7 @@ impl Broker {
     pub fn create_key(&self, cx: &CallCtx, req: CreateKey) -> Result<KeyRecord> {
         let caller = &cx.caller;
         let op = Operation::CreateKey;
+        let request_id = req.request_id.clone();
         self.audit_first(
             Some(cx),
             op,
@@ -158,10 +164,23 @@ impl Broker {
                 check_text("tenant", &req.tenant, 128, false)?;
                 check_text("description", &req.description, 1024, false)?;
                 let grants = self.build_grants(req.grants)?;
-                let id = KeyId::generate(&self.rng).map_err(|_| super::rng_err())?;
+                let id = match &request_id {
+                    Some(r) => {
+                        KeyId::for_request(self.settings.region.as_str(), &caller.spiffe_id(), r)
+                    }
+                    None => KeyId::generate(&self.rng).map_err(|_| super::rng_err())?,
+                };
+                if request_id.is_some() {
+                    if let Some(done) = self.store.get(&id).map_err(store_err)? {
+                        // A retry of a create that was carried out.
+                        note.key(&id, done.primary_version);
+                        note.via = "retried request: the key its first attempt created".into();
+                        return Ok(Err(done));
+                    }
+                }
                 note.key(&id, 1);
                 let now = self.clock.now_unix();
-                Ok(KeyRecord {
+                Ok(Ok(KeyRecord {
                     name: req.name,
                     tenant: req.tenant,
                     description: req.description,
@@ -174,11 +193,23 @@ impl Broker {
                         now,
                         caller.spiffe_id(),
                     )
-                })
+                }))
             },
-            |mut rec, seq| {
+            |made, seq| {
+                let mut rec = match made {
+                    Ok(rec) => rec,
+                    Err(done) => return Ok(done),
+                };
                 self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
-                self.store.insert(&rec).map_err(store_err)?;
+                match self.store.insert(&rec) {
+                    Ok(()) => {}
+                    // A retry racing its first attempt at another broker:
+                    // the first one's key is the answer.
+                    Err(StoreError::AlreadyExists(id)) if request_id.is_some() => {
+                        return self.get_record(&id);
+                    }
+                    Err(e) => return Err(store_err(e)),
+                }
                 tracing::info!(key = %rec.id, caller = %caller, "key created");
                 Ok(rec)
             },
