@@ -549,6 +549,15 @@ impl crate::store::Store for MeteredStore {
     fn lifecycle_lock(&self) -> Result<crate::store::LifecycleLock, crate::store::StoreError> {
         self.timed("lifecycle_lock", || self.inner.lifecycle_lock())
     }
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+        self.inner.meta(name)
+    }
+    fn put_meta_once(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, crate::store::StoreError> {
+        self.inner.put_meta_once(name, value)
+    }
+    fn replace_meta(&self, name: &str, value: &[u8]) -> Result<(), crate::store::StoreError> {
+        self.inner.replace_meta(name, value)
+    }
     fn on_change(&self, handler: crate::store::ChangeHandler) {
         self.inner.on_change(handler)
     }

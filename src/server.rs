@@ -69,6 +69,21 @@ pub fn open_store_and_chains(
     }
 }
 
+/// `store` with every record authenticated under the region's record key
+/// (made with `root` on first use).
+pub fn authenticate(
+    store: Arc<dyn Store>,
+    root: &dyn RootOfTrust,
+) -> Result<Arc<dyn Store>, StartError> {
+    let a = crate::store::authenticated::Authenticated::open(store, root).map_err(|err| {
+        StartError::Store {
+            path: "its records".into(),
+            err,
+        }
+    })?;
+    Ok(Arc::new(a))
+}
+
 /// Opens the sled store in the config's data directory.
 pub fn open_sled(settings: &Settings) -> Result<SledStore, StartError> {
     let keys_dir = settings.data_dir.join("keys.sled");
@@ -107,13 +122,14 @@ pub fn open_broker(settings: &Settings, clock: Arc<dyn Clock>) -> Result<Arc<Bro
         tracing::warn!("{warning}");
     }
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let (store, chains) = open_store_and_chains(settings)?;
-    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(
-        store,
-        Arc::clone(&metrics),
-    ));
     let root: Arc<dyn RootOfTrust> = Arc::new(crate::metrics::MeteredRoot::new(
         open_root(settings)?,
+        Arc::clone(&metrics),
+    ));
+    let (store, chains) = open_store_and_chains(settings)?;
+    let store = authenticate(store, root.as_ref())?;
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::MeteredStore::new(
+        store,
         Arc::clone(&metrics),
     ));
     let info = root.info();

@@ -141,6 +141,7 @@ impl Broker {
                     approval_deadline: now
                         + i64::from(self.settings.break_glass_approval_minutes) * 60,
                     revoked_by: None,
+                    mac: String::new(),
                 })
             },
             |g, _| self.save_break_glass(g),

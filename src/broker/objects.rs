@@ -304,6 +304,7 @@ impl Broker {
                     activated_at: active.then_some(now),
                     deactivated_at: None,
                     revision: 0,
+                    mac: String::new(),
                     ..old.clone()
                 };
                 let mut new = new;

@@ -50,6 +50,21 @@ pub fn rewrap_all(
         msg,
     };
     let mut report = RewrapReport::default();
+    // The region's record key (which authenticates the stored records).
+    if let Some((mut w, _)) = record_key(store)? {
+        if w.root_key_id == current {
+            report.versions_current += 1;
+        } else {
+            let key = crate::store::authenticated::RECORD_KEY;
+            let material = root.unwrap(&w).map_err(|e| err(key, e.message))?;
+            w = root.wrap(&material).map_err(|e| err(key, e.message))?;
+            let bytes = serde_json::to_vec(&w).map_err(|e| err(key, e.to_string()))?;
+            store
+                .replace_meta(key, &bytes)
+                .map_err(|e| err(key, e.to_string()))?;
+            report.versions_rewrapped += 1;
+        }
+    }
     let mut after = None;
     loop {
         let (page, more) = store
@@ -96,11 +111,31 @@ pub fn rewrap_all(
     }
 }
 
-/// How many stored versions each root key wraps.
+/// The stored record key, wrapped, if the store has one.
+fn record_key(
+    store: &dyn Store,
+) -> Result<Option<(crate::root::WrappedKey, Vec<u8>)>, RewrapError> {
+    let key = crate::store::authenticated::RECORD_KEY;
+    let bad = |msg: String| RewrapError {
+        key: key.into(),
+        msg,
+    };
+    let Some(bytes) = store.meta(key).map_err(|e| bad(e.to_string()))? else {
+        return Ok(None);
+    };
+    let w = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    Ok(Some((w, bytes)))
+}
+
+/// How many stored versions each root key wraps (the region's record key
+/// counts as one).
 pub fn versions_per_root(
     store: &dyn Store,
 ) -> Result<std::collections::BTreeMap<String, usize>, RewrapError> {
     let mut out = std::collections::BTreeMap::new();
+    if let Some((w, _)) = record_key(store)? {
+        *out.entry(w.root_key_id).or_insert(0) += 1;
+    }
     let mut after = None;
     loop {
         let (page, more) = store

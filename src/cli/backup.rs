@@ -47,8 +47,22 @@ fn open(
     Ok((settings, store))
 }
 
+fn root(
+    settings: &crate::config::Settings,
+) -> Result<std::sync::Arc<dyn crate::root::RootOfTrust>, CliError> {
+    crate::server::open_root(settings).map_err(|e| {
+        CliError::new(
+            e.to_string(),
+            "backups are checked against the region's record key, which the root of trust opens",
+        )
+    })
+}
+
 pub fn backup(a: BackupArgs) -> Result<(), CliError> {
     let (settings, store) = open(&a.config)?;
+    // Every record read is checked against its code on the way out.
+    let store = crate::server::authenticate(store, root(&settings)?.as_ref())
+        .map_err(|e| CliError::new(e.to_string(), ""))?;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -89,8 +103,14 @@ pub fn restore(a: RestoreArgs) -> Result<(), CliError> {
             &path,
         )?)))
     };
-    let n = backup::restore(store.as_ref(), settings.broker.region.as_str(), &open)
-        .map_err(|e| CliError::new(format!("{}: {e}", a.input.display()), ""))?;
+    let root = root(&settings)?;
+    let n = backup::restore(
+        store.as_ref(),
+        settings.broker.region.as_str(),
+        root.as_ref(),
+        &open,
+    )
+    .map_err(|e| CliError::new(format!("{}: {e}", a.input.display()), ""))?;
     outln!(
         "restored {} keys and {} break-glass grants into region {}",
         n.keys,

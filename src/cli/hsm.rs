@@ -225,6 +225,9 @@ pub fn run(cmd: HsmCmd) -> Result<(), CliError> {
                 )
             })?;
             let root = std::sync::Arc::new(Pkcs11Root::open(p).map_err(root_err)?);
+            // Rewritten records get their codes under the region's record key.
+            let store = crate::server::authenticate(store, &*root)
+                .map_err(|e| CliError::new(e.to_string(), ""))?;
             let current = root.info().root_key_id;
             let per_root = rewrap::versions_per_root(store.as_ref())
                 .map_err(|e| CliError::new(e.to_string(), ""))?;

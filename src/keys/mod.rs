@@ -168,6 +168,11 @@ pub struct KeyRecord {
     /// database), never applied over a newer one.
     #[serde(default)]
     pub revision: u64,
+    /// The store's authentication code of this record (HMAC under the
+    /// region's record key, wrapped by the root of trust), hex; checked on
+    /// every read, so an edit behind the broker's back is refused.
+    #[serde(default)]
+    pub mac: String,
 }
 
 /// How another object relates to this one.
@@ -232,6 +237,7 @@ impl KeyRecord {
             custom_attributes: Vec::new(),
             links: Vec::new(),
             revision: 0,
+            mac: String::new(),
         }
     }
 
@@ -269,6 +275,7 @@ impl KeyRecord {
             custom_attributes: Vec::new(),
             links: Vec::new(),
             revision: 0,
+            mac: String::new(),
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct BreakGlass {
     pub approval_deadline: i64,
     /// Operator who revoked it.
     pub revoked_by: Option<String>,
+    /// The store's authentication code (see `KeyRecord::mac`).
+    #[serde(default)]
+    pub mac: String,
 }
 
 impl BreakGlass {

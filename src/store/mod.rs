@@ -11,6 +11,7 @@
 //! lost update), and changes made by other brokers reach this one through
 //! [`Store::on_change`].
 
+pub mod authenticated;
 pub mod backup;
 pub mod cluster;
 mod postgres;
@@ -46,6 +47,10 @@ pub enum StoreError {
         /// Newest version this binary applies.
         known: i32,
     },
+    /// A stored record does not match its authentication code: it was
+    /// changed behind the broker's back.
+    #[error("stored {0} does not match its authentication code: it was changed outside sovkms (in the database or the data directory); restore it from a backup")]
+    Tampered(String),
     /// A stored record cannot be decoded (or encoded).
     #[error("stored record {id} is corrupt: {source}")]
     Corrupt {
@@ -142,6 +147,15 @@ pub trait Store: Send + Sync {
     fn put_break_glass(&self, bg: &BreakGlass) -> Result<(), StoreError>;
     /// Every break-glass grant ever made.
     fn list_break_glass(&self) -> Result<Vec<BreakGlass>, StoreError>;
+    /// A value the store keeps for the broker itself, by name (the
+    /// wrapped record key).
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes `value` under `name` unless a value is there; returns the
+    /// value there afterwards (brokers starting together agree on one).
+    /// Durable on return.
+    fn put_meta_once(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// Replaces `name`'s value (a re-wrap). Durable on return.
+    fn replace_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Takes the region's lifecycle lock: one lifecycle change at a time
     /// across every broker sharing this store. A store of one broker has
     /// nothing to take (the broker's own mutex suffices).

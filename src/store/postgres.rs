@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio_postgres::AsyncMessage;
 
 /// The newest schema this binary knows (and migrates a database to).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Migrations in order: version, what it adds, the SQL.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -47,6 +47,14 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
              seq bigint NOT NULL,
              line text NOT NULL,
              PRIMARY KEY (broker_id, seq)
+         );",
+    ),
+    (
+        3,
+        "the brokers' own values (the wrapped record key)",
+        "CREATE TABLE sovkms_meta (
+             name text PRIMARY KEY,
+             value bytea NOT NULL
          );",
     ),
 ];
@@ -670,6 +678,51 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = name.to_owned();
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            let row = c
+                .query_opt("SELECT value FROM sovkms_meta WHERE name = $1", &[&name])
+                .await
+                .map_err(unavailable)?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn put_meta_once(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            c.execute(
+                "INSERT INTO sovkms_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &value],
+            )
+            .await
+            .map_err(unavailable)?;
+            let row = c
+                .query_one("SELECT value FROM sovkms_meta WHERE name = $1", &[&name])
+                .await
+                .map_err(unavailable)?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn replace_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.call(move |pool| async move {
+            let c = pool.get().await.map_err(unavailable)?;
+            c.execute(
+                "INSERT INTO sovkms_meta (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                &[&name, &value],
+            )
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
     }
 
     fn lifecycle_lock(&self) -> Result<LifecycleLock, StoreError> {

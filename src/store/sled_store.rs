@@ -10,6 +10,7 @@ use std::path::Path;
 pub struct SledStore {
     keys: sled::Tree,
     break_glass: sled::Tree,
+    meta: sled::Tree,
     db: sled::Db,
     group: FlushGroup,
 }
@@ -51,9 +52,11 @@ impl SledStore {
             })?;
         let keys = db.open_tree("keys").map_err(unavailable)?;
         let break_glass = db.open_tree("break-glass").map_err(unavailable)?;
+        let meta = db.open_tree("meta").map_err(unavailable)?;
         Ok(Self {
             keys,
             break_glass,
+            meta,
             db,
             group: FlushGroup::default(),
         })
@@ -213,6 +216,32 @@ impl Store for SledStore {
         self.break_glass
             .insert(bg.id.as_str(), v)
             .map_err(unavailable)?;
+        self.flush()
+    }
+
+    fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .meta
+            .get(name)
+            .map_err(unavailable)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_meta_once(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let now = match self
+            .meta
+            .compare_and_swap(name, None::<&[u8]>, Some(value))
+            .map_err(unavailable)?
+        {
+            Ok(()) => value.to_vec(),
+            Err(e) => e.current.map(|v| v.to_vec()).unwrap_or_default(),
+        };
+        self.flush()?;
+        Ok(now)
+    }
+
+    fn replace_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(name, value).map_err(unavailable)?;
         self.flush()
     }
 

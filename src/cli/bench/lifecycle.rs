@@ -48,14 +48,26 @@ pub(super) async fn lifecycle(a: LifecycleArgs) -> Result<(), CliError> {
     };
     let mut rows = vec![serde_json::json!({"create_per_s": m.rps, "create": m})];
     let mut have = 0u64;
+    // The synthetic records carry codes under the region's record key, as
+    // the broker's own writes do.
+    if let Some(c) = &env.conf {
+        std::env::set_var("SOFTHSM2_CONF", c);
+    }
+    let root = crate::server::open_root(&settings).map_err(err)?;
     for n in counts {
         {
-            let store = crate::server::open_sled(&settings).map_err(err)?;
+            let store = Arc::new(crate::server::open_sled(&settings).map_err(err)?);
+            let auth = crate::store::authenticated::Authenticated::open(
+                Arc::clone(&store) as Arc<dyn crate::store::Store>,
+                root.as_ref(),
+            )
+            .map_err(err)?;
             while have < n {
                 let mut r = template.clone();
                 r.id =
                     crate::keys::KeyId::parse(&format!("k-synthetic-{have:012}")).map_err(err)?;
                 r.name = format!("synthetic-{}", have % 1000);
+                r.mac = auth.record_key().key_code(&r).map_err(err)?;
                 store.insert_unflushed(&r).map_err(err)?;
                 have += 1;
             }
