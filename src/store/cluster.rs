@@ -222,6 +222,29 @@ impl ThrowawayCluster {
         format!("postgres://{ROLE}@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The server's processes (the postmaster and its children), for
+    /// charging their CPU time to a benchmark's requests.
+    pub fn pids(&self) -> Vec<u32> {
+        let pm = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok());
+        let Some(pm) = pm else { return Vec::new() };
+        let mut out = vec![pm];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pm) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
     /// Its port.
     pub fn port(&self) -> u16 {
         self.port
