@@ -12,6 +12,35 @@ use std::process::Command;
 /// The role and database the brokers use.
 pub const ROLE: &str = "sovkms";
 
+/// Why a throwaway cluster could not be made, started, stopped or asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// PostgreSQL's server programs are not on this machine.
+    #[error("PostgreSQL is not installed: {0} (apt install postgresql; deploy/deps.sh does)")]
+    NotInstalled(&'static str),
+    /// A file or directory of the cluster, or a free port.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PostgreSQL program (or `runuser`, `chown`) failed; its output.
+    #[error("{program} failed: {output}")]
+    Program {
+        /// The program.
+        program: String,
+        /// What it printed.
+        output: String,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ClusterError {
+    move |source| ClusterError::Io { what, source }
+}
+
 /// A running throwaway cluster.
 pub struct ThrowawayCluster {
     dir: tempfile::TempDir,
@@ -21,7 +50,7 @@ pub struct ThrowawayCluster {
     running: bool,
 }
 
-fn bindir() -> Result<PathBuf, String> {
+fn bindir() -> Result<PathBuf, ClusterError> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if p.join("initdb").exists() {
@@ -29,7 +58,7 @@ fn bindir() -> Result<PathBuf, String> {
         }
     }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|_| "PostgreSQL is not installed (apt install postgresql; deploy/deps.sh does)")?
+        .map_err(|_| ClusterError::NotInstalled("no /usr/lib/postgresql"))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
@@ -41,26 +70,28 @@ fn bindir() -> Result<PathBuf, String> {
     found
         .pop()
         .map(|(_, b)| b)
-        .ok_or_else(|| "PostgreSQL's initdb was not found under /usr/lib/postgresql".into())
+        .ok_or(ClusterError::NotInstalled(
+            "no initdb under /usr/lib/postgresql",
+        ))
 }
 
-fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, ClusterError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+        .map_err(io("no free port"))
 }
 
 impl ThrowawayCluster {
     /// Creates and starts a cluster with the role [`ROLE`] (password
     /// [`password`](Self::password)) and a database of the same name.
-    pub fn start() -> Result<Self, String> {
+    pub fn start() -> Result<Self, ClusterError> {
         let bin = bindir()?;
         let run_as = rustix::process::geteuid().is_root().then_some("postgres");
         let dir = tempfile::Builder::new()
             .prefix("sovkms-pg-")
             .tempdir()
-            .map_err(|e| format!("cluster directory: {e}"))?;
+            .map_err(io("cluster directory"))?;
         let mut c = Self {
             dir,
             bin,
@@ -68,12 +99,11 @@ impl ThrowawayCluster {
             run_as,
             running: false,
         };
-        std::fs::write(c.password_file(), c.password())
-            .map_err(|e| format!("password file: {e}"))?;
+        std::fs::write(c.password_file(), c.password()).map_err(io("password file"))?;
         if let Some(user) = run_as {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| format!("cluster directory: {e}"))?;
+                .map_err(io("cluster directory"))?;
             c.run(Command::new("chown").args(["-R", &format!("{user}:"), &c.path_str()]))?;
         }
         let data = c.data();
@@ -107,23 +137,27 @@ impl ThrowawayCluster {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn run(&self, cmd: &mut Command) -> Result<String, String> {
-        let out = cmd
-            .output()
-            .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    fn run(&self, cmd: &mut Command) -> Result<String, ClusterError> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let out = cmd.output().map_err(|e| ClusterError::Program {
+            program: program.clone(),
+            output: e.to_string(),
+        })?;
         if !out.status.success() {
-            return Err(format!(
-                "{:?} failed: {}{}",
-                cmd.get_program(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(ClusterError::Program {
+                program,
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs a PostgreSQL program (as the cluster's user).
-    fn pg(&self, program: &str, args: &[&str]) -> Result<String, String> {
+    fn pg(&self, program: &str, args: &[&str]) -> Result<String, ClusterError> {
         let exe = self.bin.join(program);
         let mut cmd = match self.run_as {
             Some(user) => {
@@ -139,22 +173,22 @@ impl ThrowawayCluster {
 
     /// Starts the (stopped) cluster again, on a new free port the first
     /// time (another port if that one was taken meanwhile).
-    pub fn start_again(&mut self) -> Result<(), String> {
+    pub fn start_again(&mut self) -> Result<(), ClusterError> {
         if self.port != 0 {
             return self.start_on_port();
         }
-        let mut last = String::new();
-        for _ in 0..3 {
+        let mut tries = 0;
+        loop {
             self.port = free_port()?;
             match self.start_on_port() {
                 Ok(()) => return Ok(()),
-                Err(e) => last = e,
+                Err(e) if tries == 2 => return Err(e),
+                Err(_) => tries += 1,
             }
         }
-        Err(last)
     }
 
-    fn start_on_port(&mut self) -> Result<(), String> {
+    fn start_on_port(&mut self) -> Result<(), ClusterError> {
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
             self.port,
@@ -171,7 +205,7 @@ impl ThrowawayCluster {
     }
 
     /// Stops the cluster (fast shutdown: sessions are ended).
-    pub fn stop(&mut self) -> Result<(), String> {
+    pub fn stop(&mut self) -> Result<(), ClusterError> {
         let data = self.data();
         self.pg("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"])?;
         self.running = false;
@@ -179,7 +213,7 @@ impl ThrowawayCluster {
     }
 
     /// Runs SQL in `database` as [`ROLE`]; returns psql's unaligned output.
-    pub fn sql(&self, database: &str, sql: &str) -> Result<String, String> {
+    pub fn sql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let psql = self.bin.join("psql");
         self.run(
             Command::new(psql)
