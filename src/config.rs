@@ -349,6 +349,9 @@ fn store_settings(
             let url = raw.url.ok_or(
                 "store: kind = \"postgres\" needs url (postgres://user@host:port/database)",
             )?;
+            if crate::store::url_has_password(&url) {
+                return Err("store.url: it holds a password or does not parse as a PostgreSQL URL; give the password in store.password_file or store.password_env".into());
+            }
             let password = match (raw.password_file, raw.password_env) {
                 (Some(_), Some(_)) => {
                     return Err("store: give password_file or password_env, not both".into())
@@ -809,6 +812,20 @@ danger_development_only = true
         assert_eq!(s.broker.region.as_str(), "eu-central");
         assert_eq!(s.data_dir, PathBuf::from("/etc/sovkms/data"));
         assert_eq!(s.broker.max_plaintext_bytes, 65536);
+    }
+
+    #[test]
+    fn a_database_password_never_sits_in_the_config_or_a_debug_print() {
+        let store = "\n[store]\nkind = \"postgres\"\nurl = \"postgres://sovkms:hunter2@db.internal/sovkms\"\nca = \"ca.pem\"\n";
+        let e = parse(&format!("{OK}{store}")).unwrap_err();
+        assert!(e.contains("password_file") && !e.contains("hunter2"), "{e}");
+        let ok = parse(&format!("{OK}{}", store.replace(":hunter2", ""))).unwrap();
+        let StoreSettings::Postgres(mut pg) = ok.store else {
+            panic!("postgres store expected")
+        };
+        assert!(format!("{pg:?}").contains("db.internal"));
+        pg.url = "postgres://sovkms:hunter2@db.internal/sovkms".into();
+        assert!(!format!("{pg:?}").contains("hunter2"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod cluster;
 mod postgres;
 mod sled_store;
 
-pub use postgres::{PgPassword, PgSettings, PgStore, PgTls, SCHEMA_VERSION};
+pub use postgres::{url_has_password, PgPassword, PgSettings, PgStore, PgTls, SCHEMA_VERSION};
 pub use sled_store::SledStore;
 
 use crate::keys::{KeyId, KeyRecord};

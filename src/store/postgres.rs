@@ -90,8 +90,9 @@ pub enum PgTls {
     Ca(PathBuf),
 }
 
-/// How to reach the region's database.
-#[derive(Clone, Debug)]
+/// How to reach the region's database. Its `Debug` never prints a URL
+/// that holds a password (such a URL is refused anyway).
+#[derive(Clone)]
 pub struct PgSettings {
     /// `postgres://user@host:port/db` (no password in it).
     pub url: String,
@@ -109,6 +110,32 @@ pub struct PgSettings {
     pub timeout: Duration,
     /// Shown in `pg_stat_activity` (the broker's id).
     pub application_name: String,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = if url_has_password(&self.url) {
+            "(a URL that holds a password: refused)"
+        } else {
+            self.url.as_str()
+        };
+        f.debug_struct("PgSettings")
+            .field("url", &url)
+            .field("password", &self.password)
+            .field("tls", &self.tls)
+            .field("pool_size", &self.pool_size)
+            .field("listen", &self.listen)
+            .field("timeout", &self.timeout)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// Whether a connection URL (or key=value string) carries a password, or
+/// cannot be read at all (then it is treated as if it did: never shown).
+pub fn url_has_password(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>()
+        .map_or(true, |c| c.get_password().is_some())
 }
 
 fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
