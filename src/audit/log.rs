@@ -64,6 +64,12 @@ pub struct LogSettings {
     pub table: Option<super::table::TableRef>,
 }
 
+/// Why records could not be written: encoding (nothing written) or I/O.
+enum WriteError {
+    Encode(AuditError),
+    Io(std::io::Error),
+}
+
 /// Where the writer's records go.
 enum Output {
     File(File),
@@ -77,15 +83,28 @@ enum Output {
 }
 
 impl Output {
-    /// Writes records (lines in `buf`, one per record).
-    fn write(&mut self, records: &[Record], buf: &[u8]) -> std::io::Result<()> {
+    /// Writes records, one JSON line each; returns the bytes written.
+    fn write(&mut self, records: &[Record]) -> Result<u64, WriteError> {
+        let encode = |e| WriteError::Encode(AuditError::Encode(Arc::new(e)));
         match self {
-            Self::File(f) => f.write_all(buf),
-            Self::Table { pending, .. } => {
-                for (r, line) in records.iter().zip(buf.split(|b| *b == b'\n')) {
-                    pending.push((r.seq, String::from_utf8_lossy(line).into_owned()));
+            Self::File(f) => {
+                let mut buf = Vec::with_capacity(records.len() * 512);
+                for r in records {
+                    serde_json::to_writer(&mut buf, r).map_err(encode)?;
+                    buf.push(b'\n');
                 }
-                Ok(())
+                f.write_all(&buf).map_err(WriteError::Io)?;
+                Ok(buf.len() as u64)
+            }
+            Self::Table { pending, .. } => {
+                // All encoded before any is queued: a failure queues none.
+                let lines = records
+                    .iter()
+                    .map(|r| Ok((r.seq, serde_json::to_string(r).map_err(encode)?)))
+                    .collect::<Result<Vec<_>, WriteError>>()?;
+                let n = lines.iter().map(|(_, l)| l.len() as u64 + 1).sum();
+                pending.extend(lines);
+                Ok(n)
             }
         }
     }
@@ -443,16 +462,13 @@ impl Writer {
     /// resets the chain to the last synced record: buffered records written
     /// since are lost, and nothing after a lost record claims it.
     fn commit(&mut self, records: &[Record], sync: bool) -> Result<(), AuditError> {
-        let mut buf = Vec::with_capacity(records.len() * 512);
-        for r in records {
-            serde_json::to_writer(&mut buf, r).map_err(|e| AuditError::Encode(Arc::new(e)))?;
-            buf.push(b'\n');
-        }
-        if let Err(e) = self.out.write(records, &buf) {
-            return self.fail(e);
-        }
-        self.written_len += buf.len() as u64;
-        self.reserve.free = self.reserve.free.saturating_sub(buf.len() as u64);
+        let written = match self.out.write(records) {
+            Ok(n) => n,
+            Err(WriteError::Encode(e)) => return Err(e),
+            Err(WriteError::Io(e)) => return self.fail(e),
+        };
+        self.written_len += written;
+        self.reserve.free = self.reserve.free.saturating_sub(written);
         if let Some(last) = records.last() {
             self.seq = last.seq;
             self.hash = last.hash.clone();
