@@ -1,4 +1,6 @@
-//! The audit log: an append-only JSON-lines file with group commit.
+//! The audit log: an append-only JSON-lines file with group commit (or,
+//! with the PostgreSQL store, the same lines in the region's database:
+//! one transaction per batch instead of one `fdatasync`).
 //!
 //! One writer thread owns the file. Callers hand it events; it assigns
 //! sequence numbers and chain hashes, writes a whole batch with one
