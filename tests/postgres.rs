@@ -266,6 +266,7 @@ fn schema_migrates_from_the_previous_version_and_refuses_a_newer_one() {
             wrapped: None,
             provenance: None,
             sealed_object: None,
+            request: None,
         },
         true,
         0,
@@ -689,7 +690,7 @@ async fn an_online_backup_restores_on_a_fresh_broker_and_is_useless_without_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_create_retried_on_another_broker_with_its_request_id_makes_one_key() {
+async fn a_create_or_rekey_retried_on_another_broker_with_its_request_id_acts_once() {
     let reg = region_over_postgres();
     let (mut a, b) = (reg.broker("a", ""), reg.broker("b", ""));
     let req = pb::CreateKeyRequest {
@@ -704,6 +705,14 @@ async fn a_create_retried_on_another_broker_with_its_request_id_makes_one_key() 
         .metadata_mut()
         .insert("x-request-id", "order-42".parse().unwrap());
     let made = op_a.keys.create(first).await.unwrap().into_inner().key_id;
+    let mut rotate = tonic::Request::new(pb::KeyRef {
+        key_id: made.clone(),
+    });
+    rotate
+        .metadata_mut()
+        .insert("x-request-id", "rotate-1".parse().unwrap());
+    let rotated = op_a.keys.re_key(rotate).await.unwrap().into_inner();
+    assert_eq!(rotated.primary_version, 2);
     kill9(&mut a);
     // The client retries the same request on the region's brokers.
     let tls = reg.env.tls(&format!("{R}/operator-admin"), R);
@@ -718,7 +727,12 @@ async fn a_create_retried_on_another_broker_with_its_request_id_makes_one_key() 
             .await
             .unwrap();
         assert_eq!(again.key_id, made);
+        // The retried rekey finds the version its first attempt added.
+        let again = regional.rekey(R, "rotate-1", &made).await.unwrap();
+        assert_eq!(again.primary_version, 2);
     }
+    let next = regional.rekey(R, "rotate-2", &made).await.unwrap();
+    assert_eq!(next.primary_version, 3);
     // Another request id is another key; one key carries the name once.
     let other = regional
         .create_key(R, "order-43", req.clone())

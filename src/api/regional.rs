@@ -279,16 +279,7 @@ impl Regional {
         req: pb::CreateKeyRequest,
     ) -> Result<pb::KeyMetadata, RegionalError> {
         let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
-        let id: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = request_id
-            .parse()
-            .ok()
-            .filter(|_| {
-                (1..=64).contains(&request_id.len())
-                    && request_id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            })
-            .ok_or_else(|| RegionalError::RequestId(request_id.to_owned()))?;
+        let id = request_id_value(request_id)?;
         self.in_region(&region, |c| {
             let mut r = tonic::Request::new(req.clone());
             r.metadata_mut()
@@ -303,6 +294,53 @@ impl Regional {
         })
         .await
     }
+
+    /// Adds a version to `key_id` at a broker of `region` under the
+    /// client's own `request_id`: tried again on the region's brokers after
+    /// `UNAVAILABLE` or a lost connection, the request adds one version,
+    /// never two; a later call with the same id answers with the key as it
+    /// is, the version that request added among its versions.
+    pub async fn rekey(
+        &self,
+        region: &str,
+        request_id: &str,
+        key_id: &str,
+    ) -> Result<pb::KeyMetadata, RegionalError> {
+        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
+        let id = request_id_value(request_id)?;
+        let req = pb::KeyRef {
+            key_id: key_id.to_owned(),
+        };
+        self.in_region(&region, |c| {
+            let mut r = tonic::Request::new(req.clone());
+            r.metadata_mut()
+                .insert(super::service::REQUEST_ID, id.clone());
+            let mut keys = c.keys.clone();
+            async move {
+                keys.re_key(r)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(RemoteError::from)
+            }
+        })
+        .await
+    }
+}
+
+/// A client's request id as metadata: 1-64 letters, digits or '-'.
+fn request_id_value(
+    request_id: &str,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, RegionalError> {
+    request_id
+        .parse()
+        .ok()
+        .filter(|_| {
+            (1..=64).contains(&request_id.len())
+                && request_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .ok_or_else(|| RegionalError::RequestId(request_id.to_owned()))
 }
 
 impl RegionalError {

@@ -31,6 +31,15 @@ use crate::broker::new_request_id;
 /// The response header. Marked sensitive only so that HPACK sends it as a
 /// literal: a value unique per response would just churn both ends'
 /// dynamic tables (it is not secret).
+/// The client's own request id (not one made up here): it makes a retried
+/// CreateKey or ReKey idempotent.
+fn client_request_id<T>(req: &Request<T>, cx: &CallCtx) -> Option<String> {
+    req.metadata()
+        .get(REQUEST_ID)
+        .is_some_and(|v| v.to_str().is_ok_and(|v| v == cx.request_id))
+        .then(|| cx.request_id.clone())
+}
+
 fn request_id_value(id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
     let mut v: tonic::metadata::MetadataValue<_> = id.parse().ok()?;
     v.set_sensitive(true);
@@ -166,15 +175,10 @@ impl pb::key_service_server::KeyService for Api {
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, Operation::CreateKey)?;
-        // The client's own request id (not one made up here) makes a
-        // retried create idempotent.
-        let client_id = req
-            .metadata()
-            .get(REQUEST_ID)
-            .is_some_and(|v| v.to_str().is_ok_and(|v| v == cx.request_id));
+        let request_id = client_request_id(&req, &cx);
         let r = req.into_inner();
         let create = crate::broker::CreateKey {
-            request_id: client_id.then(|| cx.request_id.clone()),
+            request_id,
             name: r.name,
             tenant: r.tenant,
             description: r.description,
@@ -231,7 +235,9 @@ impl pb::key_service_server::KeyService for Api {
     async fn re_key(&self, req: Request<pb::KeyRef>) -> Result<Response<pb::KeyMetadata>, Status> {
         let cx = self.ctx(&req, Operation::Rekey)?;
         let id = convert::key_id("key_id", &req.get_ref().key_id)?;
-        self.key_call(cx, move |b, cx| b.rekey(cx, &id)).await
+        let request_id = client_request_id(&req, &cx);
+        self.key_call(cx, move |b, cx| b.rekey(cx, &id, request_id.as_deref()))
+            .await
     }
 
     async fn get_attributes(

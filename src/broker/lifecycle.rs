@@ -114,6 +114,7 @@ impl Broker {
                 wrapped: Some(wrapped),
                 provenance: None,
                 sealed_object: None,
+                request: None,
             },
             material,
         ))
@@ -224,6 +225,18 @@ impl Broker {
         id: &KeyId,
         f: impl FnOnce(&mut KeyRecord) -> Result<()>,
     ) -> Result<KeyRecord> {
+        self.change_unless_done(cx, op, id, |rec, _| f(rec).map(|()| true))
+    }
+
+    /// `change`, where `f` may find the change already made (a retried
+    /// request) and answer `false`: the key is then returned as stored.
+    fn change_unless_done(
+        &self,
+        cx: &CallCtx,
+        op: Operation,
+        id: &KeyId,
+        f: impl FnOnce(&mut KeyRecord, &mut super::Note) -> Result<bool>,
+    ) -> Result<KeyRecord> {
         let caller = &cx.caller;
         self.audit_first(
             Some(cx),
@@ -234,12 +247,17 @@ impl Broker {
                 let g = self.lock()?;
                 let mut rec = self.load(id)?;
                 self.gate(cx, op, Some(On::Key(&rec)), note)?;
-                f(&mut rec)?;
+                if !f(&mut rec, note)? {
+                    return Ok((g, rec, false));
+                }
                 note.key(id, rec.primary_version);
                 rec.updated_at = self.clock.now_unix();
-                Ok((g, rec))
+                Ok((g, rec, true))
             },
-            |(g, mut rec), seq| {
+            |(g, mut rec, changed), seq| {
+                if !changed {
+                    return Ok(rec);
+                }
                 self.attach_provenance(&mut rec, &caller.spiffe_id(), seq)?;
                 self.store.update(&rec).map_err(store_err)?;
                 self.keyring.forget(id);
@@ -327,9 +345,28 @@ impl Broker {
         })
     }
 
-    /// Adds a version and makes it primary.
-    pub fn rekey(&self, cx: &CallCtx, id: &KeyId) -> Result<KeyRecord> {
-        self.change(cx, Operation::Rekey, id, |rec| {
+    /// Adds a version and makes it primary. With the client's own
+    /// `request_id`, a retry (at any broker of the region) answers with the
+    /// version its first attempt added instead of adding another.
+    pub fn rekey(&self, cx: &CallCtx, id: &KeyId, request_id: Option<&str>) -> Result<KeyRecord> {
+        let request = request_id.map(|r| {
+            crate::id::request_digest(&[
+                "sovkms/v1/rekey",
+                self.settings.region.as_str(),
+                &cx.caller.spiffe_id(),
+                r,
+            ])
+        });
+        self.change_unless_done(cx, Operation::Rekey, id, |rec, note| {
+            if let Some(done) = rec
+                .versions
+                .iter()
+                .find(|v| request.is_some() && v.request == request)
+            {
+                note.key(id, done.version);
+                note.via = "retried request: the version its first attempt added".into();
+                return Ok(false);
+            }
             if rec.state != KeyState::Active {
                 return Err(Precondition::NotRekeyable {
                     key: rec.id.clone(),
@@ -342,9 +379,12 @@ impl Broker {
             }
             let next = u32::try_from(rec.versions.len() + 1)
                 .map_err(|_| Error::from(Limit::Versions(rec.id.clone())))?;
-            rec.versions.push(self.new_version(next)?);
+            rec.versions.push(VersionRecord {
+                request,
+                ..self.new_version(next)?
+            });
             rec.primary_version = next;
-            Ok(())
+            Ok(true)
         })
     }
 

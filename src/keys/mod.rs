@@ -47,6 +47,12 @@ pub struct VersionRecord {
     /// as safe as the material itself; `None` once destroyed.
     #[serde(default, with = "opt_hex", skip_serializing_if = "Option::is_none")]
     pub sealed_object: Option<Vec<u8>>,
+    /// The ReKey request that made this version, when its client named
+    /// one (`id::request_digest` of region, caller and request id): a
+    /// retry of that request, at any broker, finds it instead of adding
+    /// another version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 mod opt_hex {
