@@ -28,9 +28,6 @@ fn now_unix() -> i64 {
 
 use crate::broker::new_request_id;
 
-/// The response header. Marked sensitive only so that HPACK sends it as a
-/// literal: a value unique per response would just churn both ends'
-/// dynamic tables (it is not secret).
 /// The client's own request id (not one made up here): it makes a retried
 /// CreateKey or ReKey idempotent.
 fn client_request_id<T>(req: &Request<T>, cx: &CallCtx) -> Option<String> {
@@ -40,6 +37,9 @@ fn client_request_id<T>(req: &Request<T>, cx: &CallCtx) -> Option<String> {
         .then(|| cx.request_id.clone())
 }
 
+/// The response header. Marked sensitive only so that HPACK sends it as a
+/// literal: a value unique per response would just churn both ends'
+/// dynamic tables (it is not secret).
 fn request_id_value(id: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
     let mut v: tonic::metadata::MetadataValue<_> = id.parse().ok()?;
     v.set_sensitive(true);
