@@ -605,6 +605,120 @@ async fn a_stopped_database_fails_closed_and_service_resumes_without_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
+    let reg = region_over_postgres();
+    let mut a = reg.broker("a", "");
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "cut", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = reg.client("service-app", &a).await;
+    let cx = ctx(&[]);
+    let ct = encrypt(&mut svc, &key, b"kept", &cx)
+        .await
+        .unwrap()
+        .ciphertext;
+    for round in 0..3 {
+        assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
+        // A failover, a pooler or an administrator ends every session of
+        // the broker (its audit connection among them).
+        let cut = reg
+            .db
+            .sql(
+                sovkms::store::cluster::ROLE,
+                &format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'sovkms {R}-a'"
+                ),
+            )
+            .unwrap();
+        assert!(
+            cut.trim().parse::<u32>().unwrap() >= 1,
+            "round {round}: {cut}"
+        );
+        // The next decrypt is served: its record goes in on a new session.
+        assert_eq!(
+            decrypt(&mut svc, &ct, &cx).await.unwrap(),
+            b"kept",
+            "round {round}"
+        );
+    }
+    let pubkey = reg.env.dir.path().join("signing.pem");
+    std::fs::write(
+        &pubkey,
+        op.broker
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .signing_public_key_pem,
+    )
+    .unwrap();
+    stop(&mut a);
+    // Every record once, in one unbroken chain.
+    let cfg = reg.env.dir.path().join(format!("{R}-a.toml"));
+    let ok = run_sovkms(
+        &[
+            "audit",
+            "verify",
+            "--database",
+            cfg.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+            "--require-checkpoint",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let decrypts = reg
+        .db
+        .sql(
+            sovkms::store::cluster::ROLE,
+            "SELECT count(*) FROM sovkms_audit WHERE line LIKE '%\"operation\":\"decrypt\"%'",
+        )
+        .unwrap();
+    assert_eq!(decrypts.trim(), "6", "{decrypts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_the_same_number_from_another_writer_is_not_taken_for_ours() {
+    let reg = region_over_postgres();
+    let mut a = reg.broker("a", "");
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "contested", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = reg.client("service-app", &a).await;
+    let cx = ctx(&[]);
+    let ct = encrypt(&mut svc, &key, b"kept", &cx)
+        .await
+        .unwrap()
+        .ciphertext;
+    assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
+    // Another process under this broker's id (or an intruder) takes the
+    // chain's next number first, with a well-formed record of its own.
+    let id = format!("{R}-a");
+    let taken = reg
+        .db
+        .sql(
+            sovkms::store::cluster::ROLE,
+            &format!(
+                "INSERT INTO sovkms_audit SELECT broker_id, seq + 1, replace(line, '{{\"seq\":' || seq || ',', '{{\"seq\":' || (seq + 1) || ',') \
+                 FROM sovkms_audit WHERE broker_id = '{id}' AND seq = (SELECT max(seq) FROM sovkms_audit WHERE broker_id = '{id}') RETURNING seq"
+            ),
+        )
+        .unwrap();
+    assert!(taken.trim().parse::<u64>().is_ok(), "{taken}");
+    // The broker's next record cannot go in as that number: nothing is
+    // released on the strength of somebody else's record.
+    let r = decrypt(&mut svc, &ct, &cx).await;
+    assert_eq!(code(&r), Code::Unavailable, "{r:?}");
+    stop(&mut a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_online_backup_restores_on_a_fresh_broker_and_is_useless_without_the_root() {
     let reg = region_over_postgres();
     let a = reg.broker("a", "");

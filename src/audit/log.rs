@@ -119,21 +119,19 @@ impl Output {
                 broker_id,
                 pending,
             } => {
-                let Some(&(last, _)) = pending.last() else {
+                let Some((_, last)) = pending.last() else {
                     return Ok(());
                 };
+                let last = last.clone();
                 match table.append(broker_id, std::mem::take(pending)) {
                     Ok(()) => Ok(()),
                     // A commit whose answer was lost may have landed: the
-                    // table's head says (else the next batch would repeat
-                    // its sequence numbers).
+                    // table's head says, if it is this batch's last record
+                    // to the byte (else the next batch would repeat its
+                    // sequence numbers; a record of the same number from
+                    // another process is not ours).
                     Err(e) => match table.last(broker_id) {
-                        Ok(Some(line))
-                            if serde_json::from_str::<Record>(&line)
-                                .is_ok_and(|r| r.seq == last) =>
-                        {
-                            Ok(())
-                        }
+                        Ok(Some(line)) if line == last => Ok(()),
                         _ => Err(e),
                     },
                 }
