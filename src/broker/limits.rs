@@ -120,10 +120,14 @@ impl Limiter {
             if m.len() >= MAX_TRACKED {
                 m.clear();
             }
-            let b = m.entry(caller.region.clone()).or_insert(Bucket {
-                tokens: f64::from(s.per_region),
-                last: now,
-            });
+            // Looked up before inserting: no key is cloned per request.
+            let b = match m.get_mut(&caller.region) {
+                Some(b) => b,
+                None => m.entry(caller.region.clone()).or_insert(Bucket {
+                    tokens: f64::from(s.per_region),
+                    last: now,
+                }),
+            };
             if !b.take(s.per_region, now) {
                 return Err(Exceeded::Region(s.per_region));
             }

@@ -354,7 +354,11 @@ pub(crate) struct Note {
 
 impl Note {
     fn key(&mut self, id: &KeyId, version: u32) {
-        self.key_id = id.to_string();
+        // Set twice by most requests (named, then found): one allocation.
+        if self.key_id != id.as_str() {
+            self.key_id.clear();
+            self.key_id.push_str(id.as_str());
+        }
         self.key_version = version;
     }
 }

@@ -54,9 +54,16 @@ impl EncryptionContext {
         if self.0.is_empty() {
             return String::new();
         }
-        let mut b = Vec::new();
-        self.encode_into(&mut b);
-        crate::hex_lower(ring::digest::digest(&ring::digest::SHA256, &b).as_ref())
+        // Hashed as encoded, piece by piece: no buffer per request.
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        h.update(&(self.0.len() as u32).to_be_bytes());
+        for (k, v) in &self.0 {
+            h.update(&(k.len() as u32).to_be_bytes());
+            h.update(k.as_bytes());
+            h.update(&(v.len() as u32).to_be_bytes());
+            h.update(v.as_bytes());
+        }
+        crate::hex_lower(h.finish().as_ref())
     }
 
     /// Canonical encoding: u32 count, then per pair (sorted by key bytes)
@@ -70,5 +77,25 @@ impl EncryptionContext {
             out.extend_from_slice(&(v.len() as u32).to_be_bytes());
             out.extend_from_slice(v.as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audited_digest_is_sha256_of_the_canonical_encoding() {
+        let c = EncryptionContext::new([
+            ("tenant".to_string(), "acme".to_string()),
+            ("a".to_string(), "".to_string()),
+            ("ünï".to_string(), "çødé".to_string()),
+        ])
+        .unwrap();
+        let mut b = Vec::new();
+        c.encode_into(&mut b);
+        let want = hex::encode(ring::digest::digest(&ring::digest::SHA256, &b));
+        assert_eq!(c.digest_hex(), want);
+        assert_eq!(EncryptionContext::new([]).unwrap().digest_hex(), "");
     }
 }
