@@ -45,6 +45,24 @@ impl Region {
     }
 }
 
+/// A key granted to `service-app` (named `name`) at `p`, the operator's and
+/// the service's clients there, and a ciphertext of "kept" under no context.
+async fn kept_at(
+    reg: &Region,
+    p: &Proc,
+    name: &str,
+) -> (sovkms::client::Client, sovkms::client::Client, Vec<u8>) {
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", p).await;
+    let key = create_key_as(&mut op, name, vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = reg.client("service-app", p).await;
+    let ct = encrypt(&mut svc, &key, b"kept", &ctx(&[]))
+        .await
+        .unwrap()
+        .ciphertext;
+    (op, svc, ct)
+}
+
 async fn rekey(op: &mut sovkms::client::Client, id: &str) -> Result<u32, tonic::Status> {
     op.keys
         .re_key(pb::KeyRef { key_id: id.into() })
@@ -608,15 +626,8 @@ async fn a_stopped_database_fails_closed_and_service_resumes_without_restart() {
 async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
     let reg = region_over_postgres();
     let mut a = reg.broker("a", "");
-    let app = spiffe(R, "service", "app");
-    let mut op = reg.client("operator-admin", &a).await;
-    let key = create_key_as(&mut op, "cut", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = reg.client("service-app", &a).await;
+    let (mut op, mut svc, ct) = kept_at(&reg, &a, "cut").await;
     let cx = ctx(&[]);
-    let ct = encrypt(&mut svc, &key, b"kept", &cx)
-        .await
-        .unwrap()
-        .ciphertext;
     for round in 0..3 {
         assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
         // A failover, a pooler or an administrator ends every session of
@@ -687,15 +698,8 @@ async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
 async fn a_record_of_the_same_number_from_another_writer_is_not_taken_for_ours() {
     let reg = region_over_postgres();
     let mut a = reg.broker("a", "");
-    let app = spiffe(R, "service", "app");
-    let mut op = reg.client("operator-admin", &a).await;
-    let key = create_key_as(&mut op, "contested", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = reg.client("service-app", &a).await;
+    let (_op, mut svc, ct) = kept_at(&reg, &a, "contested").await;
     let cx = ctx(&[]);
-    let ct = encrypt(&mut svc, &key, b"kept", &cx)
-        .await
-        .unwrap()
-        .ciphertext;
     assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
     // Another process under this broker's id (or an intruder) takes the
     // chain's next number first, with a well-formed record of its own.

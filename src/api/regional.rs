@@ -278,19 +278,8 @@ impl Regional {
         request_id: &str,
         req: pb::CreateKeyRequest,
     ) -> Result<pb::KeyMetadata, RegionalError> {
-        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
-        let id = request_id_value(request_id)?;
-        self.in_region(&region, |c| {
-            let mut r = tonic::Request::new(req.clone());
-            r.metadata_mut()
-                .insert(super::service::REQUEST_ID, id.clone());
-            let mut keys = c.keys.clone();
-            async move {
-                keys.create(r)
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(RemoteError::from)
-            }
+        self.keys_with_id(region, request_id, req, |mut k, r| async move {
+            k.create(r).await
         })
         .await
     }
@@ -306,19 +295,41 @@ impl Regional {
         request_id: &str,
         key_id: &str,
     ) -> Result<pb::KeyMetadata, RegionalError> {
-        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
-        let id = request_id_value(request_id)?;
         let req = pb::KeyRef {
             key_id: key_id.to_owned(),
         };
+        self.keys_with_id(region, request_id, req, |mut k, r| async move {
+            k.re_key(r).await
+        })
+        .await
+    }
+
+    /// A KeyService call carrying the client's own request id, tried on
+    /// the brokers of `region` only.
+    async fn keys_with_id<Req, F, Fut>(
+        &self,
+        region: &str,
+        request_id: &str,
+        req: Req,
+        call: F,
+    ) -> Result<pb::KeyMetadata, RegionalError>
+    where
+        Req: Clone,
+        F: Fn(
+            pb::key_service_client::KeyServiceClient<tonic::transport::Channel>,
+            tonic::Request<Req>,
+        ) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<pb::KeyMetadata>, tonic::Status>>,
+    {
+        let region = Region::parse(region).map_err(|x| RegionalError::Region(x.to_string()))?;
+        let id = request_id_value(request_id)?;
         self.in_region(&region, |c| {
             let mut r = tonic::Request::new(req.clone());
             r.metadata_mut()
                 .insert(super::service::REQUEST_ID, id.clone());
-            let mut keys = c.keys.clone();
+            let fut = call(c.keys.clone(), r);
             async move {
-                keys.re_key(r)
-                    .await
+                fut.await
                     .map(tonic::Response::into_inner)
                     .map_err(RemoteError::from)
             }
