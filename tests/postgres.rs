@@ -63,6 +63,31 @@ async fn kept_at(
     (op, svc, ct)
 }
 
+/// The broker's signing public key, saved in the test's directory.
+async fn save_signing_key(reg: &Region, op: &mut sovkms::client::Client) -> std::path::PathBuf {
+    let pubkey = reg.env.dir.path().join("signing.pem");
+    std::fs::write(
+        &pubkey,
+        op.broker
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .signing_public_key_pem,
+    )
+    .unwrap();
+    pubkey
+}
+
+/// `sovkms audit verify --database` (broker a's config) with `pubkey`.
+fn verify_chains(reg: &Region, pubkey: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let cfg = reg.env.dir.path().join(format!("{R}-a.toml"));
+    let mut args = vec!["audit", "verify", "--database", cfg.to_str().unwrap()];
+    args.extend(["--pubkey", pubkey.to_str().unwrap()]);
+    args.extend(extra);
+    run_sovkms(&args, &[])
+}
+
 async fn rekey(op: &mut sovkms::client::Client, id: &str) -> Result<u32, tonic::Status> {
     op.keys
         .re_key(pb::KeyRef { key_id: id.into() })
@@ -472,28 +497,13 @@ async fn every_brokers_chain_verifies_from_the_database_and_an_edit_is_named() {
             decrypt(&mut svc, &ct, &ctx(&[])).await.unwrap();
         }
     }
-    let pubkey = reg.env.dir.path().join("signing.pem");
-    std::fs::write(
-        &pubkey,
-        op.broker
-            .get_info(pb::GetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .signing_public_key_pem,
-    )
-    .unwrap();
+    let pubkey = save_signing_key(&reg, &mut op).await;
     // Stopped brokers end their chains with a signed checkpoint.
     for mut p in [a, b] {
         stop(&mut p);
     }
     let cfg = reg.env.dir.path().join(format!("{R}-a.toml"));
-    let verify = |extra: &[&str]| {
-        let mut args = vec!["audit", "verify", "--database", cfg.to_str().unwrap()];
-        args.extend(["--pubkey", pubkey.to_str().unwrap()]);
-        args.extend(extra);
-        run_sovkms(&args, &[])
-    };
+    let verify = |extra: &[&str]| verify_chains(&reg, &pubkey, extra);
     let ok = verify(&["--require-checkpoint"]);
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(
@@ -652,32 +662,10 @@ async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
             "round {round}"
         );
     }
-    let pubkey = reg.env.dir.path().join("signing.pem");
-    std::fs::write(
-        &pubkey,
-        op.broker
-            .get_info(pb::GetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .signing_public_key_pem,
-    )
-    .unwrap();
+    let pubkey = save_signing_key(&reg, &mut op).await;
     stop(&mut a);
     // Every record once, in one unbroken chain.
-    let cfg = reg.env.dir.path().join(format!("{R}-a.toml"));
-    let ok = run_sovkms(
-        &[
-            "audit",
-            "verify",
-            "--database",
-            cfg.to_str().unwrap(),
-            "--pubkey",
-            pubkey.to_str().unwrap(),
-            "--require-checkpoint",
-        ],
-        &[],
-    );
+    let ok = verify_chains(&reg, &pubkey, &["--require-checkpoint"]);
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(
         ok.status.success(),
