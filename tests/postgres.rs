@@ -711,6 +711,59 @@ async fn a_record_of_the_same_number_from_another_writer_is_not_taken_for_ours()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_record_rolled_back_behind_the_brokers_is_refused() {
+    let reg = region_over_postgres();
+    let (a, b) = (reg.broker("a", ""), reg.broker("b", ""));
+    let app = spiffe(R, "service", "app");
+    let mut op = reg.client("operator-admin", &a).await;
+    let key = create_key_as(&mut op, "rolled", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc_b = reg.client("service-app", &b).await;
+    let cx = ctx(&[]);
+    let ct = encrypt(&mut svc_b, &key, b"kept", &cx)
+        .await
+        .unwrap()
+        .ciphertext;
+    assert_eq!(decrypt(&mut svc_b, &ct, &cx).await.unwrap(), b"kept");
+    // A database administrator keeps a copy of the key's row ...
+    let sql = |q: &str| reg.db.sql(sovkms::store::cluster::ROLE, q).unwrap();
+    sql(&format!(
+        "CREATE TABLE kept_row AS SELECT * FROM sovkms_keys WHERE id = '{key}'"
+    ));
+    // ... the key is found compromised and revoked ...
+    op.keys
+        .revoke(pb::RevokeRequest {
+            key_id: key.clone(),
+            reason: pb::RevocationReason::KeyCompromise as i32,
+            message: String::new(),
+        })
+        .await
+        .unwrap();
+    let refused = Instant::now();
+    loop {
+        match decrypt(&mut svc_b, &ct, &cx).await {
+            Err(s) if s.code() == Code::FailedPrecondition => break,
+            r => assert!(refused.elapsed() < Duration::from_secs(5), "{r:?}"),
+        }
+    }
+    // ... and the administrator puts the old row back (its code is valid:
+    // the brokers wrote it), telling the brokers to read it again.
+    sql(&format!(
+        "UPDATE sovkms_keys k SET revision = s.revision, body = s.body FROM kept_row s WHERE k.id = s.id; NOTIFY sovkms_changes, 'k:{key}'"
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both brokers have read the later revision: the old one is refused,
+    // nothing is released.
+    for p in [&a, &b] {
+        let mut svc = reg.client("service-app", p).await;
+        let r = decrypt(&mut svc, &ct, &cx).await;
+        assert_eq!(code(&r), Code::Internal, "{r:?}");
+    }
+    let (mut a, mut b) = (a, b);
+    stop(&mut a);
+    stop(&mut b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_online_backup_restores_on_a_fresh_broker_and_is_useless_without_the_root() {
     let reg = region_over_postgres();
     let a = reg.broker("a", "");

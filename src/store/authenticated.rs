@@ -4,8 +4,10 @@
 //! the root, and unwrapped by each broker at start. Every read checks it,
 //! so whoever can write the data directory or the database (but not use
 //! the root) cannot grant a key, change its state or swap records unseen:
-//! such a record is refused as tampered. A record rolled back to an older
-//! authenticated revision is not detected here (see SECURITY.md G22).
+//! such a record is refused as tampered. A record read back at an older
+//! authenticated revision than this process has already read (the revision
+//! is under the code) is refused as rolled back; one rolled back before
+//! this process first read it is not detected here (SECURITY.md G22).
 
 use super::{ChangeHandler, Item, LifecycleLock, Store, StoreError};
 use crate::keys::{KeyId, KeyRecord};
@@ -128,6 +130,60 @@ impl RecordKey {
 pub struct Authenticated {
     inner: Arc<dyn Store>,
     key: RecordKey,
+    seen: Seen,
+}
+
+/// Keys whose revisions are remembered, at most (~32 bytes each); past it
+/// the memory starts again (detection resumes as keys are read again).
+const MAX_SEEN: usize = 1 << 20;
+
+/// The highest revision of each key this process has read or written,
+/// by a 128-bit digest of the key's id.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<std::collections::HashMap<u128, u64>>);
+
+impl Seen {
+    fn slot(id: &KeyId) -> u128 {
+        let d = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d.as_ref()[..16]);
+        u128::from_be_bytes(b)
+    }
+
+    /// Refuses `rec` if it is older than a revision already seen, and
+    /// remembers it otherwise.
+    fn read(&self, rec: &KeyRecord) -> Result<(), StoreError> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = Self::slot(&rec.id);
+        match m.get_mut(&slot) {
+            Some(seen) if rec.revision < *seen => Err(StoreError::RolledBack {
+                id: rec.id.to_string(),
+                found: rec.revision,
+                seen: *seen,
+            }),
+            Some(seen) => {
+                *seen = rec.revision;
+                Ok(())
+            }
+            None => {
+                if m.len() >= MAX_SEEN {
+                    m.clear();
+                }
+                m.insert(slot, rec.revision);
+                Ok(())
+            }
+        }
+    }
+
+    /// Remembers a revision this process wrote.
+    fn wrote(&self, rec: &KeyRecord) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_SEEN {
+            m.clear();
+        }
+        let seen = m.entry(Self::slot(&rec.id)).or_insert(rec.revision);
+        *seen = (*seen).max(rec.revision);
+    }
 }
 
 impl Authenticated {
@@ -150,6 +206,7 @@ impl Authenticated {
         let store = Self {
             key: RecordKey::unwrap(&stored, root)?,
             inner,
+            seen: Seen::default(),
         };
         if store.inner.meta(ALL_AUTHENTICATED)?.is_none() {
             store.authenticate_existing()?;
@@ -215,16 +272,21 @@ impl Store for Authenticated {
         let r = self.inner.get(id)?;
         if let Some(r) = &r {
             self.key.check_key(r)?;
+            self.seen.read(r)?;
         }
         Ok(r)
     }
 
     fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.insert(&self.signed(rec)?)
+        self.inner.insert(&self.signed(rec)?)?;
+        self.seen.wrote(rec);
+        Ok(())
     }
 
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError> {
-        self.inner.update(&self.signed_update(rec)?)
+        self.inner.update(&self.signed_update(rec)?)?;
+        self.seen.wrote(&super::next_revision(rec));
+        Ok(())
     }
 
     fn write_batch(
@@ -243,7 +305,14 @@ impl Store for Authenticated {
         self.inner.write_batch(
             &ins.iter().collect::<Vec<_>>(),
             &upd.iter().collect::<Vec<_>>(),
-        )
+        )?;
+        for r in inserts {
+            self.seen.wrote(r);
+        }
+        for r in updates {
+            self.seen.wrote(&super::next_revision(r));
+        }
+        Ok(())
     }
 
     fn scan(
@@ -255,6 +324,7 @@ impl Store for Authenticated {
         let (page, more) = self.inner.scan(after, limit, filter)?;
         for r in &page {
             self.key.check_key(r)?;
+            self.seen.read(r)?;
         }
         Ok((page, more))
     }
@@ -313,6 +383,39 @@ mod tests {
 
     fn root(dir: &std::path::Path) -> crate::root::software::SoftwareRoot {
         crate::root::software::SoftwareRoot::open_or_create(&dir.join("root")).unwrap()
+    }
+
+    #[test]
+    fn revisions_read_back_only_go_forward() {
+        let seen = Seen::default();
+        let mut r = KeyRecord::example("k-a", "eu-central", KeyState::Active);
+        r.revision = 3;
+        seen.read(&r).unwrap();
+        seen.read(&r).unwrap();
+        r.revision = 2;
+        let e = seen.read(&r).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::RolledBack {
+                    found: 2,
+                    seen: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("k-a"), "{e}");
+        // What this process wrote counts as seen.
+        r.revision = 5;
+        seen.wrote(&r);
+        r.revision = 4;
+        assert!(seen.read(&r).is_err());
+        r.revision = 6;
+        seen.read(&r).unwrap();
+        // Each key is its own.
+        seen.read(&KeyRecord::example("k-b", "eu-central", KeyState::Active))
+            .unwrap();
     }
 
     #[test]

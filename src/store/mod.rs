@@ -51,6 +51,17 @@ pub enum StoreError {
     /// changed behind the broker's back.
     #[error("stored {0} does not match its authentication code: it was changed outside sovkms (in the database or the data directory); restore it from a backup")]
     Tampered(String),
+    /// A key record read back at a revision older than one this process
+    /// has already seen: restored from an old copy, or a commit lost.
+    #[error("stored key {id} is at revision {found}, older than revision {seen} this broker has already read: it was rolled back (restored from an old copy, or a database failover lost a commit); the key is refused until its latest change is made again or the broker restarts")]
+    RolledBack {
+        /// The key.
+        id: String,
+        /// The revision read now.
+        found: u64,
+        /// The highest revision read before.
+        seen: u64,
+    },
     /// A stored record cannot be decoded (or encoded).
     #[error("stored record {id} is corrupt: {source}")]
     Corrupt {
