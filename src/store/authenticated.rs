@@ -175,14 +175,21 @@ impl Seen {
         }
     }
 
-    /// Remembers a revision this process wrote.
-    fn wrote(&self, rec: &KeyRecord) {
+    /// Remembers what this process wrote: `inserts` at their revision,
+    /// `updates` at the next one (the revision the store keeps).
+    fn wrote(&self, inserts: &[&KeyRecord], updates: &[&KeyRecord]) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= MAX_SEEN {
-            m.clear();
+        let written = inserts
+            .iter()
+            .map(|r| (r, r.revision))
+            .chain(updates.iter().map(|r| (r, r.revision.wrapping_add(1))));
+        for (r, revision) in written {
+            if m.len() >= MAX_SEEN {
+                m.clear();
+            }
+            let seen = m.entry(Self::slot(&r.id)).or_insert(revision);
+            *seen = (*seen).max(revision);
         }
-        let seen = m.entry(Self::slot(&rec.id)).or_insert(rec.revision);
-        *seen = (*seen).max(rec.revision);
     }
 }
 
@@ -279,13 +286,13 @@ impl Store for Authenticated {
 
     fn insert(&self, rec: &KeyRecord) -> Result<(), StoreError> {
         self.inner.insert(&self.signed(rec)?)?;
-        self.seen.wrote(rec);
+        self.seen.wrote(&[rec], &[]);
         Ok(())
     }
 
     fn update(&self, rec: &KeyRecord) -> Result<(), StoreError> {
         self.inner.update(&self.signed_update(rec)?)?;
-        self.seen.wrote(&super::next_revision(rec));
+        self.seen.wrote(&[], &[rec]);
         Ok(())
     }
 
@@ -306,12 +313,7 @@ impl Store for Authenticated {
             &ins.iter().collect::<Vec<_>>(),
             &upd.iter().collect::<Vec<_>>(),
         )?;
-        for r in inserts {
-            self.seen.wrote(r);
-        }
-        for r in updates {
-            self.seen.wrote(&super::next_revision(r));
-        }
+        self.seen.wrote(inserts, updates);
         Ok(())
     }
 
@@ -407,9 +409,8 @@ mod tests {
         );
         assert!(e.to_string().contains("k-a"), "{e}");
         // What this process wrote counts as seen.
-        r.revision = 5;
-        seen.wrote(&r);
         r.revision = 4;
+        seen.wrote(&[], &[&r]);
         assert!(seen.read(&r).is_err());
         r.revision = 6;
         seen.read(&r).unwrap();
