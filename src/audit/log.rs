@@ -86,16 +86,17 @@ enum Output {
 
 impl Output {
     /// Writes records, one JSON line each; returns the bytes written.
-    fn write(&mut self, records: &[Record]) -> Result<u64, WriteError> {
+    /// `buf` is scratch space, kept by the caller between batches.
+    fn write(&mut self, records: &[Record], buf: &mut Vec<u8>) -> Result<u64, WriteError> {
         let encode = |e| WriteError::Encode(AuditError::Encode(Arc::new(e)));
         match self {
             Self::File(f) => {
-                let mut buf = Vec::with_capacity(records.len() * 512);
+                buf.clear();
                 for r in records {
-                    serde_json::to_writer(&mut buf, r).map_err(encode)?;
+                    serde_json::to_writer(&mut *buf, r).map_err(encode)?;
                     buf.push(b'\n');
                 }
-                f.write_all(&buf).map_err(WriteError::Io)?;
+                f.write_all(buf).map_err(WriteError::Io)?;
                 Ok(buf.len() as u64)
             }
             Self::Table { pending, .. } => {
@@ -154,12 +155,15 @@ impl Output {
 /// Where the writer reports a durable record's sequence number.
 type Waiter = tokio::sync::oneshot::Sender<Result<u64, AuditError>>;
 
+/// A queued event and who waits for it, if anybody.
+type Queued = (Event, Option<Waiter>);
+
 /// Events waiting for the writer. Buffered events do not wake it (it
 /// collects them for up to `BUFFER_DELAY`); an event somebody waits for,
 /// a full batch, or a stop does.
 #[derive(Default)]
 struct Queue {
-    events: Vec<(Box<Event>, Option<Waiter>)>,
+    events: Vec<Queued>,
     waiters: usize,
     first_at: Option<Instant>,
     shutdown: bool,
@@ -414,6 +418,11 @@ struct Writer {
     reserve: Reserve,
     metrics: crate::metrics::AuditMetrics,
     last_durable_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Kept from batch to batch (see `write_batch`).
+    spare: Vec<Queued>,
+    records: Vec<Record>,
+    waiters: Vec<Option<Waiter>>,
+    lines: Vec<u8>,
 }
 
 impl Writer {
@@ -462,7 +471,7 @@ impl Writer {
     /// resets the chain to the last synced record: buffered records written
     /// since are lost, and nothing after a lost record claims it.
     fn commit(&mut self, records: &[Record], sync: bool) -> Result<(), AuditError> {
-        let written = match self.out.write(records) {
+        let written = match self.out.write(records, &mut self.lines) {
             Ok(n) => n,
             Err(WriteError::Encode(e)) => return Err(e),
             Err(WriteError::Io(e)) => return self.fail(e),
@@ -554,10 +563,7 @@ impl Writer {
     /// Drops buffered events when the disk is below the reserve, and adds
     /// one record counting those not written once a batch has a record
     /// somebody waits for or space has returned.
-    fn shed(
-        &mut self,
-        mut batch: Vec<(Box<Event>, Option<Waiter>)>,
-    ) -> Vec<(Box<Event>, Option<Waiter>)> {
+    fn shed(&mut self, batch: &mut Vec<Queued>) {
         if self.below_reserve() {
             let before = batch.len();
             batch.retain(|(_, w)| w.is_some());
@@ -565,30 +571,33 @@ impl Writer {
             self.reserve.shed += shed;
             self.metrics.unwritten.inc_by(shed);
             if batch.is_empty() {
-                return batch;
+                return;
             }
         }
         let r = &mut self.reserve;
         if r.shed + r.full > 0 {
-            batch.push((Box::new(unwritten_event(r.full, r.shed)), None));
+            batch.push((unwritten_event(r.full, r.shed), None));
             (r.full, r.shed) = (0, 0);
         }
-        batch
     }
 
-    fn write_batch(&mut self, batch: Vec<(Box<Event>, Option<Waiter>)>) {
-        let batch = self.shed(batch);
+    /// Writes (and, when somebody waits, syncs) a batch; leaves `batch`
+    /// empty. The vectors and the line buffer are kept from batch to batch:
+    /// allocating them anew cost the writer a fresh, kernel-zeroed mapping
+    /// per batch under load.
+    fn write_batch(&mut self, batch: &mut Vec<Queued>) {
+        self.shed(batch);
         if batch.is_empty() {
             return;
         }
         self.metrics.batch_records.observe(batch.len() as f64);
         let t = now_ms();
-        let mut records = Vec::with_capacity(batch.len());
-        let mut waiters = Vec::with_capacity(batch.len());
+        let mut records = std::mem::take(&mut self.records);
+        let mut waiters = std::mem::take(&mut self.waiters);
         let (mut seq, mut prev) = (self.seq, self.hash.clone());
-        for (e, w) in batch {
+        for (e, w) in batch.drain(..) {
             seq += 1;
-            let r = self.build(seq, prev, *e, t);
+            let r = self.build(seq, prev, e, t);
             prev = r.hash.clone();
             records.push(r);
             waiters.push(w);
@@ -599,7 +608,7 @@ impl Writer {
             self.last_durable_ms
                 .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         }
-        for (waiter, r) in waiters.into_iter().zip(&records) {
+        for (waiter, r) in waiters.drain(..).zip(&records) {
             if let Some(w) = waiter {
                 let _ = w.send(res.clone().map(|_| r.seq));
             }
@@ -607,6 +616,9 @@ impl Writer {
         if res.is_ok() {
             self.since_checkpoint += records.len() as u64;
         }
+        records.clear();
+        self.records = records;
+        self.waiters = waiters;
     }
 
     fn checkpoint_due(&self) -> bool {
@@ -762,11 +774,17 @@ impl Writer {
                 q.first_at = None;
                 self.reserve.full += std::mem::take(&mut q.dropped);
                 shared.metrics.queue_depth.set(0);
-                (std::mem::take(&mut q.events), q.shutdown)
+                // The emptied vector of the last batch takes the queue's
+                // place: pushes do not grow a fresh one.
+                let spare = std::mem::take(&mut self.spare);
+                (std::mem::replace(&mut q.events, spare), q.shutdown)
             };
+            let mut batch = batch;
             if !batch.is_empty() || self.reserve.full + self.reserve.shed > 0 {
-                self.write_batch(batch);
+                self.write_batch(&mut batch);
             }
+            batch.clear();
+            self.spare = batch;
             self.sync_if_due();
             let unsigned = shared.unsigned.load(std::sync::atomic::Ordering::SeqCst);
             if self.checkpoint_due() || unsigned || (shutdown && self.since_checkpoint > 0) {
@@ -882,6 +900,10 @@ impl AuditLog {
                 full: 0,
                 shedding: false,
             },
+            spare: Vec::new(),
+            records: Vec::new(),
+            waiters: Vec::new(),
+            lines: Vec::new(),
         };
         let metrics = crate::metrics::AuditMetrics::default();
         writer.metrics = metrics.clone();
@@ -937,7 +959,7 @@ impl AuditLog {
         if q.first_at.is_none() {
             q.first_at = Some(Instant::now());
         }
-        q.events.push((Box::new(event), waiter));
+        q.events.push((event, waiter));
         let depth = q.events.len();
         drop(q);
         self.shared.metrics.queue_depth.set(depth as i64);
