@@ -19,7 +19,7 @@ fn verify_file(
     require_checkpoint: bool,
 ) -> Result<audit::VerifyReport, audit::VerifyFailure> {
     audit::verify(
-        BufReader::new(std::fs::File::open(path).unwrap()),
+        BufReader::new(audit::segments::open(path).unwrap()),
         pk,
         require_checkpoint,
     )
@@ -502,6 +502,12 @@ async fn every_acknowledged_decrypt_survives_kill_9() {
         missing.len(),
         &missing[..missing.len().min(3)]
     );
+    // The killed writer left the room it makes ahead of its records
+    // (zeros after the last record); readers stop there.
+    let bytes = std::fs::read(&log).unwrap();
+    let end = bytes.iter().position(|b| *b == 0).expect("room ahead");
+    assert!(bytes[end..].iter().all(|b| *b == 0));
+    assert_eq!(bytes[end - 1], b'\n');
     verify_file(&log, &pk, false).expect("chain after kill -9");
 
     // Restart: the log continues the same chain; a clean stop signs it.
@@ -511,6 +517,9 @@ async fn every_acknowledged_decrypt_survives_kill_9() {
     stop(&mut p);
     let rep = verify_file(&log, &pk, true).expect("chain after restart");
     assert!(rep.records as usize > acked.len());
+    // A clean stop leaves the file ending with its last record.
+    let bytes = std::fs::read(&log).unwrap();
+    assert!(!bytes.contains(&0) && bytes.ends_with(b"\n"));
 }
 
 /// Unmounts a tmpfs when dropped.

@@ -123,7 +123,7 @@ async fn a_decrypt_is_answered_only_after_its_record_is_synced() {
     let trace = env.dir.path().join("broker.strace");
     let mut cmd = std::process::Command::new("strace");
     cmd.args(["-f", "-qq", "-y", "-s", "4096", "-e"])
-        .arg("trace=write,writev,sendto,sendmsg,fdatasync,fsync")
+        .arg("trace=write,pwrite64,writev,sendto,sendmsg,fdatasync,fsync")
         .arg("-o")
         .arg(&trace)
         .arg(env!("CARGO_BIN_EXE_sovkms"))

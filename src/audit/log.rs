@@ -9,18 +9,32 @@
 //! durable length, the chain does not advance, and every caller in the batch
 //! gets an error: nothing after a failed record claims it as its predecessor.
 //! A torn last line after a crash (never acknowledged) is cut off at start.
+//!
+//! The active file is grown ahead of the records in zero-filled steps and
+//! records overwrite the zeros, so most syncs write data only, not a new
+//! file size. Records never contain a NUL byte (JSON escapes it), so the
+//! first NUL ends the log: readers stop there, and at start the file is
+//! cut there (a crash can leave zeros, or unsynced bytes after them).
 
 use super::record::{checkpoint_message, CheckpointBody, Kind, Record, GENESIS};
 use super::{AuditError, AuditSink, Event};
 use crate::root::RootOfTrust;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The active file grows ahead of its records by this much at a time
+/// (zeros, written and synced with the records that need the room).
+/// Overwriting blocks that exist spares `fdatasync` the file-size update:
+/// on ext4 here a 3 KiB write plus sync took 120 instead of 160 µs, and a
+/// fifth less CPU.
+const GROW_BY: u64 = 1 << 20;
+/// After the disk had no room for a step, the next attempt waits this long.
+const NO_ROOM_RETRY: Duration = Duration::from_secs(1);
 /// Largest batch written with one sync.
 const MAX_BATCH: usize = 4096;
 /// Events waiting for the writer, at most: beyond, a request that needs a
@@ -72,9 +86,64 @@ enum WriteError {
     Io(std::io::Error),
 }
 
+/// The active log file: records end at `end`; zeros (room made ahead)
+/// follow up to `room`.
+struct Active {
+    file: File,
+    end: u64,
+    room: u64,
+    /// After a failed attempt (a full disk), no room is made before this.
+    no_room_until: Option<Instant>,
+}
+
+impl Active {
+    fn new(file: File, end: u64) -> Self {
+        Self {
+            file,
+            end,
+            room: end,
+            no_room_until: None,
+        }
+    }
+
+    /// Writes `bytes` at the end, then, if `grow` and the room ran out,
+    /// zeros up to the next step. The room is all or nothing: a disk too
+    /// full for it keeps none (the log never takes the last free bytes
+    /// for zeros), and records then extend the file one batch at a time.
+    fn append(&mut self, bytes: &[u8], grow: bool) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, self.end)?;
+        self.end += bytes.len() as u64;
+        self.room = self.room.max(self.end);
+        let now = Instant::now();
+        if grow && self.end == self.room && self.no_room_until.is_none_or(|t| now >= t) {
+            let room = self.end.div_ceil(GROW_BY) * GROW_BY + GROW_BY;
+            let zeros = vec![0u8; (room - self.end) as usize];
+            match self.file.write_all_at(&zeros, self.end) {
+                Ok(()) => self.room = room,
+                Err(_) => {
+                    let _ = self.file.set_len(self.end);
+                    self.no_room_until = Some(now + NO_ROOM_RETRY);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the file to its records (no zeros after them): before it is
+    /// closed as a segment, and when the writer stops.
+    fn trim(&mut self) -> std::io::Result<()> {
+        if self.room > self.end {
+            self.file.set_len(self.end)?;
+            self.file.sync_data()?;
+            self.room = self.end;
+        }
+        Ok(())
+    }
+}
+
 /// Where the writer's records go.
 enum Output {
-    File(File),
+    File(Active),
     /// Records wait in `pending` until the next sync inserts them in one
     /// transaction.
     Table {
@@ -86,8 +155,14 @@ enum Output {
 
 impl Output {
     /// Writes records, one JSON line each; returns the bytes written.
-    /// `buf` is scratch space, kept by the caller between batches.
-    fn write(&mut self, records: &[Record], buf: &mut Vec<u8>) -> Result<u64, WriteError> {
+    /// `buf` is scratch space, kept by the caller between batches; `grow`:
+    /// the file may take room ahead (the disk is well above its reserve).
+    fn write(
+        &mut self,
+        records: &[Record],
+        buf: &mut Vec<u8>,
+        grow: bool,
+    ) -> Result<u64, WriteError> {
         let encode = |e| WriteError::Encode(AuditError::Encode(Arc::new(e)));
         match self {
             Self::File(f) => {
@@ -96,7 +171,7 @@ impl Output {
                     serde_json::to_writer(&mut *buf, r).map_err(encode)?;
                     buf.push(b'\n');
                 }
-                f.write_all(buf).map_err(WriteError::Io)?;
+                f.append(buf, grow).map_err(WriteError::Io)?;
                 Ok(buf.len() as u64)
             }
             Self::Table { pending, .. } => {
@@ -114,7 +189,7 @@ impl Output {
 
     fn sync(&mut self) -> std::io::Result<()> {
         match self {
-            Self::File(f) => f.sync_data(),
+            Self::File(f) => f.file.sync_data(),
             Self::Table {
                 table,
                 broker_id,
@@ -144,8 +219,9 @@ impl Output {
     fn cut(&mut self, durable_len: u64) {
         match self {
             Self::File(f) => {
-                let _ = f.set_len(durable_len);
-                let _ = f.seek(SeekFrom::Start(durable_len));
+                let _ = f.file.set_len(durable_len);
+                f.end = durable_len;
+                f.room = durable_len;
             }
             Self::Table { pending, .. } => pending.clear(),
         }
@@ -202,6 +278,32 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Cuts the file at its first NUL byte: the room a writer that did not
+/// stop cleanly had made ahead of its records, and whatever a crash left
+/// after it (never synced, so never acknowledged: synced records are
+/// whole from the start of the file and hold no NUL).
+fn cut_at_first_nul(f: &mut File) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    f.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(i) = buf[..n].iter().position(|b| *b == 0) {
+            let len = f.metadata()?.len();
+            tracing::info!(
+                bytes = len - (at + i as u64),
+                "cutting the audit file's room ahead of its records (the writer did not stop cleanly)"
+            );
+            f.set_len(at + i as u64)?;
+            return f.sync_data();
+        }
+        at += n as u64;
+    }
 }
 
 /// Reads the last complete record, cutting off a torn final line.
@@ -471,7 +573,9 @@ impl Writer {
     /// resets the chain to the last synced record: buffered records written
     /// since are lost, and nothing after a lost record claims it.
     fn commit(&mut self, records: &[Record], sync: bool) -> Result<(), AuditError> {
-        let written = match self.out.write(records, &mut self.lines) {
+        // Room ahead never eats into the space kept for durable records.
+        let grow = self.reserve.free >= self.settings.reserve_bytes.saturating_add(2 * GROW_BY);
+        let written = match self.out.write(records, &mut self.lines, grow) {
             Ok(n) => n,
             Err(WriteError::Encode(e)) => return Err(e),
             Err(WriteError::Io(e)) => return self.fail(e),
@@ -680,7 +784,12 @@ impl Writer {
     /// a segment and starts a new one. A failure leaves the active file in
     /// place and is retried at the next checkpoint.
     fn rotate(&mut self) {
-        if !matches!(self.out, Output::File(_)) {
+        let Output::File(active) = &mut self.out else {
+            return;
+        };
+        // A segment ends with its last record, never with room ahead.
+        if let Err(e) = active.trim() {
+            tracing::error!(error = %e, "audit log not rotated: its room ahead cannot be cut");
             return;
         }
         let path = self.settings.path.clone();
@@ -693,16 +802,17 @@ impl Writer {
             tracing::error!(error = %e, "audit log not rotated");
             return;
         }
+        // Not O_APPEND: records overwrite the room made ahead of them.
         let opened = OpenOptions::new()
             .mode(0o600)
             .read(true)
-            .append(true)
+            .write(true)
             .create_new(true)
             .open(&path);
         let dir = closed.parent().map(File::open);
         match opened {
             Ok(f) => {
-                self.out = Output::File(f);
+                self.out = Output::File(Active::new(f, 0));
                 self.durable_len = 0;
                 self.written_len = 0;
                 self.active_first = self.seq + 1;
@@ -791,6 +901,12 @@ impl Writer {
                 self.checkpoint(&shared);
             }
             if shutdown {
+                // A stopped broker's file ends with its last record.
+                if let Output::File(active) = &mut self.out {
+                    if let Err(e) = active.trim() {
+                        tracing::warn!(error = %e, "audit file's room ahead not cut at stop (cut at the next start)");
+                    }
+                }
                 return;
             }
         }
@@ -806,13 +922,16 @@ fn open_file(path: &Path) -> Result<Opened, AuditError> {
     if let Some(dir) = path.parent() {
         crate::files::create_private_dir(dir).map_err(|e| AuditError::io(dir.display(), e))?;
     }
+    // Not O_APPEND: records overwrite the room made ahead of them.
     let mut file = OpenOptions::new()
         .mode(0o600)
         .read(true)
-        .append(true)
+        .write(true)
         .create(true)
+        .truncate(false)
         .open(path)
         .map_err(|e| AuditError::io(path.display(), e))?;
+    cut_at_first_nul(&mut file).map_err(|e| AuditError::io(path.display(), e))?;
     let (mut seq, mut hash, durable_len) = recover_tail(&mut file, path)?;
     // A fresh active file after a rotation: the chain goes on from the
     // last closed segment.
@@ -829,9 +948,13 @@ fn open_file(path: &Path) -> Result<Opened, AuditError> {
         }
         seq + 1
     };
-    file.seek(SeekFrom::End(0))
-        .map_err(|e| AuditError::io(path.display(), e))?;
-    Ok((Output::File(file), seq, hash, durable_len, active_first))
+    Ok((
+        Output::File(Active::new(file, durable_len)),
+        seq,
+        hash,
+        durable_len,
+        active_first,
+    ))
 }
 
 /// Recovers the head of `broker_id`'s chain in the database.
@@ -1053,8 +1176,8 @@ mod tests {
         log.append(Event::system(Kind::Request, "encrypt", ""));
         let start = Instant::now();
         loop {
-            let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
-            if text.lines().count() == 1 {
+            let log_file = super::super::segments::open(&dir.path().join("audit.log")).unwrap();
+            if std::io::read_to_string(log_file).unwrap().lines().count() == 1 {
                 break;
             }
             assert!(
@@ -1117,6 +1240,46 @@ mod tests {
             Some(4),
             "a clean stop adds a checkpoint"
         );
+        for w in recs.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash);
+        }
+    }
+
+    #[test]
+    fn room_made_ahead_and_what_a_crash_left_after_it_are_cut_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = open(dir.path());
+        log.append_durable(Event::system(Kind::Request, "decrypt", ""))
+            .unwrap();
+        // Running: zeros follow the record (synced with it); readers stop there.
+        let bytes = std::fs::read(&path).unwrap();
+        let end = bytes.iter().position(|b| *b == 0).unwrap();
+        assert!(bytes.len() as u64 >= GROW_BY && bytes[end..].iter().all(|b| *b == 0));
+        let read = std::io::read_to_string(super::super::segments::open(&path).unwrap()).unwrap();
+        assert_eq!(read.as_bytes(), &bytes[..end]);
+        drop(log);
+        // A clean stop cuts the room.
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.contains(&0) && bytes.ends_with(b"\n"));
+        // A crash: room, then bytes written but never synced after it.
+        bytes.extend_from_slice(&[0; 4096]);
+        bytes.extend_from_slice(b"{\"seq\":99}\n");
+        bytes.extend_from_slice(&[0; 100]);
+        std::fs::write(&path, &bytes).unwrap();
+        let log = open(dir.path());
+        // seq 1, the first run's final checkpoint (2), then this one.
+        let next = log
+            .append_durable(Event::system(Kind::Request, "decrypt", ""))
+            .unwrap();
+        assert_eq!(next, 3);
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let recs: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
         for w in recs.windows(2) {
             assert_eq!(w[1].prev_hash, w[0].hash);
         }

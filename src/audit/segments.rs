@@ -161,7 +161,9 @@ impl Chain {
             let mut buf = Vec::new();
             match r.read_until(b'\n', &mut buf) {
                 Ok(0) => self.current = None,
-                Ok(_) if buf.last() != Some(&b'\n') => self.current = None,
+                // A line still being written, or the room made ahead of
+                // the records (zeros: see `audit::log`): the file ends here.
+                Ok(_) if buf.last() != Some(&b'\n') || buf.contains(&0) => self.current = None,
                 Ok(n) => {
                     self.position.offset += n as u64;
                     buf.pop();
@@ -190,7 +192,16 @@ impl Read for Chain {
             };
             match r.read(buf)? {
                 0 => self.current = None,
-                n => return Ok(n),
+                // The room made ahead of the records ends the file.
+                n => match buf[..n].iter().position(|b| *b == 0) {
+                    None => return Ok(n),
+                    Some(end) => {
+                        self.current = None;
+                        if end > 0 {
+                            return Ok(end);
+                        }
+                    }
+                },
             }
         }
     }

@@ -6,14 +6,16 @@ use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 
-/// Lines that end in a newline; a last line still being written is skipped.
+/// Lines that end in a newline; a last line still being written is
+/// skipped, and a NUL byte (the room a broker's log file keeps ahead of
+/// its records) ends the input.
 pub fn complete_lines(r: impl BufRead) -> impl Iterator<Item = std::io::Result<String>> {
     let mut r = r;
     std::iter::from_fn(move || {
         let mut buf = Vec::new();
         match r.read_until(b'\n', &mut buf) {
             Ok(0) => None,
-            Ok(_) if buf.last() != Some(&b'\n') => None,
+            Ok(_) if buf.last() != Some(&b'\n') || buf.contains(&0) => None,
             Ok(_) => {
                 buf.pop();
                 Some(

@@ -526,7 +526,7 @@ pub async fn signing_key(c: &mut Client) -> Vec<u8> {
 }
 
 pub fn read_records(path: &Path) -> Vec<sovkms::audit::Record> {
-    std::fs::read_to_string(path)
+    std::io::read_to_string(sovkms::audit::segments::open(path).unwrap())
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
