@@ -712,6 +712,59 @@ async fn below_the_reserve_buffered_records_are_shed_and_decrypts_go_on() {
     verify_text(&text, &pk, true).expect("the chain stays whole");
 }
 
+/// The room the log makes ahead of its records never comes out of the
+/// reserve: with free space above the reserve but within two steps of it,
+/// the file grows with its records only, so the space stays for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_ahead_of_the_log_never_eats_into_the_reserve() {
+    let env = Env::new();
+    let fs_dir = env.dir.path().join("auditfs");
+    let _mnt = Tmpfs::mount(&fs_dir, "8m");
+    let cfg = env.config_with_tail(
+        "eu-central",
+        &format!(
+            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 2\n",
+            fs_dir.display()
+        ),
+    );
+    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let app = spiffe("eu-central", "service", "app");
+    let k = create_key(&env, &eu, "room", vec![grant(&app, &ALL_OPS)]).await;
+    let mut svc = client(&env, "eu-central/service-app", &eu).await;
+    let c = ctx(&[]);
+    let ct = encrypt(&mut svc, &k, b"x", &c).await.unwrap().ciphertext;
+    decrypt(&mut svc, &ct, &c).await.unwrap();
+    // Plenty of space at first: the file took room ahead (zeros).
+    let room = std::fs::metadata(&eu.audit_path).unwrap().len();
+    assert!(room >= 1 << 20, "no room made ahead: {room} bytes");
+
+    // Leave 3 MiB: above the 2 MiB reserve, below reserve + two steps.
+    let keep = 3 << 20;
+    std::fs::write(
+        fs_dir.join("filler"),
+        vec![0u8; (free_bytes(&fs_dir) - keep) as usize],
+    )
+    .unwrap();
+    // Decrypt records (durable) well past the room made at first.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut svc, ct, c) = (svc.clone(), ct.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                decrypt(&mut svc, &ct, &c).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let grown = std::fs::metadata(&eu.audit_path).unwrap().len();
+    assert!(grown > room, "the records did not outgrow the first room");
+    let free = free_bytes(&fs_dir);
+    assert!(free >= 2 << 20, "the reserve was spent: {free} bytes free");
+    eu.stop().await;
+}
+
 /// Readiness follows the audit disk: full, `/readyz` says not ready and
 /// names the audit log; space back, ready again without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
