@@ -551,6 +551,27 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A broker of eu-central whose audit log is on a tmpfs of `size` of its
+/// own (a real file system that fills up); `audit` is added to the
+/// `[audit]` section. The mount goes when the first value is dropped.
+async fn broker_with_audit_on_tmpfs(
+    env: &Env,
+    size: &str,
+    audit: &str,
+) -> (Tmpfs, std::path::PathBuf, TestBroker) {
+    let fs_dir = env.dir.path().join("auditfs");
+    let mnt = Tmpfs::mount(&fs_dir, size);
+    let cfg = env.config_with_tail(
+        "eu-central",
+        &format!(
+            "\n[audit]\npath = \"{}/audit.log\"\n{audit}",
+            fs_dir.display()
+        ),
+    );
+    let eu = start_broker_from(env, "eu-central", &cfg).await;
+    (mnt, fs_dir, eu)
+}
+
 fn fill(dir: &Path) -> std::path::PathBuf {
     use std::io::Write;
     let p = dir.join("filler");
@@ -563,13 +584,7 @@ fn fill(dir: &Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_plaintext_and_recovers() {
     let env = Env::new();
-    let fs_dir = env.dir.path().join("auditfs");
-    let _mnt = Tmpfs::mount(&fs_dir, "256k");
-    let cfg = env.config_with_tail(
-        "eu-central",
-        &format!("\n[audit]\npath = \"{}/audit.log\"\n", fs_dir.display()),
-    );
-    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let (_mnt, fs_dir, eu) = broker_with_audit_on_tmpfs(&env, "256k", "").await;
     let app = spiffe("eu-central", "service", "app");
     let k = create_key(&env, &eu, "disk", vec![grant(&app, &ALL_OPS)]).await;
     let mut svc = client(&env, "eu-central/service-app", &eu).await;
@@ -649,16 +664,7 @@ fn log_bytes(active: &Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_reserve_buffered_records_are_shed_and_decrypts_go_on() {
     let env = Env::new();
-    let fs_dir = env.dir.path().join("auditfs");
-    let _mnt = Tmpfs::mount(&fs_dir, "4m");
-    let cfg = env.config_with_tail(
-        "eu-central",
-        &format!(
-            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 2\n",
-            fs_dir.display()
-        ),
-    );
-    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let (_mnt, fs_dir, eu) = broker_with_audit_on_tmpfs(&env, "4m", "reserve_mib = 2\n").await;
     let app = spiffe("eu-central", "service", "app");
     let k = create_key(&env, &eu, "reserve", vec![grant(&app, &ALL_OPS)]).await;
     let mut svc = client(&env, "eu-central/service-app", &eu).await;
@@ -718,16 +724,7 @@ async fn below_the_reserve_buffered_records_are_shed_and_decrypts_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_room_ahead_of_the_log_never_eats_into_the_reserve() {
     let env = Env::new();
-    let fs_dir = env.dir.path().join("auditfs");
-    let _mnt = Tmpfs::mount(&fs_dir, "8m");
-    let cfg = env.config_with_tail(
-        "eu-central",
-        &format!(
-            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 2\n",
-            fs_dir.display()
-        ),
-    );
-    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let (_mnt, fs_dir, eu) = broker_with_audit_on_tmpfs(&env, "8m", "reserve_mib = 2\n").await;
     let app = spiffe("eu-central", "service", "app");
     let k = create_key(&env, &eu, "room", vec![grant(&app, &ALL_OPS)]).await;
     let mut svc = client(&env, "eu-central/service-app", &eu).await;
@@ -770,16 +767,12 @@ async fn the_room_ahead_of_the_log_never_eats_into_the_reserve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_names_a_full_audit_disk_and_recovers() {
     let env = Env::new();
-    let fs_dir = env.dir.path().join("auditfs");
-    let _mnt = Tmpfs::mount(&fs_dir, "256k");
-    let cfg = env.config_with_tail(
-        "eu-central",
-        &format!(
-            "\n[audit]\npath = \"{}/audit.log\"\nreserve_mib = 0\n\n[health]\ninterval_seconds = 1\ndeadline_seconds = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            fs_dir.display()
-        ),
-    );
-    let eu = start_broker_from(&env, "eu-central", &cfg).await;
+    let (_mnt, fs_dir, eu) = broker_with_audit_on_tmpfs(
+        &env,
+        "256k",
+        "reserve_mib = 0\n\n[health]\ninterval_seconds = 1\ndeadline_seconds = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
     let admin = eu.server.admin_addr.unwrap().to_string();
     wait_ready(&admin, 200, std::time::Duration::from_secs(10)).await;
     let filler = fill(&fs_dir);
