@@ -45,22 +45,29 @@ impl Region {
     }
 }
 
-/// A key granted to `service-app` (named `name`) at `p`, the operator's and
-/// the service's clients there, and a ciphertext of "kept" under no context.
+/// A key granted to `service-app` (named `name`), created by an operator
+/// at `op_at`; the operator's client, the service's client at `svc_at`,
+/// the key's id and a ciphertext of "kept" under no context.
 async fn kept_at(
     reg: &Region,
-    p: &Proc,
+    op_at: &Proc,
+    svc_at: &Proc,
     name: &str,
-) -> (sovkms::client::Client, sovkms::client::Client, Vec<u8>) {
+) -> (
+    sovkms::client::Client,
+    sovkms::client::Client,
+    String,
+    Vec<u8>,
+) {
     let app = spiffe(R, "service", "app");
-    let mut op = reg.client("operator-admin", p).await;
+    let mut op = reg.client("operator-admin", op_at).await;
     let key = create_key_as(&mut op, name, vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = reg.client("service-app", p).await;
+    let mut svc = reg.client("service-app", svc_at).await;
     let ct = encrypt(&mut svc, &key, b"kept", &ctx(&[]))
         .await
         .unwrap()
         .ciphertext;
-    (op, svc, ct)
+    (op, svc, key, ct)
 }
 
 /// The broker's signing public key, saved in the test's directory.
@@ -636,7 +643,7 @@ async fn a_stopped_database_fails_closed_and_service_resumes_without_restart() {
 async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
     let reg = region_over_postgres();
     let mut a = reg.broker("a", "");
-    let (mut op, mut svc, ct) = kept_at(&reg, &a, "cut").await;
+    let (mut op, mut svc, _, ct) = kept_at(&reg, &a, &a, "cut").await;
     let cx = ctx(&[]);
     for round in 0..3 {
         assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
@@ -686,7 +693,7 @@ async fn connections_cut_between_two_decrypts_cost_no_request_and_no_record() {
 async fn a_record_of_the_same_number_from_another_writer_is_not_taken_for_ours() {
     let reg = region_over_postgres();
     let mut a = reg.broker("a", "");
-    let (_op, mut svc, ct) = kept_at(&reg, &a, "contested").await;
+    let (_op, mut svc, _, ct) = kept_at(&reg, &a, &a, "contested").await;
     let cx = ctx(&[]);
     assert_eq!(decrypt(&mut svc, &ct, &cx).await.unwrap(), b"kept");
     // Another process under this broker's id (or an intruder) takes the
@@ -714,15 +721,8 @@ async fn a_record_of_the_same_number_from_another_writer_is_not_taken_for_ours()
 async fn a_key_record_rolled_back_behind_the_brokers_is_refused() {
     let reg = region_over_postgres();
     let (a, b) = (reg.broker("a", ""), reg.broker("b", ""));
-    let app = spiffe(R, "service", "app");
-    let mut op = reg.client("operator-admin", &a).await;
-    let key = create_key_as(&mut op, "rolled", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc_b = reg.client("service-app", &b).await;
+    let (mut op, mut svc_b, key, ct) = kept_at(&reg, &a, &b, "rolled").await;
     let cx = ctx(&[]);
-    let ct = encrypt(&mut svc_b, &key, b"kept", &cx)
-        .await
-        .unwrap()
-        .ciphertext;
     assert_eq!(decrypt(&mut svc_b, &ct, &cx).await.unwrap(), b"kept");
     // A database administrator keeps a copy of the key's row ...
     let sql = |q: &str| reg.db.sql(sovkms::store::cluster::ROLE, q).unwrap();
@@ -924,13 +924,7 @@ async fn a_grant_written_into_the_database_behind_the_brokers_is_refused() {
     let reg = region_over_postgres();
     let (a, b) = (reg.broker("a", ""), reg.broker("b", ""));
     let app = spiffe(R, "service", "app");
-    let mut op = reg.client("operator-admin", &a).await;
-    let key = create_key_as(&mut op, "guarded", vec![grant(&app, &ALL_OPS)]).await;
-    let mut svc = reg.client("service-app", &a).await;
-    let ct = encrypt(&mut svc, &key, b"guarded", &ctx(&[]))
-        .await
-        .unwrap()
-        .ciphertext;
+    let (_op, _svc, key, ct) = kept_at(&reg, &a, &a, "guarded").await;
     // A database administrator grants the service `nogrant` everything.
     let nogrant = spiffe(R, "service", "nogrant");
     let n = reg
