@@ -4,7 +4,7 @@
 //!
 //! One writer thread owns the file. Callers hand it events; it assigns
 //! sequence numbers and chain hashes, writes a whole batch with one
-//! `write` and one `fdatasync`, then wakes the callers that wait for
+//! `pwrite` and one `fdatasync`, then wakes the callers that wait for
 //! durability. If a write or sync fails, the file is cut back to its last
 //! durable length, the chain does not advance, and every caller in the batch
 //! gets an error: nothing after a failed record claims it as its predecessor.
